@@ -1,0 +1,289 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CardInfo(_message.Message):
+    __slots__ = ("index", "type", "memory_bytes", "speed", "simulated", "uuid")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    type: str
+    memory_bytes: int
+    speed: float
+    simulated: bool
+    uuid: str
+    def __init__(self, index: _Optional[int] = ..., type: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., speed: _Optional[float] = ..., simulated: _Optional[bool] = ..., uuid: _Optional[str] = ...) -> None: ...
+
+class CardTelemetry(_message.Message):
+    __slots__ = ("index", "temperature_c", "power_w", "utilization", "memory_used_bytes", "ecc_uncorrected", "xid_events", "throttle_reasons", "slowdown_temperature_c")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ECC_UNCORRECTED_FIELD_NUMBER: _ClassVar[int]
+    XID_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    temperature_c: float
+    power_w: float
+    utilization: float
+    memory_used_bytes: int
+    ecc_uncorrected: int
+    xid_events: _containers.RepeatedScalarFieldContainer[int]
+    throttle_reasons: int
+    slowdown_temperature_c: float
+    def __init__(self, index: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ..., throttle_reasons: _Optional[int] = ..., slowdown_temperature_c: _Optional[float] = ...) -> None: ...
+
+class HostTelemetry(_message.Message):
+    __slots__ = ("cpu_percent", "memory_percent", "net_errors", "net_drops")
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    NET_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NET_DROPS_FIELD_NUMBER: _ClassVar[int]
+    cpu_percent: float
+    memory_percent: float
+    net_errors: int
+    net_drops: int
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., net_errors: _Optional[int] = ..., net_drops: _Optional[int] = ...) -> None: ...
+
+class Register(_message.Message):
+    __slots__ = ("node", "cards", "host", "agent_pid")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    AGENT_PID_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    cards: _containers.RepeatedCompositeFieldContainer[CardInfo]
+    host: str
+    agent_pid: int
+    def __init__(self, node: _Optional[str] = ..., cards: _Optional[_Iterable[_Union[CardInfo, _Mapping]]] = ..., host: _Optional[str] = ..., agent_pid: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sequence", "cards", "host")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    cards: _containers.RepeatedCompositeFieldContainer[CardTelemetry]
+    host: HostTelemetry
+    def __init__(self, sequence: _Optional[int] = ..., cards: _Optional[_Iterable[_Union[CardTelemetry, _Mapping]]] = ..., host: _Optional[_Union[HostTelemetry, _Mapping]] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_GRADS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    rank: int
+    step: int
+    loss: float
+    tokens: int
+    step_time_s: float
+    compute_time_s: float
+    grad_norm: float
+    nonfinite_grads: int
+    lr: float
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class WorkerExit(_message.Message):
+    __slots__ = ("generation", "rank", "card_index", "exit_code", "reason", "log_path")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    rank: int
+    card_index: int
+    exit_code: int
+    reason: str
+    log_path: str
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., card_index: _Optional[int] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., log_path: _Optional[str] = ...) -> None: ...
+
+class WorkerStarted(_message.Message):
+    __slots__ = ("generation", "rank", "pid")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    rank: int
+    pid: int
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("register", "heartbeat", "step", "worker_exit", "worker_started")
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORKER_EXIT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STARTED_FIELD_NUMBER: _ClassVar[int]
+    register: Register
+    heartbeat: Heartbeat
+    step: StepReport
+    worker_exit: WorkerExit
+    worker_started: WorkerStarted
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., worker_exit: _Optional[_Union[WorkerExit, _Mapping]] = ..., worker_started: _Optional[_Union[WorkerStarted, _Mapping]] = ...) -> None: ...
+
+class Rendezvous(_message.Message):
+    __slots__ = ("store_host", "store_port", "key_prefix", "world_size", "backend")
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    store_host: str
+    store_port: int
+    key_prefix: str
+    world_size: int
+    backend: str
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., key_prefix: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class RankAssignment(_message.Message):
+    __slots__ = ("rank", "card_index", "speed", "micro_batches", "micro_batch_offset", "node")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    card_index: int
+    speed: float
+    micro_batches: int
+    micro_batch_offset: int
+    node: str
+    def __init__(self, rank: _Optional[int] = ..., card_index: _Optional[int] = ..., speed: _Optional[float] = ..., micro_batches: _Optional[int] = ..., micro_batch_offset: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+
+class StartGeneration(_message.Message):
+    __slots__ = ("generation", "rendezvous", "ranks", "job_json", "run_dir")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    JOB_JSON_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    rendezvous: Rendezvous
+    ranks: _containers.RepeatedCompositeFieldContainer[RankAssignment]
+    job_json: str
+    run_dir: str
+    def __init__(self, generation: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankAssignment, _Mapping]]] = ..., job_json: _Optional[str] = ..., run_dir: _Optional[str] = ...) -> None: ...
+
+class StopGeneration(_message.Message):
+    __slots__ = ("generation", "reason")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    reason: str
+    def __init__(self, generation: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("coordinator_version", "heartbeat_interval_s")
+    COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    coordinator_version: str
+    heartbeat_interval_s: float
+    def __init__(self, coordinator_version: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class CoordinatorCommand(_message.Message):
+    __slots__ = ("welcome", "start", "stop", "shutdown")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    start: StartGeneration
+    stop: StopGeneration
+    shutdown: Shutdown
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[StartGeneration, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("job_yaml", "job_id")
+    JOB_YAML_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_yaml: str
+    job_id: str
+    def __init__(self, job_yaml: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class SubmitJobReply(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class NodeState(_message.Message):
+    __slots__ = ("node", "alive", "cards", "state")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    alive: bool
+    cards: int
+    state: str
+    def __init__(self, node: _Optional[str] = ..., alive: _Optional[bool] = ..., cards: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: str
+    generation: int
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_s: float
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
+    message: str
+    step_time_s: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("jobs", "nodes")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ...) -> None: ...

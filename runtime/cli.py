@@ -1,0 +1,241 @@
+"""The `hyrun` command line. Each command is a thin shell over a module that does the work; user
+errors (a bad job file, an unreachable coordinator) print one actionable message and exit non-zero
+without a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from hyrun.runtime.jobfile import JobFileError, load_job
+from hyrun.runtime.security import TOKEN_ENV, TlsFiles
+
+app = typer.Typer(
+    help="hyrun: keep a Mixture-of-Experts job training on mixed, failing GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+TokenFile = Annotated[
+    Optional[Path], typer.Option(help=f"file holding the job token (default: ${TOKEN_ENV})", exists=True, dir_okay=False)
+]
+TlsCa = Annotated[Optional[Path], typer.Option(help="PEM certificate to trust: enables TLS to the coordinator", exists=True)]
+
+
+def _token(token_file: Path | None) -> str:
+    return token_file.read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "")
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def launch(
+    job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    coordinator: Annotated[
+        Optional[str], typer.Option(help="HOST:PORT of a running coordinator; default: start an embedded cluster here")
+    ] = None,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="live view (default: on a terminal)")] = None,
+) -> None:
+    """Train a job: by default on an embedded cluster of this machine (coordinator + one agent per node of the job file)."""
+    from hyrun.runtime.launch import run_job
+    from hyrun.runtime.progress import ProgressView
+
+    try:
+        job = load_job(job_file)
+    except JobFileError as error:
+        _fail(str(error), EXIT_USAGE)
+    live = console.is_terminal if progress is None else progress
+
+    def started(address: str, run_dir: Path) -> None:
+        console.print(f"[bold]{job.name}[/]: {job.cluster.card_count} cards on {len(job.cluster.nodes)} nodes, "
+                      f"coordinator {address}, logs in {run_dir}")
+
+    view = ProgressView(console, live)
+    try:
+        with view:
+            outcome = run_job(
+                job, job_file.read_text(), coordinator=coordinator, token=_token(token_file),
+                tls=TlsFiles(cert=tls_ca), on_event=view.update, on_started=started,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        err_console.print("interrupted: every process this launch started has been stopped")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_summary(outcome)
+    if not outcome.succeeded:
+        _fail(f"job {outcome.job_id} failed: {outcome.message}")
+
+
+def _print_summary(outcome) -> None:
+    losses = [outcome.losses[k] for k in sorted(outcome.losses)]
+    tps = sorted(outcome.tokens_per_s)
+    lines = [
+        f"job {outcome.job_id}: {outcome.state.lower()} in {outcome.wall_time_s:.1f} s",
+        f"  steps {len(losses)}, generations {outcome.generations}",
+    ]
+    if losses:
+        lines.append(f"  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if tps:
+        lines.append(f"  median throughput {tps[len(tps) // 2]:,.0f} tokens/s")
+    lines.append(f"  logs: {outcome.run_dir}")
+    console.print("\n".join(lines), highlight=False)
+
+
+@app.command("coordinator")
+def coordinator_cmd(
+    host: Annotated[str, typer.Option(help="address to listen on (loopback unless told otherwise)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port")] = 50051,
+    advertise_host: Annotated[Optional[str], typer.Option(help="address workers dial for rendezvous (default: --host)")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port")] = 9400,
+    heartbeat_interval: Annotated[float, typer.Option(help="seconds between agent heartbeats")] = 1.0,
+    heartbeat_timeout: Annotated[float, typer.Option(help="seconds without a heartbeat before a node is lost")] = 5.0,
+    run_root: Annotated[Path, typer.Option(help="where job logs go")] = Path("runs"),
+    token_file: TokenFile = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(exists=True, help="PEM certificate (enables TLS)")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(exists=True, help="PEM private key")] = None,
+) -> None:
+    """Run a coordinator for a multi-host cluster (agents connect with `hyrun agent`)."""
+    import threading
+
+    from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = _token(token_file)
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        _fail(f"listening on {host} needs a job token (--token-file or ${TOKEN_ENV})", EXIT_USAGE)
+    try:
+        settings = CoordinatorSettings(
+            host=host, port=port, advertise_host=advertise_host or host,
+            heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
+            token=token, tls=TlsFiles(cert=tls_cert, key=tls_key),
+            metrics_host=host, metrics_port=metrics_port, run_root=str(run_root),
+        )  # fmt: skip
+        service = CoordinatorService(settings)
+        service.start()
+    except (ValueError, OSError) as error:
+        _fail(str(error), EXIT_USAGE)
+    console.print(f"coordinator on {service.address}, metrics on :{service.metrics_port}")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+
+
+@app.command()
+def agent(
+    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator")],
+    node: Annotated[str, typer.Option(help="this node's name (unique in the cluster)")],
+    cards_json: Annotated[Optional[str], typer.Option(help="simulated cards as job-file card groups (JSON)")] = None,
+    simulate: Annotated[
+        Optional[list[str]], typer.Option(help="simulated cards TYPE:COUNT[:SPEED], repeatable; default: NVML GPUs")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address other nodes reach this one at (default: hostname)")] = "",
+    heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 1.0,
+    reconnect_timeout: Annotated[float, typer.Option(help="seconds to keep workers while the coordinator is gone")] = 30.0,
+    parent_pid: Annotated[Optional[int], typer.Option(help="exit when this process dies (used by `hyrun launch`)")] = None,
+    tls_ca: TlsCa = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Run a node agent: register this node's cards and run its workers."""
+    import signal
+
+    from hyrun.agent.cards import nvml_cards, simulated_cards
+    from hyrun.agent.node_agent import AgentSettings, NodeAgent, install_signal_handlers
+    from hyrun.agent.telemetry import SimulatedCards
+    from hyrun.runtime.process import die_with_parent
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: we still stop our workers first
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{node}] %(levelname)s %(message)s")
+    try:
+        groups = json.loads(cards_json) if cards_json else [_parse_simulate(s) for s in simulate or []]
+    except (ValueError, json.JSONDecodeError) as error:
+        _fail(f"bad card description: {error}", EXIT_USAGE)
+    cards = simulated_cards(groups) if groups else nvml_cards()
+    if not cards:
+        _fail("no cards: no NVIDIA GPU found by NVML; describe simulated ones with --simulate cpu-sim:2", EXIT_USAGE)
+    settings = AgentSettings(
+        coordinator=coordinator, node=node, cards=tuple(cards), host=host,
+        heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout,
+        token=_token(token_file), tls=TlsFiles(cert=tls_ca),
+    )  # fmt: skip
+    install_signal_handlers()
+    sys.exit(NodeAgent(settings, SimulatedCards([c.index for c in cards])).run())
+
+
+def _parse_simulate(text: str) -> dict:
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 3:
+        raise ValueError(f"{text!r} is not TYPE:COUNT[:SPEED]")
+    group = {"type": parts[0], "count": int(parts[1])}
+    if len(parts) == 3:
+        group["speed"] = float(parts[2])
+    return group
+
+
+@app.command()
+def status(
+    coordinator: Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="a run directory of an embedded launch (runs/JOB)")] = None,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Show a running job: nodes and their health, generation, step, loss, throughput."""
+    import grpc
+
+    from hyrun.proto import hyrun_pb2 as pb
+    from hyrun.proto import hyrun_pb2_grpc as pb_grpc
+    from hyrun.runtime.security import call_metadata, open_channel
+
+    token = _token(token_file)
+    if run is not None:
+        try:
+            coordinator = json.loads((run / "coordinator.json").read_text())["address"]
+            token = token or (run / "token").read_text().strip()
+        except OSError as error:
+            _fail(f"{run} is not a run directory of an embedded launch: {error}", EXIT_USAGE)
+    if coordinator is None:
+        _fail("say which coordinator: --coordinator HOST:PORT or --run runs/JOB", EXIT_USAGE)
+    channel = open_channel(coordinator, TlsFiles(cert=tls_ca))
+    try:
+        reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), metadata=call_metadata(token), timeout=5)
+    except grpc.RpcError as error:
+        _fail(f"coordinator {coordinator}: {error.details() or error.code().name}")
+    finally:
+        channel.close()
+    for job in reply.jobs:
+        console.print(
+            f"job {job.job_id}: {job.state} generation {job.generation} step {job.step}/{job.total_steps} "
+            f"loss {job.loss:.4f} {job.tokens_per_s:,.0f} tok/s {job.message}",
+            highlight=False,
+        )
+    for node in reply.nodes:
+        console.print(f"  node {node.node}: {node.state} ({node.cards} cards)", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Which nodes and cards exist and are alive. Time is passed in, so tests move clocks by hand;
+the server feeds registrations and heartbeats, a timer asks `expire(now)` for lost nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    index: int
+    type: str
+    memory_bytes: int
+    speed: float
+    simulated: bool
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    host: str
+    cards: tuple[CardRecord, ...]
+    agent_pid: int
+    last_heartbeat_s: float
+    alive: bool = True
+    connected: bool = True
+    heartbeats: int = 0
+    telemetry: dict = field(default_factory=dict)
+
+
+class Membership:
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.nodes: dict[str, NodeRecord] = {}
+
+    def register(self, node: NodeRecord) -> None:
+        """A node joining, or re-joining after its stream broke: the new record wins."""
+        self.nodes[node.name] = node
+
+    def heartbeat(self, name: str, now_s: float) -> bool:
+        node = self.nodes.get(name)
+        if node is None or not node.alive:
+            return False
+        node.last_heartbeat_s = now_s
+        node.heartbeats += 1
+        return True
+
+    def disconnect(self, name: str) -> None:
+        node = self.nodes.get(name)
+        if node is not None:
+            node.connected = False
+
+    def expire(self, now_s: float) -> list[NodeRecord]:
+        """Marks nodes whose lease ran out as dead and returns them (each exactly once)."""
+        lost = []
+        for node in self.nodes.values():
+            if node.alive and now_s - node.last_heartbeat_s > self.heartbeat_timeout_s:
+                node.alive = False
+                lost.append(node)
+        return lost
+
+    def alive(self, names: list[str]) -> bool:
+        return all(name in self.nodes and self.nodes[name].alive for name in names)
+
+    def missing(self, names: list[str]) -> list[str]:
+        return [name for name in names if name not in self.nodes or not self.nodes[name].alive]

@@ -1,0 +1,348 @@
+"""Runs a job as a sequence of generations: waits for the job's nodes, assigns a rank to every card,
+starts the generation, folds the workers' step reports into job progress, and ends the job when
+every rank finishes or one fails. Called only from the coordinator's event loop (no locks); time is
+passed in; commands leave through `send` and progress through `publish`, so tests drive it directly.
+
+Until fault tolerance lands, a failed worker or lost node ends the job with an error that names the
+node, the card and the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.generation import Generation, GenState, RankSlot
+from hyrun.runtime.coordinator.membership import Membership, NodeRecord
+from hyrun.runtime.coordinator.store import Store
+from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.metrics import CoordinatorMetrics
+
+log = logging.getLogger("hyrun.coordinator")
+
+
+class JobState(enum.Enum):
+    PENDING = "PENDING"      # waiting for the job's nodes to register
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class JobRejected(ValueError):
+    """A submission the coordinator cannot take (another job running, nodes unknown...)."""
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    run_root: str                   # runs/ : a job's logs go to run_root/JOB_ID
+    bind_host: str = "127.0.0.1"    # where generation stores listen
+    advertise_host: str = "127.0.0.1"
+
+
+@dataclass
+class StepTally:
+    """Reports for one step, until every rank has sent one."""
+
+    loss_times_tokens: float = 0.0
+    tokens: int = 0
+    max_step_time_s: float = 0.0
+    ranks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    spec: JobSpec
+    run_dir: str
+    submitted_s: float
+    state: JobState = JobState.PENDING
+    generation: Generation | None = None
+    generations_started: int = 0
+    step: int = 0
+    loss: float = float("nan")
+    tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
+    message: str = ""
+    tallies: dict[int, StepTally] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (JobState.COMPLETED, JobState.FAILED)
+
+
+def assign_ranks(spec: JobSpec, membership: Membership) -> tuple[RankSlot, ...]:
+    """Plain data parallelism: one rank per card, nodes in job-file order, micro-batches split as
+    evenly as whole numbers allow (the first ranks take the remainder)."""
+    cards = [(name, card) for name in (n.name for n in spec.cluster.nodes) for card in membership.nodes[name].cards]
+    total = spec.training.micro_batches_per_step
+    base, extra = divmod(total, len(cards))
+    return tuple(
+        RankSlot(rank, node, card.index, card.type, card.speed, base + (1 if rank < extra else 0))
+        for rank, (node, card) in enumerate(cards)
+    )
+
+
+def describe_exit(slot: RankSlot, exit_msg: pb.WorkerExit) -> str:
+    where = f"rank {slot.rank} on node {slot.node} card {slot.card_index} ({slot.card_type})"
+    log_hint = f"; log: {exit_msg.log_path}" if exit_msg.log_path else ""
+    return f"{where} {exit_msg.reason}{log_hint}"
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        store: Store,
+        metrics: CoordinatorMetrics,
+        send: Callable[[str, pb.CoordinatorCommand], None],
+        publish: Callable[[pb.JobEvent], None],
+        settings: OrchestratorSettings,
+    ) -> None:
+        self.membership = membership
+        self.store = store
+        self.metrics = metrics
+        self.send = send
+        self.publish = publish
+        self.settings = settings
+        self.job: JobRecord | None = None
+        self._generation_store = None
+
+    # ------------------------------------------------------------------ inputs
+
+    def submit(self, spec: JobSpec, now_s: float, job_id: str | None = None) -> str:
+        if self.job is not None and not self.job.ended:
+            raise JobRejected(f"job {self.job.job_id} is still {self.job.state.value}; one job at a time")
+        job_id = job_id or f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", job_id):
+            raise JobRejected(f"job id {job_id!r} may hold only letters, digits, '.', '_' and '-'")
+        run_dir = os.path.abspath(os.path.join(self.settings.run_root, job_id))
+        os.makedirs(run_dir, exist_ok=True)
+        self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
+        log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
+        self._save_job()
+        self._try_start(now_s)
+        self._publish()
+        return job_id
+
+    def on_register(self, node: NodeRecord, now_s: float) -> None:
+        self._update_membership_metrics()
+        if self.job is not None:
+            self._try_start(now_s)
+            self._publish()
+
+    def on_step(self, node: str, report: pb.StepReport, now_s: float) -> None:
+        gen = self._current_generation(report.generation)
+        if gen is None:
+            self.metrics.stale_reports_total.inc()
+            return
+        job = self.job
+        gen.steps_by_rank[report.rank] = report.step
+        self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
+        if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
+            gen.transition(GenState.RUNNING)
+        tally = job.tallies.setdefault(report.step, StepTally())
+        tally.loss_times_tokens += report.loss * report.tokens
+        tally.tokens += report.tokens
+        tally.max_step_time_s = max(tally.max_step_time_s, report.step_time_s)
+        tally.ranks.add(report.rank)
+        if len(tally.ranks) == gen.world_size:
+            self._complete_step(report.step, job.tallies.pop(report.step))
+
+    def on_worker_exit(self, node: str, exit_msg: pb.WorkerExit, now_s: float) -> None:
+        gen = self._current_generation(exit_msg.generation)
+        if gen is None:
+            self.metrics.stale_reports_total.inc()
+            return
+        slot = gen.slot(exit_msg.rank)
+        if exit_msg.exit_code == 0:
+            self.metrics.worker_exits_total.labels(outcome="finished").inc()
+            gen.exited_ok.add(exit_msg.rank)
+            if len(gen.exited_ok) == gen.world_size:
+                self._finish_job(now_s)
+            return
+        self.metrics.worker_exits_total.labels(outcome="failed").inc()
+        self._fail_job(describe_exit(slot, exit_msg))
+
+    def on_node_lost(self, node: NodeRecord, now_s: float) -> None:
+        self._update_membership_metrics()
+        log.warning("node %s lost: no heartbeat for %.1f s", node.name, now_s - node.last_heartbeat_s)
+        gen = self.job.generation if self.job else None
+        if gen is not None and not gen.ended and node.name in gen.nodes:
+            self._fail_job(f"node {node.name} lost: no heartbeat for {now_s - node.last_heartbeat_s:.1f} s")
+        elif self.job is not None:
+            self._publish()
+
+    def tick(self, now_s: float) -> None:
+        job = self.job
+        if job is None or job.state is not JobState.PENDING:
+            return
+        waited_s = now_s - job.submitted_s
+        if waited_s > job.spec.runtime.node_wait_timeout_s:
+            missing = self.membership.missing([n.name for n in job.spec.cluster.nodes])
+            self._fail_job(f"nodes {', '.join(missing)} did not register within {waited_s:.0f} s")
+
+    # ------------------------------------------------------------------ mechanism
+
+    def _current_generation(self, number: int) -> Generation | None:
+        """The running generation if `number` names it; reports from older ones are fenced off."""
+        gen = self.job.generation if self.job else None
+        if gen is None or gen.number != number or gen.ended:
+            return None
+        return gen
+
+    def _try_start(self, now_s: float) -> None:
+        job = self.job
+        if job.state is not JobState.PENDING:
+            return
+        names = [n.name for n in job.spec.cluster.nodes]
+        if not self.membership.alive(names):
+            return
+        self._start_generation(job, assign_ranks(job.spec, self.membership))
+
+    def _start_generation(self, job: JobRecord, slots: tuple[RankSlot, ...]) -> None:
+        from hyrun.runtime.coordinator.rendezvous import GenerationStore
+
+        job.generations_started += 1
+        gen = Generation(job.generations_started, slots)
+        job.generation = gen
+        job.state = JobState.RUNNING
+        self._generation_store = GenerationStore(
+            self.settings.bind_host, self.settings.advertise_host, job.job_id, gen.number, gen.world_size
+        )
+        info = self._generation_store.info
+        backend = job.spec.runtime.backend
+        rendezvous = pb.Rendezvous(
+            store_host=info.host,
+            store_port=info.port,
+            key_prefix=info.key_prefix,
+            world_size=info.world_size,
+            backend=backend,
+        )
+        job_json = job.spec.to_json()
+        for node in gen.nodes:
+            ranks = [
+                pb.RankAssignment(
+                    rank=s.rank,
+                    card_index=s.card_index,
+                    speed=s.speed,
+                    micro_batches=s.micro_batches,
+                    micro_batch_offset=sum(other.micro_batches for other in slots[: s.rank]),
+                    node=s.node,
+                )
+                for s in slots
+                if s.node == node
+            ]
+            start = pb.StartGeneration(
+                generation=gen.number, rendezvous=rendezvous, ranks=ranks, job_json=job_json, run_dir=job.run_dir
+            )
+            self.send(node, pb.CoordinatorCommand(start=start))
+        self.metrics.generation.set(gen.number)
+        log.info("generation %d started: %d ranks on %s", gen.number, gen.world_size, ", ".join(gen.nodes))
+        self.store.put(
+            f"jobs/{job.job_id}/generations/{gen.number}",
+            {"ranks": [slot.__dict__ for slot in slots], "rendezvous_port": info.port},
+        )
+        self._save_job()
+
+    def _complete_step(self, step: int, tally: StepTally) -> None:
+        job = self.job
+        job.step = max(job.step, step)
+        job.loss = tally.loss_times_tokens / max(tally.tokens, 1)
+        job.step_time_s = tally.max_step_time_s
+        job.tokens_per_s = tally.tokens / tally.max_step_time_s if tally.max_step_time_s > 0 else 0.0
+        self.metrics.step.set(job.step)
+        self.metrics.loss.set(job.loss)
+        self.metrics.tokens_per_second.set(job.tokens_per_s)
+        self._save_job()
+        self._publish()
+
+    def _end_generation(self, state: GenState, reason: str) -> None:
+        gen = self.job.generation
+        if gen is None or gen.ended:
+            return
+        if state is GenState.FAILED:
+            gen.transition(GenState.STOPPING, reason)
+            for node in gen.nodes:
+                if node in self.membership.nodes and self.membership.nodes[node].connected:
+                    self.send(node, pb.CoordinatorCommand(stop=pb.StopGeneration(generation=gen.number, reason=reason)))
+        gen.transition(state, reason)
+        if self._generation_store is not None:
+            self._generation_store.close()
+            self._generation_store = None
+
+    def _finish_job(self, now_s: float) -> None:
+        job = self.job
+        self._end_generation(GenState.COMPLETED, "every rank finished")
+        job.state = JobState.COMPLETED
+        job.message = f"trained {job.step} steps in {now_s - job.submitted_s:.1f} s"
+        log.info("job %s completed: %s", job.job_id, job.message)
+        self._save_job()
+        self._publish()
+
+    def _fail_job(self, reason: str) -> None:
+        job = self.job
+        if job is None or job.ended:
+            return
+        self._end_generation(GenState.FAILED, reason)
+        job.state = JobState.FAILED
+        job.message = reason
+        self.metrics.job_failures_total.inc()
+        log.error("job %s failed: %s", job.job_id, reason)
+        self._save_job()
+        self._publish()
+
+    # ------------------------------------------------------------------ views
+
+    def _update_membership_metrics(self) -> None:
+        alive = [n for n in self.membership.nodes.values() if n.alive]
+        self.metrics.nodes_alive.set(len(alive))
+        self.metrics.cards.set(sum(len(n.cards) for n in alive))
+
+    def _save_job(self) -> None:
+        job = self.job
+        self.store.put(
+            f"jobs/{job.job_id}",
+            {
+                "state": job.state.value,
+                "generation": job.generation.number if job.generation else 0,
+                "step": job.step,
+                "message": job.message,
+                "run_dir": job.run_dir,
+                "spec": job.spec.model_dump(mode="json"),
+            },
+        )
+
+    def node_states(self) -> list[pb.NodeState]:
+        gen = self.job.generation if self.job else None
+        training = set(gen.nodes) if gen is not None and not gen.ended else set()
+        states = []
+        for node in self.membership.nodes.values():
+            state = "lost" if not node.alive else "training" if node.name in training else "idle"
+            states.append(pb.NodeState(node=node.name, alive=node.alive, cards=len(node.cards), state=state))
+        return states
+
+    def event(self) -> pb.JobEvent:
+        job = self.job
+        return pb.JobEvent(
+            job_id=job.job_id,
+            state=job.state.value,
+            generation=job.generation.number if job.generation else 0,
+            step=job.step,
+            total_steps=job.spec.training.steps,
+            loss=job.loss,
+            tokens_per_s=job.tokens_per_s,
+            step_time_s=job.step_time_s,
+            nodes=self.node_states(),
+            message=job.message,
+        )
+
+    def _publish(self) -> None:
+        if self.job is not None:
+            self.publish(self.event())

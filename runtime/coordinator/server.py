@@ -1,0 +1,262 @@
+"""The coordinator's network edge: a grpc.aio server whose handlers turn messages into calls on the
+Orchestrator, one event loop, no locks. `CoordinatorService` runs it on a background thread (the
+embedded cluster of `hyrun launch`) or in the foreground (`hyrun coordinator`).
+
+Each agent holds one bidirectional Connect stream: it registers first, then sends heartbeats and
+worker reports; commands for it are queued on its outbox and written back down the same stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.proto import hyrun_pb2_grpc as pb_grpc
+from hyrun.runtime import __version__
+from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
+from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings
+from hyrun.runtime.coordinator.store import open_store
+from hyrun.runtime.jobfile import JobFileError, load_job_text
+from hyrun.runtime.metrics import CoordinatorMetrics
+from hyrun.runtime.security import TlsFiles, TokenInterceptor, add_port
+
+log = logging.getLogger("hyrun.coordinator")
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    host: str = "127.0.0.1"          # loopback unless told otherwise
+    port: int = 0
+    advertise_host: str = "127.0.0.1"  # what workers on other nodes dial for the rendezvous store
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    token: str = ""
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 0     # None: no /metrics server
+    store_url: str = "memory"
+    run_root: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat timeout ({self.heartbeat_timeout_s} s) must exceed twice the interval "
+                f"({self.heartbeat_interval_s} s), or live nodes are declared dead between two beats"
+            )
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, settings: CoordinatorSettings, metrics: CoordinatorMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.membership = Membership(settings.heartbeat_timeout_s)
+        self.outboxes: dict[str, asyncio.Queue] = {}
+        self.watchers: set[asyncio.Queue] = set()
+        self.orchestrator = Orchestrator(
+            membership=self.membership,
+            store=open_store(settings.store_url),
+            metrics=metrics,
+            send=self._send,
+            publish=self._publish,
+            settings=OrchestratorSettings(
+                run_root=settings.run_root, bind_host=settings.host, advertise_host=settings.advertise_host
+            ),
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, node: str, command: pb.CoordinatorCommand) -> None:
+        outbox = self.outboxes.get(node)
+        if outbox is None:
+            log.warning("no stream to node %s; dropped %s", node, command.WhichOneof("body"))
+            return
+        outbox.put_nowait(command)
+
+    def _publish(self, event: pb.JobEvent) -> None:
+        for queue in self.watchers:
+            queue.put_nowait(event)
+
+    async def tick_forever(self) -> None:
+        # Policy runs on a timer over the state, not per message (DESIGN: Scale).
+        period_s = min(0.1, self.settings.heartbeat_interval_s / 4)
+        while True:
+            now = time.monotonic()
+            for node in self.membership.expire(now):
+                self.orchestrator.on_node_lost(node, now)
+                outbox = self.outboxes.get(node.name)
+                if outbox is not None:
+                    outbox.put_nowait(None)  # close the stream of a node we declared dead
+            self.orchestrator.tick(now)
+            await asyncio.sleep(period_s)
+
+    # ------------------------------------------------------------------ agents
+
+    async def Connect(self, request_iterator, context):
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "register":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be Register")
+        reg = first.register
+        cards = tuple(CardRecord(c.index, c.type, c.memory_bytes, c.speed, c.simulated) for c in reg.cards)
+        node = NodeRecord(reg.node, reg.host, cards, reg.agent_pid, last_heartbeat_s=time.monotonic())
+        outbox: asyncio.Queue = asyncio.Queue()
+        old = self.outboxes.get(node.name)
+        if old is not None:
+            old.put_nowait(None)  # a re-registering agent replaces its broken stream
+        self.outboxes[node.name] = outbox
+        self.membership.register(node)
+        log.info("node %s registered: %d cards, agent pid %d", node.name, len(cards), reg.agent_pid)
+        outbox.put_nowait(
+            pb.CoordinatorCommand(
+                welcome=pb.Welcome(
+                    coordinator_version=__version__, heartbeat_interval_s=self.settings.heartbeat_interval_s
+                )
+            )
+        )
+        self.orchestrator.on_register(node, time.monotonic())
+        reader = asyncio.create_task(self._read_agent(node.name, request_iterator, outbox))
+        try:
+            while (command := await outbox.get()) is not None:
+                yield command
+        finally:
+            reader.cancel()
+            if self.outboxes.get(node.name) is outbox:
+                del self.outboxes[node.name]
+                self.membership.disconnect(node.name)
+
+    async def _read_agent(self, name: str, request_iterator, outbox: asyncio.Queue) -> None:
+        try:
+            async for message in request_iterator:
+                self._dispatch(name, message)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            log.info("stream from node %s closed", name)
+            outbox.put_nowait(None)
+
+    def _dispatch(self, name: str, message: pb.AgentMessage) -> None:
+        now = time.monotonic()
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            self.metrics.heartbeats_total.inc()
+            self.membership.heartbeat(name, now)
+        elif kind == "step":
+            self.membership.heartbeat(name, now)
+            self.orchestrator.on_step(name, message.step, now)
+        elif kind == "worker_exit":
+            self.orchestrator.on_worker_exit(name, message.worker_exit, now)
+        elif kind == "worker_started":
+            log.info("node %s: rank %d started (pid %d)", name, message.worker_started.rank, message.worker_started.pid)
+
+    # ------------------------------------------------------------------ CLI
+
+    async def SubmitJob(self, request, context):
+        try:
+            spec = load_job_text(request.job_yaml, source="submitted job")
+            job_id = self.orchestrator.submit(spec, time.monotonic(), job_id=request.job_id or None)
+        except (JobFileError, JobRejected) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.SubmitJobReply(job_id=job_id)
+
+    async def WatchJob(self, request, context):
+        job = self.orchestrator.job
+        if job is None or job.job_id != request.job_id:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.watchers.add(queue)
+        try:
+            event = self.orchestrator.event()
+            while True:
+                yield event
+                if event.state in ("COMPLETED", "FAILED"):
+                    return
+                event = await queue.get()
+        finally:
+            self.watchers.discard(queue)
+
+    async def Status(self, request, context):
+        jobs = [self.orchestrator.event()] if self.orchestrator.job else []
+        return pb.StatusReply(jobs=jobs, nodes=self.orchestrator.node_states())
+
+
+class CoordinatorService:
+    """Owns the event loop, the gRPC server and the /metrics server."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.metrics = CoordinatorMetrics()
+        self.port = 0
+        self.metrics_port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+        self.servicer: CoordinatorServicer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def _start(self) -> None:
+        interceptors = [TokenInterceptor(self.settings.token)] if self.settings.token else []
+        self._server = grpc.aio.server(interceptors=interceptors)
+        self.servicer = CoordinatorServicer(self.settings, self.metrics)
+        pb_grpc.add_CoordinatorServicer_to_server(self.servicer, self._server)
+        self.port = add_port(self._server, f"{self.settings.host}:{self.settings.port}", self.settings.tls)
+        if self.port == 0:
+            raise OSError(f"could not listen on {self.settings.host}:{self.settings.port}")
+        await self._server.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        self._stopped = asyncio.Event()
+        self._ticker = asyncio.create_task(self.servicer.tick_forever())
+        log.info("coordinator listening on %s (metrics on %d)", self.address, self.metrics_port)
+
+    async def _run(self, started: threading.Event, errors: list) -> None:
+        try:
+            await self._start()
+        except Exception as error:  # surfaced to start()'s caller
+            errors.append(error)
+            started.set()
+            return
+        started.set()
+        await self._stopped.wait()
+        self._ticker.cancel()
+        await self._server.stop(grace=0.5)
+        self.metrics.close()
+
+    def start(self) -> None:
+        """Starts on a background thread; returns once listening (or raises why it could not)."""
+        started, errors = threading.Event(), []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self._run(started, errors),), name="coordinator", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def call(self, fn, *args):
+        """Runs fn(*args) on the coordinator's loop and returns its result (for tests and the CLI)."""
+        future = asyncio.run_coroutine_threadsafe(_call(fn, *args), self._loop)
+        return future.result(timeout=10)
+
+
+async def _call(fn, *args):
+    return fn(*args)
+

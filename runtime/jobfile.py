@@ -1,0 +1,252 @@
+"""The job file: one pydantic model a user writes as YAML and `hyrun launch` validates before
+anything starts. Errors name the field, the value and what is allowed (`JobFileError`).
+
+Components never take this model whole: they take the small frozen settings they need from it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class JobFileError(ValueError):
+    """A job file the user must fix; the message lists every problem found."""
+
+
+class _Section(BaseModel):
+    # An unknown key is almost always a typo; refusing it beats silently ignoring it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CardGroup(_Section):
+    """`count` cards of one type on a node."""
+
+    type: str = Field("cpu-sim", description="card type: a catalogue name or one declared in cluster.card_types")
+    count: int = Field(1, ge=1, le=64, description="how many cards of this type the node has")
+    memory_gb: float | None = Field(None, gt=0, description="memory per card; defaults to the type's")
+    speed: float = Field(1.0, gt=0, le=1.0, description="speed factor (1.0 = full speed; 0.5 = half)")
+
+
+class NodeSpec(_Section):
+    name: str = Field(..., pattern=_NAME, description="node name, unique in the cluster")
+    cards: list[CardGroup] = Field(..., min_length=1, description="the node's cards")
+
+
+class CardTypeSpec(_Section):
+    """A card type not in the catalogue, described by capability."""
+
+    peak_tflops: float = Field(..., gt=0)
+    memory_gb: float = Field(..., gt=0)
+    memory_bandwidth_gbps: float = Field(1000.0, gt=0)
+    intra_node_bandwidth_gbps: float = Field(100.0, gt=0)
+    inter_node_bandwidth_gbps: float = Field(12.5, gt=0)
+
+
+class ClusterSpec(_Section):
+    nodes: list[NodeSpec] = Field(..., min_length=1, description="the nodes that run the job")
+    card_types: dict[str, CardTypeSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_node_names(self) -> ClusterSpec:
+        names = [node.name for node in self.nodes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"node names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def card_count(self) -> int:
+        return sum(group.count for node in self.nodes for group in node.cards)
+
+
+class ModelSection(_Section):
+    preset: str = Field("tiny", description="model preset: tiny, small or hunyuan-large")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to change")
+
+    @model_validator(mode="after")
+    def _known_preset_and_fields(self) -> ModelSection:
+        # Build the config once here so a bad preset or override is refused before launch.
+        from hyrun.runtime.model.config import ModelConfig
+
+        ModelConfig.from_preset(self.preset, **self.overrides)
+        return self
+
+
+class OptimizerSection(_Section):
+    lr: float = Field(3e-3, gt=0, le=1.0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    expert_lr_scaling: Literal["sqrt", "linear", "none"] = Field(
+        "sqrt", description="how a routed expert's LR follows its token share"
+    )
+
+
+class ScheduleSection(_Section):
+    warmup_steps: int = Field(5, ge=0)
+    decay: Literal["cosine", "linear"] = "cosine"
+    decay_end_ratio: float = Field(0.3, ge=0, le=1, description="LR at the end of decay, over peak")
+    anneal_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps in the final anneal to 1/10 of peak")
+
+
+class TrainingSection(_Section):
+    steps: int = Field(30, ge=1, description="optimizer steps to train")
+    global_batch: int = Field(16, ge=1, description="sequences per optimizer step, over all cards")
+    micro_batch: int = Field(2, ge=1, description="sequences per forward/backward on one card")
+    seq_len: int = Field(64, ge=2, description="tokens per sequence")
+    seed: int = Field(0, ge=0)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+
+    def lr_schedule(self):
+        from hyrun.runtime.model.schedule import LRSchedule
+
+        return LRSchedule(
+            peak_lr=self.optimizer.lr,
+            total_steps=self.steps,
+            warmup_steps=self.schedule.warmup_steps,
+            decay=self.schedule.decay,
+            decay_end_ratio=self.schedule.decay_end_ratio,
+            anneal_fraction=self.schedule.anneal_fraction,
+            anneal_end_ratio=min(0.1, self.schedule.decay_end_ratio),
+        )
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainingSection:
+        self.lr_schedule()  # raises ValueError naming the schedule field that does not fit
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingSection:
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+            )
+        return self
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch // self.micro_batch
+
+
+class ParallelismSection(_Section):
+    """Explicit degrees override the planner; leave all at 0 for `auto`."""
+
+    dp: int = Field(0, ge=0)
+    tp: int = Field(0, ge=0)
+    pp: int = Field(0, ge=0)
+    cp: int = Field(0, ge=0)
+    ep: int = Field(0, ge=0)
+
+
+class CheckpointSection(_Section):
+    directory: str | None = Field(None, description="where checkpoints go; default RUN_DIR/checkpoints")
+    interval_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = never by steps")
+    interval_s: float = Field(0.0, ge=0, description="checkpoint every N seconds; 0 = never by time")
+    keep_last: int = Field(3, ge=1)
+
+
+class MetricsSection(_Section):
+    host: str = Field("127.0.0.1", description="address the coordinator's /metrics listens on")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port (printed at start)")
+
+
+class RuntimeSection(_Section):
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(5.0, gt=0)
+    rendezvous_timeout_s: float = Field(60.0, gt=0, description="how long workers wait for each other")
+    node_wait_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the job's nodes")
+    run_dir: str = Field("runs", description="logs go to RUN_DIR/JOB/...")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _interval_below_timeout(self) -> RuntimeSection:
+        # A timeout at or under the interval declares healthy nodes dead between two beats.
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        return self
+
+
+class JobSpec(_Section):
+    name: str = Field("job", pattern=_NAME, description="job name, used for the run directory")
+    cluster: ClusterSpec
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    parallelism: Literal["auto"] | ParallelismSection = "auto"
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    store: str = Field("memory", description="job state store: 'memory' or 'etcd://HOST:PORT'")
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not re.fullmatch(r"etcd://[^:/]+:\d+", value):
+            raise ValueError("must be 'memory' or 'etcd://HOST:PORT'")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_batch_for_cards(self) -> JobSpec:
+        cards = self.cluster.card_count
+        if self.training.micro_batches_per_step < cards:
+            raise ValueError(
+                f"training.global_batch / training.micro_batch = {self.training.micro_batches_per_step} "
+                f"micro-batches per step, fewer than the {cards} cards; every card needs at least one"
+            )
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    lines = []
+    for error in errors:
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+        lines.append(f"  {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any, *, source: str = "job") -> JobSpec:
+    """Validates parsed YAML/JSON into a JobSpec, or raises JobFileError naming every bad field."""
+    if not isinstance(data, dict):
+        raise JobFileError(f"{source}: the job file must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise JobFileError(f"{source} is not a valid job file:\n{_describe(error.errors())}") from None
+
+
+def load_job_text(text: str, *, source: str = "job") -> JobSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise JobFileError(f"{source} is not valid YAML: {error}") from None
+    return parse_job(data, source=source)
+
+
+def load_job(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise JobFileError(f"job file {str(path)!r} does not exist")
+    return load_job_text(path.read_text(), source=str(path))
+
+
+def job_from_json(text: str) -> JobSpec:
+    """The coordinator's and workers' way back from the JSON on the wire (never pickle)."""
+    return JobSpec.model_validate_json(text)
+

@@ -1,0 +1,235 @@
+"""`hyrun launch`: submit a job to a coordinator and follow it to the end.
+
+Embedded mode (the default) first brings up a whole cluster on this machine: the coordinator on a
+background thread of this process and one agent process per node of the job file, each agent in
+its own process group with its workers. Whatever way this process ends — success, failure, Ctrl-C,
+SIGTERM, even SIGKILL (agents die with their parent) — no process it started is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.proto import hyrun_pb2_grpc as pb_grpc
+from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
+from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.process import kill_group
+from hyrun.runtime.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
+
+log = logging.getLogger("hyrun.launch")
+
+AGENT_STOP_GRACE_S = 5.0
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    state: str
+    message: str
+    run_dir: Path
+    wall_time_s: float
+    losses: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: list[float] = field(default_factory=list)
+    generations: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "COMPLETED"
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+class EmbeddedCluster:
+    """The coordinator plus one agent process per node, all on this machine."""
+
+    def __init__(self, job: JobSpec, run_dir: Path, token: str) -> None:
+        self.job = job
+        self.run_dir = run_dir
+        self.token = token
+        runtime = job.runtime
+        self.coordinator = CoordinatorService(
+            CoordinatorSettings(
+                heartbeat_interval_s=runtime.heartbeat_interval_s,
+                heartbeat_timeout_s=runtime.heartbeat_timeout_s,
+                token=token,
+                metrics_host=job.metrics.host,
+                metrics_port=job.metrics.port,
+                store_url=job.store,
+                run_root=str(run_dir.parent),
+            )
+        )
+        self.agents: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.coordinator.start()
+        (self.run_dir / "coordinator.json").write_text(
+            json.dumps({"address": self.coordinator.address, "metrics_port": self.coordinator.metrics_port})
+        )
+        token_file = self.run_dir / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.token)
+        for node in self.job.cluster.nodes:
+            self._start_agent(node.name, [group.model_dump() for group in node.cards])
+
+    def _start_agent(self, node: str, card_groups: list[dict]) -> None:
+        command = [
+            sys.executable, "-m", "hyrun.runtime.cli", "agent",
+            "--coordinator", self.coordinator.address,
+            "--node", node,
+            "--cards-json", json.dumps(card_groups),
+            "--host", "127.0.0.1",
+            "--heartbeat-interval", str(self.job.runtime.heartbeat_interval_s),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        log_path = self.run_dir / f"agent-{node}.log"
+        with open(log_path, "ab") as log_file:
+            # Its own session: Ctrl-C reaches only us, and we can signal the agent and its
+            # workers together through the process group.
+            self.agents[node] = subprocess.Popen(
+                command,
+                env=dict(os.environ, **{TOKEN_ENV: self.token}),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def agent_failures(self) -> list[str]:
+        return [
+            f"agent for node {node} exited with code {proc.returncode} (log: {self.run_dir / f'agent-{node}.log'})"
+            for node, proc in self.agents.items()
+            if proc.poll() is not None and proc.returncode != 0
+        ]
+
+    def stop(self) -> None:
+        """SIGTERM every agent's process group, then SIGKILL what is left after the grace period."""
+        for proc in self.agents.values():
+            kill_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + AGENT_STOP_GRACE_S
+        for proc in self.agents.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(proc.pid, signal.SIGKILL)  # workers left in the group, if any
+            proc.wait()
+        self.coordinator.stop()
+
+
+def follow_job(
+    coordinator: str,
+    job_text: str,
+    *,
+    job_id: str,
+    token: str,
+    tls: TlsFiles,
+    on_event: Callable[[pb.JobEvent], None],
+) -> pb.JobEvent:
+    """Submits the job and streams its events until it ends; returns the last event."""
+    channel = open_channel(coordinator, tls)
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        metadata = call_metadata(token)
+        reply = stub.SubmitJob(pb.SubmitJobRequest(job_yaml=job_text, job_id=job_id), metadata=metadata)
+        last = None
+        for event in stub.WatchJob(pb.WatchJobRequest(job_id=reply.job_id), metadata=metadata):
+            on_event(event)
+            last = event
+        if last is None:
+            raise RuntimeError("the coordinator closed the job's event stream without a word")
+        return last
+    finally:
+        channel.close()
+
+
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run_job(
+    job: JobSpec,
+    job_text: str,
+    *,
+    coordinator: str | None,
+    token: str,
+    tls: TlsFiles,
+    on_event: Callable[[pb.JobEvent], None],
+    on_started: Callable[[str, Path], None] = lambda address, run_dir: None,
+) -> JobOutcome:
+    """Runs a job to its end, embedded or on a remote coordinator. Raises KeyboardInterrupt on
+    Ctrl-C / SIGTERM after everything it started has been stopped."""
+    job_id = new_job_id(job.name)
+    run_dir = Path(job.runtime.run_dir).resolve() / job_id
+    cluster = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    started_s = time.monotonic()
+    outcome = JobOutcome(job_id, "FAILED", "", run_dir, 0.0)
+
+    def record(event: pb.JobEvent) -> None:
+        if event.step and event.step not in outcome.losses:
+            outcome.losses[event.step] = event.loss
+            outcome.tokens_per_s.append(event.tokens_per_s)
+        outcome.generations = max(outcome.generations, event.generation)
+        on_event(event)
+
+    try:
+        if coordinator is None:
+            token = token or secrets.token_urlsafe(24)
+            cluster = EmbeddedCluster(job, run_dir, token)
+            _log_to(run_dir / "coordinator.log")
+            cluster.start()
+            coordinator = cluster.coordinator.address
+        on_started(coordinator, run_dir)
+        try:
+            final = follow_job(coordinator, job_text, job_id=job_id, token=token, tls=tls, on_event=record)
+            outcome.state, outcome.message = final.state, final.message
+        except grpc.RpcError as error:
+            outcome.message = f"coordinator {coordinator}: {error.details() or error.code().name}"
+            if cluster is not None and cluster.agent_failures():
+                outcome.message += "; " + "; ".join(cluster.agent_failures())
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+    outcome.wall_time_s = time.monotonic() - started_s
+    if run_dir.exists():
+        (run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "job_id": job_id,
+                    "state": outcome.state,
+                    "message": outcome.message,
+                    "wall_time_s": outcome.wall_time_s,
+                    "generations": outcome.generations,
+                    "losses": {str(k): v for k, v in sorted(outcome.losses.items())},
+                },
+                indent=2,
+            )
+        )
+    return outcome
+
+
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("hyrun")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)

@@ -1,0 +1,85 @@
+"""Grouped-query attention with cross-layer attention (CLA).
+
+A producer layer projects K/V and hands them on; a consumer layer has no K/V projection at all and
+attends with the K/V of the producer before it, which is what shrinks the KV cache (see
+`ModelConfig.kv_cache_ratio_vs_mha`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass(frozen=True)
+class SharedKV:
+    """K and V after RoPE and QK-norm, [batch, kv_heads, seq, head_dim], passed producer → consumers."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Causal GQA through `scaled_dot_product_attention`; K/V projections only in producer layers."""
+
+    # Projection names for tensor parallelism: column-parallel ones split heads, the row-parallel one
+    # reduces them. Consumers lack k_proj/v_proj, so ask `projection_names()` per layer.
+    COLWISE_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+    ROWWISE_PROJECTIONS = ("o_proj",)
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.is_kv_consumer = config.is_kv_consumer(layer_index)
+        hidden, q_width, kv_width = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=False)
+        self.o_proj = nn.Linear(q_width, hidden, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        if self.is_kv_consumer:
+            # No k_proj/v_proj at all (not merely unused): DDP then needs no find_unused_parameters,
+            # and the parameter count matches the formula.
+            self.k_proj = self.v_proj = self.k_norm = None
+        else:
+            self.k_proj = nn.Linear(hidden, kv_width, bias=False)
+            self.v_proj = nn.Linear(hidden, kv_width, bias=False)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def projection_names(self) -> dict[str, tuple[str, ...]]:
+        present = lambda names: tuple(n for n in names if getattr(self, n) is not None)  # noqa: E731
+        return {"colwise": present(self.COLWISE_PROJECTIONS), "rowwise": self.ROWWISE_PROJECTIONS}
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                shared_kv: SharedKV | None) -> tuple[torch.Tensor, SharedKV]:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rope(q, cos, sin)
+        if self.is_kv_consumer:
+            if shared_kv is None:
+                raise ValueError("a CLA consumer layer needs the K/V of its producer layer; run the "
+                                 "blocks in order, or start a pipeline stage at a producer layer")
+            kv = shared_kv
+        else:
+            kv = self._project_kv(x, cos, sin)
+        out = F.scaled_dot_product_attention(q, kv.key, kv.value, is_causal=True,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out), kv
+
+    def _project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> SharedKV:
+        batch, seq, _ = x.shape
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return SharedKV(key=apply_rope(k, cos, sin), value=v)

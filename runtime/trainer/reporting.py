@@ -1,0 +1,38 @@
+"""How a worker tells its agent about each step: one JSON line per step on a pipe the agent
+created. Local only, text only: the agent never unpickles what a worker sends."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    generation: int
+    rank: int
+    step: int
+    loss: float
+    tokens: int
+    step_time_s: float
+    compute_time_s: float
+    grad_norm: float
+    nonfinite_grads: int
+    lr: float
+
+
+class Reporter:
+    def __init__(self, fd: int | None) -> None:
+        self._pipe = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+        self.history: list[StepRecord] = []
+
+    def report(self, record: StepRecord) -> None:
+        self.history.append(record)
+        if self._pipe is not None:
+            self._pipe.write(json.dumps(asdict(record)) + "\n")
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None

@@ -1,0 +1,120 @@
+"""Worker process entry point (`python -m hyrun.runtime.trainer.worker`), started by an agent with
+its assignment in the HYRUN_WORKER_SPEC environment variable (JSON).
+
+It joins its generation's process group through the coordinator's fresh TCPStore under the
+generation's key prefix, so nothing a dead generation left behind can reach it, trains, and exits
+0. Any exception is printed (the agent forwards its last line to the coordinator) and exits 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+from hyrun.runtime.process import die_with_parent
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    generation: int
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    key_prefix: str
+    backend: str
+    node: str
+    card_index: int
+    speed: float
+    micro_batches: int
+    micro_batch_offset: int
+    job_path: str
+    run_dir: str
+    parent_pid: int
+    report_fd: int
+
+    @classmethod
+    def from_env(cls) -> WorkerSpec:
+        return cls(**json.loads(os.environ["HYRUN_WORKER_SPEC"]))
+
+
+def choose_backend(requested: str) -> str:
+    import torch
+
+    if requested in ("gloo", "nccl"):
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join_process_group(spec: WorkerSpec, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    if ipaddress.ip_address(_resolve(spec.store_host)).is_loopback:
+        # gloo otherwise binds to the address the hostname resolves to, which may not route here.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore(
+        spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+    )
+    dist.init_process_group(
+        backend=choose_backend(spec.backend),
+        store=dist.PrefixStore(spec.key_prefix, store),
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _resolve(host: str) -> str:
+    import socket
+
+    return socket.gethostbyname(host)
+
+
+def main() -> int:
+    spec = WorkerSpec.from_env()
+    die_with_parent(spec.parent_pid)  # a SIGKILLed agent leaves no orphan workers
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(message)s")
+    import torch
+    import torch.distributed as dist
+
+    from hyrun.runtime.jobfile import job_from_json
+    from hyrun.runtime.trainer.loop import RankWork, train
+    from hyrun.runtime.trainer.reporting import Reporter
+
+    # One intra-op thread per worker: several simulated cards share this machine's cores, and
+    # oversubscription would make speed factors meaningless.
+    torch.set_num_threads(int(os.environ.get("HYRUN_WORKER_THREADS", "1")))
+    with open(spec.job_path) as f:
+        job = job_from_json(f.read())
+    reporter = Reporter(spec.report_fd)
+    try:
+        join_process_group(spec, job.runtime.rendezvous_timeout_s)
+        logging.info("joined generation %d as rank %d of %d on %s card %d", spec.generation, spec.rank, spec.world_size, spec.node, spec.card_index)
+        work = RankWork(
+            rank=spec.rank,
+            world_size=spec.world_size,
+            generation=spec.generation,
+            micro_batches=spec.micro_batches,
+            micro_batch_offset=spec.micro_batch_offset,
+            speed=spec.speed,
+        )
+        train(job, work, reporter)
+        logging.info("finished %d steps", job.training.steps)
+        return 0
+    except Exception:
+        traceback.print_exc()
+        print(f"error: {traceback.format_exc().strip().splitlines()[-1]}", flush=True)
+        return 1
+    finally:
+        reporter.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
