@@ -73,7 +73,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.ffn_size = ffn_size
         self.path = path
-        self.align_rows: int | None = None  # None: by device (16 on CUDA grouped_mm, else 1)
+        self.align_rows: int | None = None  # grouped_mm row alignment; None: 16 on CUDA, else 1
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
 
@@ -82,46 +82,54 @@ class GroupedExperts(nn.Module):
         chosen = resolve_expert_path(path or self.path, x.device)
         if chosen == "naive":
             return self._naive(x, dispatch)
-        align = self.align_rows or (CUDA_GROUP_ALIGN_ROWS if (chosen == "grouped_mm" and x.is_cuda) else 1)
-        layout = _group_by_expert(dispatch, align)
-        valid = layout.valid.unsqueeze(1)
-        # Dropped assignments sit past the last group, where grouped GEMM leaves rows (and their
-        # gradients) uninitialized; `where` keeps that garbage out of x and the output.
-        source = torch.where(valid, x[layout.token_index], 0.0)
-        grouped = x.new_zeros(layout.num_rows, x.shape[1]).index_copy(0, layout.row, source)
         if chosen == "grouped_mm":
-            out = self._grouped_mm(grouped, layout.group_end)
+            align = self.align_rows or (CUDA_GROUP_ALIGN_ROWS if x.is_cuda else 1)
+            layout = _group_by_expert(dispatch, align)
+            rows = self._grouped_mm(x, layout, align)
         else:
-            out = self._loop(grouped, layout.group_end)
-        rows = torch.where(valid, out[layout.row], 0.0)
+            layout = _group_by_expert(dispatch, align=1)
+            rows = self._loop(x[layout.token_index], layout.group_end)
         weighted = rows * layout.weight.unsqueeze(1).to(rows.dtype)
         return torch.zeros_like(x).index_add(0, layout.token_index, weighted)
 
-    def _grouped_mm(self, grouped: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+    def _grouped_mm(self, x: torch.Tensor, layout: "_Layout", align: int) -> torch.Tensor:
+        """Rows in sorted-assignment order: three grouped GEMMs (gate+up fused, then down)."""
+        valid = layout.valid.unsqueeze(1)
+        # Rows past the last group (dropped assignments) come back from the grouped GEMM, and their
+        # gradients too, uninitialized; `where` keeps that garbage out of x and out of the output.
+        source = torch.where(valid, x[layout.token_index], 0.0)
+        if align > 1:
+            grouped = x.new_zeros(layout.num_rows, x.shape[1]).index_copy(0, layout.row, source)
+        else:
+            grouped = source  # unpadded: row i is sorted assignment i
         # bf16 on CUDA (the grouped kernel's dtype); the CPU fallback runs in the input's dtype.
-        dtype = torch.bfloat16 if grouped.is_cuda else grouped.dtype
-        offs = group_end.to(torch.int32)
+        dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        offs = layout.group_end.to(torch.int32)
         gate_up = torch._grouped_mm(grouped.to(dtype), self.w_gate_up.to(dtype), offs=offs)
         gate, up = gate_up.split(self.ffn_size, dim=-1)
         hidden = (F.silu(gate) * up).contiguous()
-        return torch._grouped_mm(hidden, self.w_down.to(dtype), offs=offs).to(grouped.dtype)
+        out = torch._grouped_mm(hidden, self.w_down.to(dtype), offs=offs).to(x.dtype)
+        return torch.where(valid, out[layout.row] if align > 1 else out, 0.0)
 
     def _loop(self, grouped: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
         ends = group_end.tolist()  # host sync: fine for the portable path
+        # unbind, not w[e]: indexing would make every expert's backward allocate a full-size zero grad.
+        gate_ups, downs = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         parts, start = [], 0
         for expert, end in enumerate(ends):
             if end > start:
-                parts.append(_swiglu(grouped[start:end], self.w_gate_up[expert], self.w_down[expert], self.ffn_size))
+                parts.append(_swiglu(grouped[start:end], gate_ups[expert], downs[expert], self.ffn_size))
             start = end
-        parts.append(grouped.new_zeros(grouped.shape[0] - start, grouped.shape[1]))
+        parts.append(grouped.new_zeros(grouped.shape[0] - start, grouped.shape[1]))  # dropped
         return torch.cat(parts)
 
     def _naive(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        gate_ups, downs = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         out = torch.zeros_like(x)
         for expert in range(self.num_experts):
             picked = (dispatch.expert_index == expert).nonzero().squeeze(1)
             tokens = dispatch.token_index[picked]
-            y = _swiglu(x[tokens], self.w_gate_up[expert], self.w_down[expert], self.ffn_size)
+            y = _swiglu(x[tokens], gate_ups[expert], downs[expert], self.ffn_size)
             out = out.index_add(0, tokens, y * dispatch.weight[picked].unsqueeze(1).to(y.dtype))
         return out
 

@@ -130,7 +130,7 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
                 compute_s += forward_s / _FORWARD_SHARE_OF_STEP
                 throttle(forward_s / _FORWARD_SHARE_OF_STEP, work.speed)
                 (loss * loss_scale).backward()
-            ce_sum += float(ce)
+            ce_sum += float(ce.detach())
         if not distributed:
             for p in model.parameters():
                 if p.grad is not None:

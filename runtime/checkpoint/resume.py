@@ -1,0 +1,190 @@
+"""Resume: pick the newest state every rank can load (the shared-memory snapshot or a committed
+checkpoint whose files match their manifest), load it onto the current mesh and restore RNG.
+
+Every choice is made collectively, so all ranks load the same step or none does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+from .commit import describe_error
+from .group import RankGroup
+from .layout import flatten_state, fingerprint_of, local_part, plan_layout, rebuild_state
+from .manifest import Manifest, check_file, share_of_files
+from .rng import restore_rng_state
+from .snapshot import COMMITTED, SharedSnapshot
+from .storage import CheckpointStorage, step_name
+
+log = logging.getLogger(__name__)
+
+SHARED_MEMORY, DISK = "shared_memory", "disk"
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    step: int  # the last completed step: training continues at step + 1
+    extra: dict[str, Any]  # what save_async was given as `extra`
+    source: str  # SHARED_MEMORY or DISK
+    refused: tuple[str, ...]  # newer states that were skipped, and why
+    rng_restored: bool
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    extra: dict[str, Any]
+    rng_by_rank: dict[int, dict[str, Any]]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of the model's local shards; read before the optimizer is touched, because
+    building an optimizer state dict initializes a fresh optimizer's state."""
+    tensors, _ = flatten_state({"model": get_model_state_dict(model)})
+    return fingerprint_of(tensors)
+
+
+def probe_snapshot(path: Path, job_id: str, rank: int, world_size: int, fingerprint: str) -> tuple[int, str]:
+    """(step, "") if this rank's snapshot is complete and fits this model, else (-1, why not)."""
+    snapshot = SharedSnapshot.open_existing(path)
+    if snapshot is None:
+        return -1, "no snapshot"
+    try:
+        header = snapshot.header()
+        if header.state != COMMITTED:
+            return -1, "snapshot incomplete (its worker died while staging)"
+        meta = snapshot.read_meta()
+        expected = (job_id, rank, world_size, fingerprint)
+        actual = (meta["job_id"], meta["rank"], meta["world_size"], meta["model_fingerprint"])
+        if actual != expected:
+            return -1, "snapshot of another job, rank or layout"
+        return header.step, ""
+    except Exception as exc:
+        return -1, f"unreadable snapshot: {describe_error(exc)}"
+    finally:
+        snapshot.close()
+
+
+def load_latest(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    storage: CheckpointStorage,
+    group: RankGroup,
+    snapshot_file: Path,
+    job_id: str,
+) -> ResumeInfo | None:
+    if group.rank == 0:
+        for name in storage.sweep():
+            log.info("removed %s: left by a save that never committed", name)
+    committed = group.broadcast_object(storage.committed_steps() if group.rank == 0 else None)
+    probe = probe_snapshot(snapshot_file, job_id, group.rank, group.world_size, model_fingerprint(model))
+    probes = group.all_gather_object(probe)
+    steps_in_ram = {step for step, _ in probes}
+    ram_step = steps_in_ram.pop() if len(steps_in_ram) == 1 and -1 not in steps_in_ram else None
+    if ram_step is None and any(step >= 0 for step, _ in probes) and group.rank == 0:
+        log.info("shared-memory snapshots not used: %s", sorted(set(probes)))
+
+    candidates = [(step, DISK) for step in committed]
+    if ram_step is not None:
+        candidates.append((ram_step, SHARED_MEMORY))
+    # Newest first; at equal steps RAM first, it is faster to read.
+    candidates.sort(key=lambda c: (c[0], c[1] == SHARED_MEMORY), reverse=True)
+
+    # Building the optimizer's state dict gives a fresh optimizer a state (DCP needs tensors to load
+    # into); a run that finds nothing to load must start from the untouched optimizer.
+    pristine = copy.deepcopy(optimizer.state_dict()) if not optimizer.state else None
+    refused: list[str] = []
+    for step, source in candidates:
+        label = f"{step_name(step)} ({source.replace('_', ' ')})"
+        loaded, reason = _try_load(step, source, model, optimizer, storage, group, snapshot_file)
+        if loaded is None:
+            refused.append(f"{label}: {reason}")
+            if group.rank == 0:
+                log.warning("refused checkpoint %s: %s", label, reason)
+            continue
+        rng = loaded.rng_by_rank.get(group.rank)
+        if rng is not None:
+            restore_rng_state(rng)
+        elif group.rank == 0 or len(loaded.rng_by_rank) > group.world_size:
+            log.info("rank %d: no saved RNG state (saved by %d ranks); RNG left as seeded", group.rank, len(loaded.rng_by_rank))
+        if group.rank == 0:
+            log.info("resumed from %s", label)
+        return ResumeInfo(step, loaded.extra, source, tuple(refused), rng is not None)
+    if pristine is not None:
+        optimizer.load_state_dict(pristine)
+    return None
+
+
+def _try_load(step, source, model, optimizer, storage, group, snapshot_file) -> tuple[_Loaded | None, str]:
+    if source == DISK:
+        problems = group.all_gather_object(_verify_share(storage, step, group))
+        problems = [p for share in problems for p in share]
+        if problems:
+            return None, "; ".join(problems)
+        load = lambda: _load_from_disk(step, model, optimizer, storage, group)
+    else:
+        load = lambda: _load_from_snapshot(step, model, optimizer, snapshot_file)
+    loaded: _Loaded | None = None
+    error = None
+    try:
+        loaded = load()
+    except Exception as exc:
+        error = describe_error(exc)
+    # DCP fails on all ranks alike; a snapshot can fail on one rank only: vote either way.
+    errors = [e for e in group.all_gather_object(error) if e is not None]
+    if errors:
+        return None, f"load failed: {errors[0]}"
+    return loaded, ""
+
+
+def _verify_share(storage: CheckpointStorage, step: int, group: RankGroup) -> list[str]:
+    try:
+        manifest = Manifest.from_json(storage.read_manifest(step))
+    except Exception as exc:
+        return [f"manifest: {describe_error(exc)}"] if group.rank == 0 else []
+    problems = []
+    for name in share_of_files(manifest.files, group.rank, group.world_size):
+        problem = check_file(manifest.files[name], lambda: storage.file_entry(step, name, committed=True), name)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _load_from_disk(step, model, optimizer, storage, group) -> _Loaded:
+    manifest = Manifest.from_json(storage.read_manifest(step))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    # DCP reads each rank's slices of every tensor, whatever mesh wrote them: this is the resharding.
+    dcp.load(state, storage_reader=storage.dcp_reader(step), process_group=group.process_group, no_dist=not group.distributed)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return _Loaded(manifest.extra, manifest.rng_by_rank)
+
+
+def _load_from_snapshot(step, model, optimizer, snapshot_file) -> _Loaded:
+    snapshot = SharedSnapshot.open_existing(snapshot_file)
+    if snapshot is None:
+        raise FileNotFoundError(snapshot_file)
+    try:
+        meta = snapshot.read_meta()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        live = {"model": model_state, "optim": optim_state}
+        tensors, _ = flatten_state(live)
+        layout = plan_layout(tensors)
+        if layout.fingerprint != meta["fingerprint"] or snapshot.header().step != step:
+            raise ValueError("snapshot does not match this model and optimizer")
+        for (_, tensor), view in zip(tensors, snapshot.views(layout)):
+            local_part(tensor).copy_(view)
+        others = meta["others"]
+        state = rebuild_state(live, lambda path, leaf: leaf if isinstance(leaf, torch.Tensor) else others[path])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return _Loaded(meta["extra"], {meta["rank"]: meta["rng"]})
+    finally:
+        snapshot.close()

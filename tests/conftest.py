@@ -1,0 +1,121 @@
+"""Shared fixtures: small job files and launched `hyrun` processes that never outlive their test."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_JOB = {
+    "name": "t",
+    "cluster": {
+        "nodes": [
+            {"name": "node-a", "cards": [{"type": "cpu-sim", "count": 2}]},
+            {"name": "node-b", "cards": [{"type": "cpu-sim", "count": 2}]},
+        ]
+    },
+    "model": {"preset": "tiny"},
+    "training": {"steps": 4, "global_batch": 8, "micro_batch": 2, "seq_len": 16, "schedule": {"warmup_steps": 1}},
+    "runtime": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0},
+}
+
+
+def job_dict(**sections) -> dict:
+    job = copy.deepcopy(TINY_JOB)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key].update(value)
+        else:
+            job[key] = value
+    return job
+
+
+@pytest.fixture
+def write_job(tmp_path):
+    def write(job: dict, name: str = "job.yaml") -> Path:
+        job = copy.deepcopy(job)
+        job.setdefault("runtime", {})["run_dir"] = str(tmp_path / "runs")
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(job))
+        return path
+
+    return write
+
+
+class Launched:
+    """A `hyrun` CLI process in its own session; every process it starts is tracked."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hyrun.runtime.cli", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
+        )
+        self.seen: set[int] = {self.proc.pid}
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.seen.update(child.pid for child in children)
+        return children
+
+    def workers(self) -> list[psutil.Process]:
+        found = []
+        for child in self.descendants():
+            try:
+                if "hyrun.runtime.trainer.worker" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def alive_seen(self) -> list[int]:
+        alive = []
+        for pid in self.seen:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill_everything(self) -> None:
+        for pid in self.alive_seen():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def launched(tmp_path):
+    started: list[Launched] = []
+
+    def start(*args: str) -> Launched:
+        process = Launched(list(args), tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill_everything()

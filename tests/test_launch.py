@@ -1,0 +1,94 @@
+"""End to end: `hyrun launch` on an embedded cluster of 2 agents x 2 simulated cards on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from hyrun.runtime.jobfile import parse_job
+from hyrun.runtime.trainer.loop import RankWork, train
+from hyrun.runtime.trainer.reporting import Reporter
+
+from conftest import job_dict
+
+
+def _summary(tmp_path) -> dict:
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    return json.loads(summary.read_text())
+
+
+def _wait_for_workers(launched, count: int, timeout_s: float = 60) -> list:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = launched.workers()
+        if len(workers) == count:
+            return workers
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} workers, found {len(launched.workers())}")
+
+
+def _wait_for_step(tmp_path, timeout_s: float = 60) -> None:
+    """Until every rank has joined its process group (training is under way)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        logs = list((tmp_path / "runs").glob("*/generation-1/*/rank-*.log"))
+        if len(logs) == 4 and all("joined generation" in log.read_text() for log in logs):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the ranks never joined their process group")
+
+
+@pytest.mark.timeout(120)
+def test_data_parallel_loss_equals_single_process(write_job, launched, tmp_path):
+    job = job_dict()
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _, stderr = result.proc.communicate(timeout=110)
+    assert result.proc.returncode == 0, stderr
+    losses = _summary(tmp_path)["losses"]
+    assert sorted(int(step) for step in losses) == [1, 2, 3, 4]
+
+    # The same model on the same global batch, one process, all 4 micro-batches in turn.
+    torch.set_num_threads(1)
+    reference = Reporter(None)
+    train(parse_job(job), RankWork(micro_batches=4), reference)
+    for record in reference.history:
+        assert losses[str(record.step)] == pytest.approx(record.loss, rel=1e-5, abs=1e-6), record.step
+    assert losses["4"] < losses["1"]
+
+
+@pytest.mark.timeout(120)
+def test_sigkilled_worker_fails_the_job_fast_and_leaves_nothing(write_job, launched, tmp_path):
+    job = job_dict(training={"steps": 100_000})
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _wait_for_workers(result, 4)
+    _wait_for_step(tmp_path)
+    victim = next(w for w in result.workers() if '"rank": 3' in w.environ().get("HYRUN_WORKER_SPEC", ""))
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    _, stderr = result.proc.communicate(timeout=30)
+    elapsed_s = time.monotonic() - killed_at
+    assert result.proc.returncode == 1
+    assert "rank 3 on node node-b card 1" in stderr and "SIGKILL" in stderr, stderr
+    assert elapsed_s < 10, f"took {elapsed_s:.1f} s to notice and stop"
+    assert result.alive_seen() == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_stopping_the_launcher_leaves_no_process(write_job, launched, tmp_path, how):
+    job = job_dict(training={"steps": 100_000})
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _wait_for_workers(result, 4)
+    result.proc.send_signal(how)
+    result.proc.communicate(timeout=30)
+    if how is not signal.SIGKILL:
+        assert result.proc.returncode == 130
+    # SIGKILL gives the launcher no chance to clean up: agents and workers must die on their own.
+    deadline = time.monotonic() + 15
+    while result.alive_seen() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result.alive_seen() == []

@@ -1,0 +1,150 @@
+"""The orchestrator's decisions, driven directly with hand-made messages and clocks."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.generation import Generation, GenState, IllegalTransition, RankSlot
+from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
+from hyrun.runtime.coordinator.orchestrator import JobRejected, JobState, Orchestrator, OrchestratorSettings, assign_ranks
+from hyrun.runtime.coordinator.store import MemoryStore
+from hyrun.runtime.jobfile import parse_job
+from hyrun.runtime.metrics import CoordinatorMetrics
+
+from conftest import job_dict
+
+
+def _node(name: str, cards: int, now: float = 0.0, speed: float = 1.0) -> NodeRecord:
+    records = tuple(CardRecord(i, "cpu-sim", 1 << 30, speed, True) for i in range(cards))
+    return NodeRecord(name, "127.0.0.1", records, agent_pid=1, last_heartbeat_s=now)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    membership = Membership(heartbeat_timeout_s=2.0)
+    sent, published = [], []
+    orch = Orchestrator(
+        membership=membership,
+        store=MemoryStore(),
+        metrics=CoordinatorMetrics(),
+        send=lambda node, cmd: sent.append((node, cmd)),
+        publish=published.append,
+        settings=OrchestratorSettings(run_root=str(tmp_path)),
+    )
+    return orch, membership, sent, published
+
+
+def _start(harness):
+    orch, membership, sent, _ = harness
+    spec = parse_job(job_dict())
+    orch.submit(spec, now_s=0.0)
+    assert orch.job.state is JobState.PENDING and not sent  # nodes not there yet
+    for name in ("node-a", "node-b"):
+        node = _node(name, 2)
+        membership.register(node)
+        orch.on_register(node, 0.0)
+    return orch.job.generation
+
+
+def _step(gen: int, rank: int, step: int, loss: float = 2.0) -> pb.StepReport:
+    return pb.StepReport(generation=gen, rank=rank, step=step, loss=loss, tokens=32, step_time_s=0.1)
+
+
+def test_generation_starts_when_every_node_has_registered(harness):
+    gen = _start(harness)
+    _, _, sent, _ = harness
+    assert gen.number == 1 and gen.world_size == 4
+    starts = {node: cmd.start for node, cmd in sent}
+    assert sorted(starts) == ["node-a", "node-b"]
+    assert [r.rank for r in starts["node-b"].ranks] == [2, 3]
+    assert [r.micro_batch_offset for r in starts["node-b"].ranks] == [2, 3]
+    assert starts["node-a"].rendezvous.store_port == starts["node-b"].rendezvous.store_port > 0
+
+
+def test_step_completes_only_when_every_rank_reported_and_loss_is_token_weighted(harness):
+    orch, *_ = harness
+    gen = _start(harness)
+    for rank in range(3):
+        orch.on_step("node-a", _step(gen.number, rank, 1, loss=1.0), 1.0)
+    assert orch.job.step == 0
+    orch.on_step("node-b", _step(gen.number, 3, 1, loss=5.0), 1.0)
+    assert orch.job.step == 1
+    assert orch.job.loss == pytest.approx(2.0)
+    assert gen.state is GenState.RUNNING
+
+
+def test_reports_from_an_older_generation_are_ignored(harness):
+    orch, *_ = harness
+    gen = _start(harness)
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number - 1, rank, 1), 1.0)
+    orch.on_worker_exit("node-a", pb.WorkerExit(generation=gen.number - 1, rank=0, exit_code=-9, reason="killed"), 1.0)
+    assert orch.job.step == 0 and orch.job.state is JobState.RUNNING
+
+
+def test_failed_worker_ends_the_job_naming_node_card_and_reason(harness):
+    orch, _, sent, published = harness
+    gen = _start(harness)
+    sent.clear()
+    orch.on_worker_exit(
+        "node-b", pb.WorkerExit(generation=gen.number, rank=3, card_index=1, exit_code=-9, reason="killed by SIGKILL"), 2.0
+    )
+    assert orch.job.state is JobState.FAILED
+    assert "rank 3 on node node-b card 1 (cpu-sim) killed by SIGKILL" in orch.job.message
+    assert sorted(node for node, cmd in sent if cmd.HasField("stop")) == ["node-a", "node-b"]
+    assert published[-1].state == "FAILED"
+
+
+def test_every_rank_finishing_completes_the_job(harness):
+    orch, *_ = harness
+    gen = _start(harness)
+    for rank in range(4):
+        orch.on_worker_exit("node-a", pb.WorkerExit(generation=gen.number, rank=rank, exit_code=0), 3.0)
+    assert orch.job.state is JobState.COMPLETED and gen.state is GenState.COMPLETED
+
+
+def test_lost_node_fails_the_job(harness):
+    orch, membership, *_ = harness
+    _start(harness)
+    membership.heartbeat("node-a", 2.5)
+    lost = membership.expire(now_s=2.6)
+    assert [n.name for n in lost] == ["node-b"]
+    orch.on_node_lost(lost[0], 2.6)
+    assert orch.job.state is JobState.FAILED and "node node-b lost" in orch.job.message
+
+
+def test_nodes_that_never_come_fail_the_job_after_the_wait(harness):
+    orch, *_ = harness
+    orch.submit(parse_job(job_dict(runtime={"node_wait_timeout_s": 5})), now_s=0.0)
+    orch.tick(4.0)
+    assert orch.job.state is JobState.PENDING
+    orch.tick(6.0)
+    assert orch.job.state is JobState.FAILED and "node-a, node-b" in orch.job.message
+
+
+def test_one_job_at_a_time(harness):
+    orch, *_ = harness
+    _start(harness)
+    with pytest.raises(JobRejected, match="one job at a time"):
+        orch.submit(parse_job(job_dict()), now_s=1.0)
+
+
+def test_uneven_micro_batch_split_covers_the_global_batch():
+    membership = Membership(2.0)
+    membership.register(_node("node-a", 2))
+    membership.register(_node("node-b", 1))
+    spec = parse_job(job_dict(
+        cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 1}]}]},
+        training={"global_batch": 10, "micro_batch": 2},
+    ))  # fmt: skip
+    slots = assign_ranks(spec, membership)
+    assert [s.micro_batches for s in slots] == [2, 2, 1]
+    assert [(s.node, s.card_index) for s in slots] == [("node-a", 0), ("node-a", 1), ("node-b", 0)]
+
+
+def test_illegal_generation_transition_raises():
+    gen = Generation(1, (RankSlot(0, "n", 0, "cpu-sim", 1.0, 1),))
+    gen.transition(GenState.COMPLETED)
+    with pytest.raises(IllegalTransition, match="COMPLETED -> RUNNING"):
+        gen.transition(GenState.RUNNING)
