@@ -20,7 +20,7 @@ from hyrun.runtime.model.moe import MoEFeedForward
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
-CPU_DEFAULTS = dict(tokens=2048, hidden=256, ffn=512, shared_ffn=512, experts=8, top_k=2, iters=8, warmup=2)
+CPU_DEFAULTS = dict(tokens=4096, hidden=384, ffn=768, shared_ffn=768, experts=8, top_k=2, iters=12, warmup=2)
 # Hunyuan-Large's FFN/hidden ratio (18304/6400 ≈ 2.9) at hidden 4096, its 16 experts, top-1.
 CUDA_DEFAULTS = dict(tokens=16384, hidden=4096, ffn=11776, shared_ffn=11776, experts=16, top_k=1,
                      iters=20, warmup=5)
@@ -78,23 +78,28 @@ def layer_flops(args: argparse.Namespace, computed_assignments: int) -> float:
     return 3.0 * forward
 
 
-def time_path(layer: MoEFeedForward, x: torch.Tensor, grad: torch.Tensor, path: str,
-              args: argparse.Namespace) -> Timing:
-    layer.experts.path = path
+def time_paths(layer: MoEFeedForward, x: torch.Tensor, grad: torch.Tensor, paths: tuple[str, ...],
+               args: argparse.Namespace) -> dict[str, Timing]:
+    """Median fwd+bwd time per path. Iterations alternate between the paths so that load from other
+    processes on a shared machine lands on both alike."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times, computed = [], 0
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    computed: dict[str, int] = {}
     for i in range(args.warmup + args.iters):
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        sync()
-        start = time.perf_counter()
-        out, aux_loss, stats = layer(x)
-        out.backward(grad)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-        computed = int(stats.tokens_per_expert.sum())
-    return Timing(path=path, step_times_s=tuple(times), flops_per_step=layer_flops(args, computed))
+        for path in paths:
+            layer.experts.path = path
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            sync()
+            start = time.perf_counter()
+            out, _, stats = layer(x)
+            out.backward(grad)
+            sync()
+            if i >= args.warmup:
+                times[path].append(time.perf_counter() - start)
+            computed[path] = int(stats.tokens_per_expert.sum())
+    return {path: Timing(path=path, step_times_s=tuple(times[path]),
+                         flops_per_step=layer_flops(args, computed[path])) for path in paths}
 
 
 def main() -> None:
@@ -122,8 +127,8 @@ def main() -> None:
         error = (layer(x)[0] - reference).abs().max().item() / reference.abs().max().item()
     print(f"  max relative difference {hyrun_path} vs naive: {error:.2e}")
 
-    naive = time_path(layer, x, grad, "naive", args)
-    ours = time_path(layer, x, grad, hyrun_path, args)
+    timings = time_paths(layer, x, grad, ("naive", hyrun_path), args)
+    naive, ours = timings["naive"], timings[hyrun_path]
     for timing in (naive, ours):
         line = f"  {timing.path:>10}: {timing.median_s * 1e3:9.2f} ms/step  {timing.tflops:8.3f} TFLOP/s"
         if device.type == "cuda":

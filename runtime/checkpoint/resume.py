@@ -36,6 +36,7 @@ class ResumeInfo:
     source: str  # SHARED_MEMORY or DISK
     refused: tuple[str, ...]  # newer states that were skipped, and why
     rng_restored: bool
+    on_disk: bool  # False: only the RAM snapshot holds this step (the checkpointer writes it out)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def load_latest(
             log.info("rank %d: no saved RNG state (saved by %d ranks); RNG left as seeded", group.rank, len(loaded.rng_by_rank))
         if group.rank == 0:
             log.info("resumed from %s", label)
-        return ResumeInfo(step, loaded.extra, source, tuple(refused), rng is not None)
+        on_disk = source == DISK or step in committed
+        return ResumeInfo(step, loaded.extra, source, tuple(refused), rng is not None, on_disk)
     if pristine is not None:
         optimizer.load_state_dict(pristine)
     return None

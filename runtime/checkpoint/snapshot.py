@@ -111,10 +111,9 @@ class SharedSnapshot:
         header = self.header()
         return header.data_nbytes == data_nbytes and meta_nbytes <= header.meta_capacity_bytes
 
-    def begin(self, step: int, meta: dict[str, Any]) -> None:
-        """Marks the snapshot as being overwritten, then stores its description."""
+    def begin(self, step: int, blob: bytes) -> None:
+        """Marks the snapshot as being overwritten, then stores its description (see describe())."""
         struct.pack_into("<I", self._region, _STATE_OFFSET, STAGING)
-        blob = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
         header = self.header()
         if len(blob) > header.meta_capacity_bytes:
             raise ValueError(f"snapshot description of {len(blob)} bytes exceeds {header.meta_capacity_bytes}")
@@ -125,6 +124,10 @@ class SharedSnapshot:
 
     def mark_committed(self) -> None:
         struct.pack_into("<I", self._region, _STATE_OFFSET, COMMITTED)
+
+    @staticmethod
+    def describe(meta: dict[str, Any]) -> bytes:
+        return pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
 
     def read_meta(self) -> dict[str, Any]:
         header = self.header()

@@ -215,7 +215,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         expert_ffn_size=64, shared_ffn_size=128, num_experts=8, top_k=(1, 2, 1, 2),
         cla_share_every=2, max_seq_len=128,
     ),
-    # A CPU demo: about 5.5M parameters.
+    # A CPU demo: about 6.4M parameters.
     "small": dict(
         vocab_size=2048, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
         expert_ffn_size=256, shared_ffn_size=256, num_experts=8, top_k=1,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import Dispatch
+from .routing import Dispatch, count_per_expert
 
 ExpertPath = Literal["auto", "grouped_mm", "loop", "naive"]
 EXPERT_PATHS = ("auto", "grouped_mm", "loop", "naive")
@@ -155,7 +155,7 @@ def _group_by_expert(dispatch: Dispatch, align: int) -> _Layout:
     experts = dispatch.num_experts
     order = dispatch.expert_index.argsort(stable=True)
     sorted_expert = dispatch.expert_index[order]
-    counts = torch.bincount(dispatch.expert_index, minlength=experts + 1)  # last bin: dropped
+    counts = count_per_expert(dispatch.expert_index, experts + 1)  # last bin: dropped
     start = counts.cumsum(0) - counts
     padded = (counts[:experts] + align - 1) // align * align
     padded_end = padded.cumsum(0)

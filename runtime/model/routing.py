@@ -48,6 +48,13 @@ class Dispatch:
     num_experts: int
 
 
+def count_per_expert(expert_index: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0..size-1 occurs. Unlike torch.bincount, a fixed-size scatter: bincount
+    reads the maximum back to the host to size its output, a sync per layer on a GPU."""
+    counts = torch.zeros(size, dtype=torch.long, device=expert_index.device)
+    return counts.scatter_add_(0, expert_index, torch.ones_like(expert_index))
+
+
 def capacity_per_expert(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """ceil(capacity_factor × tokens × k / experts) slots per expert (at least one)."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
@@ -72,7 +79,8 @@ def recycle_route(expert_choice: torch.Tensor, gate_weight: torch.Tensor, num_ex
     weight_flat = gate_weight.t().reshape(-1)
     token_flat = torch.arange(num_tokens, device=device).repeat(top_k)
 
-    one_hot = F.one_hot(expert_flat, num_experts)
+    # A comparison, not F.one_hot: one_hot checks the index range on the host (a GPU sync).
+    one_hot = (expert_flat.unsqueeze(1) == torch.arange(num_experts, device=device)).long()
     rank_in_expert = (one_hot.cumsum(0) * one_hot).sum(1) - 1
     kept = rank_in_expert < capacity
     routed_per_expert = one_hot.sum(0)
@@ -97,7 +105,7 @@ def recycle_route(expert_choice: torch.Tensor, gate_weight: torch.Tensor, num_ex
     new_expert = torch.where(kept, expert_flat, torch.where(placed, target, dropped_marker))
     new_weight = torch.where(new_expert < num_experts, weight_flat, torch.zeros_like(weight_flat))
 
-    tokens_per_expert = torch.bincount(new_expert, minlength=num_experts + 1)[:num_experts]
+    tokens_per_expert = count_per_expert(new_expert, num_experts + 1)[:num_experts]
     overflow_count = overflow.sum()
     recycled_count = placed.sum()
     stats = RouterStats(
@@ -117,7 +125,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_choice: torch.Tensor,
     f_e is the fraction of the router's top-k choices that went to expert e (not differentiable),
     P_e the mean router probability for e. It is 1.0 when routing is perfectly uniform.
     """
-    counts = torch.bincount(expert_choice.reshape(-1), minlength=num_experts).to(router_probs.dtype)
+    counts = count_per_expert(expert_choice.reshape(-1), num_experts).to(router_probs.dtype)
     fraction = counts / expert_choice.numel()
     mean_prob = router_probs.mean(0)
     return num_experts * (fraction * mean_prob).sum()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import Attention, SharedKV
 from .config import ModelConfig
-from .experts import ExpertPath, GroupedExperts
+from .experts import ExpertPath, GroupedExperts, resolve_expert_path
 from .moe import MoEFeedForward
 from .norm import RMSNorm
 from .rope import rope_table
@@ -112,6 +112,12 @@ class MoETransformer(nn.Module):
         """Seed recycle routing for this training step (call before forward; resumes reproduce)."""
         for block in self.blocks:
             block.moe.router.routing_step = step
+
+    def set_expert_path(self, path: ExpertPath) -> None:
+        """Override how routed experts run ("auto" picks grouped_mm on CUDA, the loop elsewhere)."""
+        resolve_expert_path(path, self.embedding.weight.device)  # reject unknown names now
+        for experts in self.experts():
+            experts.path = path
 
     def experts(self) -> list[GroupedExperts]:
         """Each layer's stacked routed experts (shard dim 0 for expert parallelism)."""
