@@ -253,7 +253,7 @@ class NodeState(_message.Message):
     def __init__(self, node: _Optional[str] = ..., alive: _Optional[bool] = ..., cards: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s")
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +264,8 @@ class JobEvent(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     generation: int
@@ -274,7 +276,9 @@ class JobEvent(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
     message: str
     step_time_s: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ...) -> None: ...
+    evictions: _containers.RepeatedScalarFieldContainer[str]
+    steps_lost: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

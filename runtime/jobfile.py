@@ -88,6 +88,7 @@ class OptimizerSection(_Section):
     expert_lr_scaling: Literal["sqrt", "linear", "none"] = Field(
         "sqrt", description="how a routed expert's LR follows its token share"
     )
+    expert_lr_interval_steps: int = Field(10, ge=1, description="recompute expert LRs every N steps")
 
 
 class ScheduleSection(_Section):
@@ -154,6 +155,14 @@ class CheckpointSection(_Section):
     keep_last: int = Field(3, ge=1)
 
 
+class FaultToleranceSection(_Section):
+    enabled: bool = Field(True, description="replace failed cards and continue; false: a failure ends the job")
+    max_generations: int = Field(20, ge=1, description="give up after this many generations")
+    failure_grace_s: float = Field(
+        0.5, ge=0, le=30, description="how long to collect worker exits before deciding which card failed"
+    )
+
+
 class MetricsSection(_Section):
     host: str = Field("127.0.0.1", description="address the coordinator's /metrics listens on")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port (printed at start)")
@@ -185,6 +194,7 @@ class JobSpec(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     parallelism: Literal["auto"] | ParallelismSection = "auto"
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     store: str = Field("memory", description="job state store: 'memory' or 'etcd://HOST:PORT'")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)

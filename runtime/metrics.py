@@ -27,6 +27,12 @@ class CoordinatorMetrics:
         self.stale_reports_total = Counter(
             "hyrun_stale_reports_total", "Reports ignored because they named an older generation", registry=r
         )
+        self.evictions_total = Counter(
+            "hyrun_evictions_total", "Cards evicted, by verdict", ["verdict"], registry=r
+        )
+        self.steps_lost_total = Counter(
+            "hyrun_steps_lost_total", "Steps trained again after resuming from a checkpoint", registry=r
+        )
         self.job_failures_total = Counter("hyrun_job_failures_total", "Jobs ended by a failure", registry=r)
         self._server = None
 

@@ -35,9 +35,9 @@ def harness(tmp_path):
     return orch, membership, sent, published
 
 
-def _start(harness):
+def _start(harness, **sections):
     orch, membership, sent, _ = harness
-    spec = parse_job(job_dict())
+    spec = parse_job(job_dict(**sections))
     orch.submit(spec, now_s=0.0)
     assert orch.job.state is JobState.PENDING and not sent  # nodes not there yet
     for name in ("node-a", "node-b"):
@@ -83,9 +83,9 @@ def test_reports_from_an_older_generation_are_ignored(harness):
     assert orch.job.step == 0 and orch.job.state is JobState.RUNNING
 
 
-def test_failed_worker_ends_the_job_naming_node_card_and_reason(harness):
+def test_without_fault_tolerance_a_failed_worker_ends_the_job_naming_node_card_and_reason(harness):
     orch, _, sent, published = harness
-    gen = _start(harness)
+    gen = _start(harness, fault_tolerance={"enabled": False})
     sent.clear()
     orch.on_worker_exit(
         "node-b", pb.WorkerExit(generation=gen.number, rank=3, card_index=1, exit_code=-9, reason="killed by SIGKILL"), 2.0
@@ -104,14 +104,71 @@ def test_every_rank_finishing_completes_the_job(harness):
     assert orch.job.state is JobState.COMPLETED and gen.state is GenState.COMPLETED
 
 
-def test_lost_node_fails_the_job(harness):
+def test_without_fault_tolerance_a_lost_node_fails_the_job(harness):
     orch, membership, *_ = harness
-    _start(harness)
+    _start(harness, fault_tolerance={"enabled": False})
     membership.heartbeat("node-a", 2.5)
     lost = membership.expire(now_s=2.6)
     assert [n.name for n in lost] == ["node-b"]
     orch.on_node_lost(lost[0], 2.6)
     assert orch.job.state is JobState.FAILED and "node node-b lost" in orch.job.message
+
+
+def _exit(gen: int, rank: int, code: int, reason: str) -> pb.WorkerExit:
+    return pb.WorkerExit(generation=gen, rank=rank, card_index=rank % 2, exit_code=code, reason=reason)
+
+
+def test_killed_worker_is_evicted_not_its_peers_and_the_job_continues_without_it(harness):
+    orch, _, sent, _ = harness
+    gen = _start(harness)
+    sent.clear()
+    orch.on_worker_exit("node-b", _exit(gen.number, 3, -9, "killed by SIGKILL"), 1.0)
+    orch.on_worker_exit("node-a", _exit(gen.number, 0, 1, "exited with code 1: RuntimeError: Connection closed by peer"), 1.1)
+    orch.tick(1.2)
+    assert orch.job.generation is gen  # still collecting exits during the grace period
+    orch.tick(1.6)
+    new = orch.job.generation
+    assert new.number == 2 and gen.state is GenState.FAILED
+    assert [(s.node, s.card_index) for s in new.ranks] == [("node-a", 0), ("node-a", 1), ("node-b", 0)]
+    assert sum(s.micro_batches for s in new.ranks) == 4  # the whole global batch, on fewer cards
+    assert [str(card) for card in orch.job.evicted] == ["node-b/card1"]
+    assert "killed by SIGKILL" in orch.event().evictions[0]
+    kinds = [(node, cmd.WhichOneof("body")) for node, cmd in sent]
+    assert kinds == [("node-a", "stop"), ("node-b", "stop"), ("node-a", "start"), ("node-b", "start")]
+
+
+def test_steps_trained_again_after_a_resume_are_counted(harness):
+    orch, *_ = harness
+    gen = _start(harness)
+    for step in (1, 2, 3):
+        for rank in range(4):
+            orch.on_step("node-a", _step(gen.number, rank, step), 1.0)
+    orch.on_worker_exit("node-b", _exit(gen.number, 3, -9, "killed by SIGKILL"), 2.0)
+    orch.tick(3.0)
+    new = orch.job.generation
+    for rank in range(3):  # resumed from a checkpoint at step 1: steps 2 and 3 run again
+        orch.on_step("node-a", _step(new.number, rank, 2), 4.0)
+    assert orch.job.step == 2 and orch.job.steps_lost == 2
+
+
+def test_lost_node_is_evicted_whole_and_the_job_continues(harness):
+    orch, membership, *_ = harness
+    _start(harness)
+    membership.heartbeat("node-a", 2.5)
+    (lost,) = membership.expire(now_s=2.6)
+    orch.on_node_lost(lost, 2.6)
+    gen = orch.job.generation
+    assert gen.number == 2 and {s.node for s in gen.ranks} == {"node-a"}
+    assert sorted(str(c) for c in orch.job.evicted) == ["node-b/card0", "node-b/card1"]
+
+
+def test_the_job_fails_when_no_card_is_left(harness):
+    orch, membership, *_ = harness
+    gen = _start(harness, cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2}]}]})
+    for rank in range(4):
+        orch.on_worker_exit("node-a", _exit(gen.number, rank, -9, "killed by SIGKILL"), 1.0)
+    orch.tick(2.0)
+    assert orch.job.state is JobState.FAILED and "no usable card is left" in orch.job.message
 
 
 def test_nodes_that_never_come_fail_the_job_after_the_wait(harness):

@@ -19,10 +19,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from .commit import describe_error
 from .group import RankGroup
 from .layout import flatten_state, fingerprint_of, local_part, plan_layout, rebuild_state
-from .manifest import Manifest, check_file, share_of_files
+from .manifest import Manifest
 from .rng import restore_rng_state
 from .snapshot import COMMITTED, SharedSnapshot
 from .storage import CheckpointStorage, step_name
+from .verify import find_damage
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def load_latest(
 
 def _try_load(step, source, model, optimizer, storage, group, snapshot_file) -> tuple[_Loaded | None, str]:
     if source == DISK:
-        problems = group.all_gather_object(_verify_share(storage, step, group))
+        problems = group.all_gather_object(find_damage(storage, step, rank=group.rank, world_size=group.world_size))
         problems = [p for share in problems for p in share]
         if problems:
             return None, "; ".join(problems)
@@ -145,19 +146,6 @@ def _try_load(step, source, model, optimizer, storage, group, snapshot_file) -> 
     if errors:
         return None, f"load failed: {errors[0]}"
     return loaded, ""
-
-
-def _verify_share(storage: CheckpointStorage, step: int, group: RankGroup) -> list[str]:
-    try:
-        manifest = Manifest.from_json(storage.read_manifest(step))
-    except Exception as exc:
-        return [f"manifest: {describe_error(exc)}"] if group.rank == 0 else []
-    problems = []
-    for name in share_of_files(manifest.files, group.rank, group.world_size):
-        problem = check_file(manifest.files[name], lambda: storage.file_entry(step, name, committed=True), name)
-        if problem is not None:
-            problems.append(problem)
-    return problems
 
 
 def _load_from_disk(step, model, optimizer, storage, group) -> _Loaded:

@@ -46,6 +46,9 @@ class CheckpointStorage(Protocol):
     def file_entry(self, step: int, name: str, *, committed: bool) -> FileEntry:
         """Size and SHA-256 of one file, staged or committed; FileNotFoundError if it is missing."""
 
+    def file_size_bytes(self, step: int, name: str) -> int:
+        """Size of one file of committed checkpoint `step`; FileNotFoundError if it is missing."""
+
     def write_manifest(self, step: int, data: bytes) -> None:
         """Durably writes the manifest into the staging area of `step`."""
 
@@ -116,6 +119,9 @@ class LocalDirectoryStorage:
     def file_entry(self, step: int, name: str, *, committed: bool) -> FileEntry:
         folder = self.committed_path(step) if committed else self.staging_path(step)
         return hash_file(folder / name)
+
+    def file_size_bytes(self, step: int, name: str) -> int:
+        return (self.committed_path(step) / name).stat().st_size
 
     def write_manifest(self, step: int, data: bytes) -> None:
         staging = self.staging_path(step)

@@ -49,6 +49,8 @@ class Generation:
     # rank -> last step reported; rank -> exit code
     steps_by_rank: dict[int, int] = field(default_factory=dict)
     exited_ok: set[int] = field(default_factory=set)
+    failures: list = field(default_factory=list)  # RankFailure, in the order they arrived
+    failing_since: float | None = None  # first failure seen; the verdict waits a short grace
 
     @property
     def world_size(self) -> int:

@@ -3,8 +3,10 @@ starts the generation, folds the workers' step reports into job progress, and en
 every rank finishes or one fails. Called only from the coordinator's event loop (no locks); time is
 passed in; commands leave through `send` and progress through `publish`, so tests drive it directly.
 
-Until fault tolerance lands, a failed worker or lost node ends the job with an error that names the
-node, the card and the reason.
+When a worker fails or a node is lost, the policy (policy.py) names the bad cards; they are
+evicted (quarantined for the rest of the job), the generation ends, and the next one starts on the
+cards that remain, resuming from the newest checkpoint. With fault tolerance off, the first failure
+ends the job with an error naming the node, the card and the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.generation import Generation, GenState, RankSlot
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
+from hyrun.runtime.coordinator.policy import CardRef, RankFailure, Verdict, blame_exits, lost_node_verdicts
 from hyrun.runtime.coordinator.store import Store
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -70,16 +73,29 @@ class JobRecord:
     step_time_s: float = 0.0
     message: str = ""
     tallies: dict[int, StepTally] = field(default_factory=dict)
+    evicted: dict[CardRef, str] = field(default_factory=dict)  # quarantined for the rest of the job
+    steps_lost: int = 0
+    step_at_failure: int | None = None  # job.step when the last generation failed
 
     @property
     def ended(self) -> bool:
         return self.state in (JobState.COMPLETED, JobState.FAILED)
 
 
-def assign_ranks(spec: JobSpec, membership: Membership) -> tuple[RankSlot, ...]:
-    """Plain data parallelism: one rank per card, nodes in job-file order, micro-batches split as
-    evenly as whole numbers allow (the first ranks take the remainder)."""
-    cards = [(name, card) for name in (n.name for n in spec.cluster.nodes) for card in membership.nodes[name].cards]
+def assign_ranks(
+    spec: JobSpec, membership: Membership, excluded: frozenset[CardRef] | set[CardRef] = frozenset()
+) -> tuple[RankSlot, ...]:
+    """Plain data parallelism: one rank per usable card (live node, not evicted), nodes in job-file
+    order, micro-batches split as evenly as whole numbers allow (the first ranks take the rest)."""
+    cards = [
+        (name, card)
+        for name in (n.name for n in spec.cluster.nodes)
+        if name in membership.nodes and membership.nodes[name].alive
+        for card in membership.nodes[name].cards
+        if CardRef(name, card.index) not in excluded
+    ]
+    if not cards:
+        return ()
     total = spec.training.micro_batches_per_step
     base, extra = divmod(total, len(cards))
     return tuple(
@@ -168,20 +184,43 @@ class Orchestrator:
                 self._finish_job(now_s)
             return
         self.metrics.worker_exits_total.labels(outcome="failed").inc()
-        self._fail_job(describe_exit(slot, exit_msg))
+        if not self.job.spec.fault_tolerance.enabled:
+            self._fail_job(describe_exit(slot, exit_msg))
+            return
+        reason = exit_msg.reason + (f" (log: {exit_msg.log_path})" if exit_msg.log_path else "")
+        gen.failures.append(RankFailure(slot.rank, CardRef(slot.node, slot.card_index), exit_msg.exit_code, reason, now_s))
+        # Decide after a short grace: the peers of a dead rank fail too, and we want the culprit.
+        gen.failing_since = gen.failing_since if gen.failing_since is not None else now_s
 
     def on_node_lost(self, node: NodeRecord, now_s: float) -> None:
         self._update_membership_metrics()
-        log.warning("node %s lost: no heartbeat for %.1f s", node.name, now_s - node.last_heartbeat_s)
+        silent_s = now_s - node.last_heartbeat_s
+        log.warning("node %s lost: no heartbeat for %.1f s", node.name, silent_s)
         gen = self.job.generation if self.job else None
-        if gen is not None and not gen.ended and node.name in gen.nodes:
-            self._fail_job(f"node {node.name} lost: no heartbeat for {now_s - node.last_heartbeat_s:.1f} s")
-        elif self.job is not None:
-            self._publish()
+        if gen is None or gen.ended or node.name not in gen.nodes:
+            if self.job is not None:
+                self._publish()
+            return
+        if not self.job.spec.fault_tolerance.enabled:
+            self._fail_job(f"node {node.name} lost: no heartbeat for {silent_s:.1f} s")
+            return
+        self._recover(lost_node_verdicts(node.name, [c.index for c in node.cards], silent_s), now_s)
 
     def tick(self, now_s: float) -> None:
         job = self.job
-        if job is None or job.state is not JobState.PENDING:
+        if job is None:
+            return
+        gen = job.generation
+        if (
+            job.state is JobState.RUNNING
+            and gen is not None
+            and not gen.ended
+            and gen.failing_since is not None
+            and now_s - gen.failing_since >= job.spec.fault_tolerance.failure_grace_s
+        ):
+            self._recover(blame_exits(gen.failures), now_s)
+            return
+        if job.state is not JobState.PENDING:
             return
         waited_s = now_s - job.submitted_s
         if waited_s > job.spec.runtime.node_wait_timeout_s:
@@ -189,6 +228,27 @@ class Orchestrator:
             self._fail_job(f"nodes {', '.join(missing)} did not register within {waited_s:.0f} s")
 
     # ------------------------------------------------------------------ mechanism
+
+    def _recover(self, verdicts: list[Verdict], now_s: float) -> None:
+        """Evicts the cards the verdicts name, ends the generation, starts the next without them."""
+        job = self.job
+        for verdict in verdicts:
+            job.evicted[verdict.card] = verdict.reason
+            self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
+            log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
+        reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts)
+        self._end_generation(GenState.FAILED, reason)
+        job.step_at_failure = job.step
+        if job.generations_started >= job.spec.fault_tolerance.max_generations:
+            self._fail_job(f"{reason}; gave up after {job.generations_started} generations")
+            return
+        slots = assign_ranks(job.spec, self.membership, set(job.evicted))
+        if not slots:
+            self._fail_job(f"{reason}; no usable card is left")
+            return
+        job.tallies.clear()
+        self._start_generation(job, slots)
+        self._publish()
 
     def _current_generation(self, number: int) -> Generation | None:
         """The running generation if `number` names it; reports from older ones are fenced off."""
@@ -253,7 +313,13 @@ class Orchestrator:
 
     def _complete_step(self, step: int, tally: StepTally) -> None:
         job = self.job
-        job.step = max(job.step, step)
+        if job.step_at_failure is not None:
+            # First step of a resumed generation: everything past its checkpoint is trained again.
+            lost = max(0, job.step_at_failure - (step - 1))
+            job.steps_lost += lost
+            self.metrics.steps_lost_total.inc(lost)
+            job.step_at_failure = None
+        job.step = step
         job.loss = tally.loss_times_tokens / max(tally.tokens, 1)
         job.step_time_s = tally.max_step_time_s
         job.tokens_per_s = tally.tokens / tally.max_step_time_s if tally.max_step_time_s > 0 else 0.0
@@ -341,6 +407,8 @@ class Orchestrator:
             step_time_s=job.step_time_s,
             nodes=self.node_states(),
             message=job.message,
+            evictions=[f"{card}: {reason}" for card, reason in job.evicted.items()],
+            steps_lost=job.steps_lost,
         )
 
     def _publish(self) -> None:

@@ -56,4 +56,9 @@ def open_store(url: str) -> Store:
     """`memory` or `etcd://HOST:PORT` (the job file's `store`)."""
     if url == "memory":
         return MemoryStore()
-    raise ValueError(f"store {url!r}: only 'memory' is available in this build")
+    if url.startswith("etcd://"):
+        # Imported here: only a coordinator configured for etcd needs the etcd client installed.
+        from hyrun.runtime.coordinator.etcd_store import EtcdStore
+
+        return EtcdStore.from_url(url)
+    raise ValueError(f"store {url!r}: must be 'memory' or 'etcd://HOST:PORT'")

@@ -133,9 +133,9 @@ class MoETransformer(nn.Module):
             for kind, names in block.attention.projection_names().items():
                 plan.update({f"blocks.{i}.attention.{n}": kind for n in names})
             if block.moe.shared_expert is not None:
-                shared = block.moe.shared_expert
-                plan.update({f"blocks.{i}.moe.shared_expert.{n}": "colwise" for n in shared.COLWISE_PROJECTIONS})
-                plan.update({f"blocks.{i}.moe.shared_expert.{n}": "rowwise" for n in shared.ROWWISE_PROJECTIONS})
+                prefix, shared = f"blocks.{i}.moe.shared_expert", block.moe.shared_expert
+                plan.update({f"{prefix}.{n}": "colwise" for n in shared.COLWISE_PROJECTIONS})
+                plan.update({f"{prefix}.{n}": "rowwise" for n in shared.ROWWISE_PROJECTIONS})
         return plan
 
     def pipeline_split_points(self) -> list[int]:

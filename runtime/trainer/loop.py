@@ -19,7 +19,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hyrun.runtime.jobfile import JobSpec
-from hyrun.runtime.model import ModelConfig, MoETransformer, lm_loss
+from hyrun.runtime.model import (
+    ExpertAdamW,
+    ExpertLRConfig,
+    ExpertLRController,
+    ModelConfig,
+    MoETransformer,
+    build_param_groups,
+    lm_loss,
+)
 from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.trainer.data import SyntheticTokens
 from hyrun.runtime.trainer.reporting import Reporter, StepRecord
@@ -85,11 +93,21 @@ def build_model(job: JobSpec) -> tuple[ModelConfig, MoETransformer]:
     return config, MoETransformer(config)
 
 
-def build_optimizer(model: torch.nn.Module, job: JobSpec) -> torch.optim.Optimizer:
+def expert_lr_config(job: JobSpec) -> ExpertLRConfig:
     opt = job.training.optimizer
-    return torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay, foreach=False
-    )
+    return ExpertLRConfig(rule=opt.expert_lr_scaling, update_interval_steps=opt.expert_lr_interval_steps)
+
+
+def build_optimizer(model: MoETransformer, job: JobSpec) -> ExpertAdamW:
+    """AdamW with one param group per layer's routed experts, each expert at its own LR."""
+    opt = job.training.optimizer
+    groups = build_param_groups(model, base_lr=opt.lr, weight_decay=opt.weight_decay, expert_lr=expert_lr_config(job))
+    return ExpertAdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+
+
+def _all_reduce_sum(counts: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(counts)
+    return counts
 
 
 def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
@@ -103,6 +121,8 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
     else:
         wrapped = model
     optimizer = build_optimizer(model, job)
+    # Token counts are summed over ranks first, or replicas would pick different expert LRs.
+    expert_lrs = ExpertLRController(optimizer, expert_lr_config(job), _all_reduce_sum if distributed else None)
     training = job.training
     data = SyntheticTokens(config.vocab_size, training.seq_len, training.seed)
     schedule = training.lr_schedule()
@@ -115,6 +135,7 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        model.set_routing_step(step)  # recycle routing draws the same way on every rank and on resume
         stats.reset()
         ce_sum, compute_s = 0.0, 0.0
         for i in range(work.micro_batches):
@@ -126,6 +147,7 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
                 forward_started = time.perf_counter()
                 output = wrapped(tokens[:, :-1])
                 loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=config.aux_loss_coeff)
+                expert_lrs.observe(output.router_stats)
                 forward_s = time.perf_counter() - forward_started
                 compute_s += forward_s / _FORWARD_SHARE_OF_STEP
                 throttle(forward_s / _FORWARD_SHARE_OF_STEP, work.speed)
@@ -138,6 +160,7 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
         if training.optimizer.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), training.optimizer.grad_clip)
         optimizer.step()
+        expert_lrs.maybe_update(step)
         reporter.report(
             StepRecord(
                 generation=work.generation,

@@ -1,0 +1,128 @@
+"""Exact integer splits the search relies on: micro-batches over replicas, experts over expert-parallel
+ranks, and layers over pipeline stages. Each is a small pure function with a proof sketch, so the
+search can be heuristic only where it must be (which cards go where), never in these inner splits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def allocate_units(total: int, per_unit_s, fixed_s=0.0, *, minimum: int = 1) -> np.ndarray:
+    """Split `total` identical units (micro-batches, experts) over workers so the latest finish time
+    `fixed_s + units * per_unit_s` is as early as possible, each worker getting at least `minimum`.
+
+    Exact: the optimum takes, besides the forced units, the smallest of all workers' next finish times
+    (the values b + a*m form increasing sequences, so the best maximum is the total-th smallest of
+    their union). We start from the continuous solution's floor, add or remove units to hit `total`,
+    then swap any selected unit that finishes later than an unselected one. Ties go to lower indices.
+    """
+    a = np.asarray(per_unit_s, dtype=np.float64)
+    b = np.broadcast_to(np.asarray(fixed_s, dtype=np.float64), a.shape)
+    n = a.size
+    if n == 0 or total < minimum * n:
+        raise ValueError(f"cannot give {n} workers at least {minimum} of {total} units each")
+    inverse = 1.0 / a
+    threshold = (total + float((b * inverse).sum())) / float(inverse.sum())
+    units = np.maximum(np.floor((threshold - b) * inverse), minimum).astype(np.int64)
+    short = total - int(units.sum())
+    if short > 0:
+        order = np.argsort(b + a * (units + 1), kind="stable")
+        units[order[:min(short, n)]] += 1
+    elif short < 0:
+        removable = np.where(units > minimum, b + a * units, -np.inf)
+        order = np.argsort(-removable, kind="stable")
+        units[order[:min(-short, n)]] -= 1
+    # Fix-ups: rarely more than a handful of iterations, each O(n).
+    while (short := total - int(units.sum())) != 0:
+        if short > 0:
+            units[int(np.argmin(b + a * (units + 1)))] += 1
+        else:
+            units[int(np.argmax(np.where(units > minimum, b + a * units, -np.inf)))] -= 1
+    while True:
+        selected = np.where(units > minimum, b + a * units, -np.inf)
+        giver, taker = int(np.argmax(selected)), int(np.argmin(b + a * (units + 1)))
+        if giver == taker or not selected[giver] > (b[taker] + a[taker] * (units[taker] + 1)) * (1 + 1e-12):
+            return units
+        units[giver] -= 1
+        units[taker] += 1
+
+
+def place_experts(num_experts: int, position_speeds: Sequence[float]) -> np.ndarray:
+    """Experts per expert-parallel position, in proportion to each position's speed (at least one
+    each): minimizes the slowest position's expert time, so the all-to-all's combine does not wait on
+    a slow card holding as many experts as a fast one."""
+    speeds = np.asarray(position_speeds, dtype=np.float64)
+    return allocate_units(num_experts, 1.0 / speeds, minimum=1)
+
+
+def contiguous_owners(counts: Sequence[int]) -> tuple[int, ...]:
+    """[2, 1, 3] → (0, 0, 1, 2, 2, 2): experts numbered in order, each position owning a run."""
+    return tuple(owner for owner, count in enumerate(counts) for _ in range(int(count)))
+
+
+def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, stage_fixed_memory_bytes,
+                 stage_capacity_bytes) -> tuple[int, ...] | None:
+    """Contiguous layers per stage minimizing max over stages of (cost of its layers + extra) / speed,
+    with every stage within its memory. None when no split fits.
+
+    `layer_cost` (L,), `stage_*` (pp,), `layer_memory_bytes` (pp, L): what layer l costs in memory if
+    stage s holds it (stages keep different numbers of micro-batches in flight). Exact up to the
+    bisection tolerance: for a target time T, filling each stage greedily as far as time and memory
+    allow is feasible iff any split is (both limits grow with the layers taken).
+    """
+    cost = [0.0] + list(itertools.accumulate(float(c) for c in layer_cost))
+    num_layers, pp = len(cost) - 1, len(stage_speed)
+    if pp > num_layers:
+        return None
+    memory = np.concatenate([np.zeros((pp, 1)), np.cumsum(layer_memory_bytes, axis=1)], axis=1).tolist()
+    speed = [float(x) for x in stage_speed]
+    extra = [float(x) for x in stage_extra_cost]
+    room = [float(c) - float(f) for c, f in zip(stage_capacity_bytes, stage_fixed_memory_bytes)]
+
+    def walk(target: float) -> list[int] | None:
+        bounds, start = [0], 0
+        for s in range(pp):
+            last = num_layers - (pp - 1 - s)
+            by_time = bisect.bisect_right(cost, cost[start] + target * speed[s] - extra[s]) - 1
+            by_memory = bisect.bisect_right(memory[s], memory[s][start] + room[s]) - 1
+            end = num_layers if s == pp - 1 else min(by_time, by_memory, last)
+            if end < start + 1 or end > min(by_time, by_memory):
+                return None
+            bounds.append(end)
+            start = end
+        return bounds
+
+    if walk(np.inf) is None:
+        return None
+    high = max((cost[-1] + e) / v for e, v in zip(extra, speed))
+    while walk(high) is None:  # memory forced a lopsided split that the bound did not cover
+        high *= 2
+    low = 0.0
+    for _ in range(60):
+        if high - low <= 1e-12 * high:
+            break
+        middle = (low + high) / 2
+        if walk(middle) is None:
+            low = middle
+        else:
+            high = middle
+    bounds = walk(high)
+    return tuple(bounds[s + 1] - bounds[s] for s in range(pp))
+
+
+def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every way to write `total` as `parts` positive ints in order (the oracle's layer splits)."""
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        edges = (0, *cuts, total)
+        yield tuple(edges[i + 1] - edges[i] for i in range(parts))
+
+
+def even_split(total: int, parts: int) -> tuple[int, ...]:
+    """As even as possible, the remainder to the first parts (what a homogeneous framework does)."""
+    base, extra = divmod(total, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))

@@ -1,0 +1,38 @@
+"""Verdicts from evidence, without processes."""
+
+from __future__ import annotations
+
+from hyrun.runtime.coordinator.policy import CardRef, RankFailure, VerdictKind, blame_exits, lost_node_verdicts
+
+
+def _failure(rank: int, code: int, reason: str, at: float) -> RankFailure:
+    return RankFailure(rank, CardRef("n", rank), code, reason, at)
+
+
+def test_signal_death_is_blamed_and_peer_errors_are_not():
+    verdicts = blame_exits([
+        _failure(0, 1, "exited with code 1: RuntimeError: [gloo] Connection closed by peer", 1.0),
+        _failure(2, -9, "killed by SIGKILL", 1.1),
+        _failure(1, 1, "exited with code 1: DistBackendError: Broken pipe", 1.2),
+    ])  # fmt: skip
+    assert [(v.kind, v.card.index) for v in verdicts] == [(VerdictKind.EVICT, 2)]
+    assert "killed by SIGKILL" in verdicts[0].reason
+
+
+def test_a_rank_that_crashed_on_its_own_is_blamed():
+    verdicts = blame_exits([_failure(1, 1, "exited with code 1: error: RuntimeError: CUDA error: an illegal memory access", 1.0)])
+    assert [v.card.index for v in verdicts] == [1]
+
+
+def test_when_every_exit_looks_like_a_victim_the_first_to_go_is_blamed():
+    verdicts = blame_exits([
+        _failure(3, 1, "Connection reset by peer", 2.0),
+        _failure(1, 1, "Connection reset by peer", 1.5),
+    ])  # fmt: skip
+    assert [v.card.index for v in verdicts] == [1]
+
+
+def test_lost_node_evicts_each_of_its_cards_with_the_evidence():
+    verdicts = lost_node_verdicts("node-b", [0, 1], 5.25)
+    assert [str(v.card) for v in verdicts] == ["node-b/card0", "node-b/card1"]
+    assert all("no heartbeat for 5.2 s" in v.reason for v in verdicts)
