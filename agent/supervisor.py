@@ -121,7 +121,11 @@ class Supervisor:
             for line in pipe:
                 try:
                     fields = json.loads(line)
-                    self.send(pb.AgentMessage(step=pb.StepReport(**fields)))
+                    kind = fields.pop("kind", "step")
+                    if kind == "progress":
+                        self.send(pb.AgentMessage(progress=pb.RankProgress(**fields)))
+                    else:
+                        self.send(pb.AgentMessage(step=pb.StepReport(**fields)))
                 except (ValueError, TypeError) as error:
                     log.warning("rank %d wrote a bad report line (%s): %r", worker.rank, error, line[:200])
         code = worker.process.wait()

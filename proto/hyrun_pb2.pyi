@@ -128,19 +128,33 @@ class WorkerStarted(_message.Message):
     pid: int
     def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
+class RankProgress(_message.Message):
+    __slots__ = ("generation", "rank", "step", "phase")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    rank: int
+    step: int
+    phase: str
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "step", "worker_exit", "worker_started")
+    __slots__ = ("register", "heartbeat", "step", "worker_exit", "worker_started", "progress")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_EXIT_FIELD_NUMBER: _ClassVar[int]
     WORKER_STARTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     step: StepReport
     worker_exit: WorkerExit
     worker_started: WorkerStarted
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., worker_exit: _Optional[_Union[WorkerExit, _Mapping]] = ..., worker_started: _Optional[_Union[WorkerStarted, _Mapping]] = ...) -> None: ...
+    progress: RankProgress
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., worker_exit: _Optional[_Union[WorkerExit, _Mapping]] = ..., worker_started: _Optional[_Union[WorkerStarted, _Mapping]] = ..., progress: _Optional[_Union[RankProgress, _Mapping]] = ...) -> None: ...
 
 class Rendezvous(_message.Message):
     __slots__ = ("store_host", "store_port", "key_prefix", "world_size", "backend")

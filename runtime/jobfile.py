@@ -161,6 +161,25 @@ class FaultToleranceSection(_Section):
     failure_grace_s: float = Field(
         0.5, ge=0, le=30, description="how long to collect worker exits before deciding which card failed"
     )
+    hang_timeout_s: float = Field(
+        60.0, gt=0, description="no rank progress for this long is a hang; must exceed the slowest step"
+    )
+
+
+class FaultSpec(_Section):
+    """A fault to inject (tests, benchmarks, `hyrun chaos`): keyed by card and step, so it fires
+    on the same card at the same point whatever rank that card holds in a generation."""
+
+    kind: Literal["kill", "hang", "nan_grad", "slow"] = Field(
+        ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
+        "gradients; slow: run the card at `speed` from then on"
+    )
+    node: str
+    card: int = Field(0, ge=0)
+    at_step: int = Field(..., ge=1, description="the step at whose start the fault fires")
+    repeat_steps: int = Field(1, ge=1, description="nan_grad: on this many consecutive steps")
+    speed: float = Field(0.3, gt=0, le=1, description="slow: the card's new speed")
+    generation: int = Field(1, ge=1, description="fire only in this generation")
 
 
 class MetricsSection(_Section):
@@ -195,6 +214,7 @@ class JobSpec(_Section):
     parallelism: Literal["auto"] | ParallelismSection = "auto"
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
+    faults: list[FaultSpec] = Field(default_factory=list, description="faults to inject (testing)")
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     store: str = Field("memory", description="job state store: 'memory' or 'etcd://HOST:PORT'")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)

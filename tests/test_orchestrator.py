@@ -205,3 +205,18 @@ def test_illegal_generation_transition_raises():
     gen.transition(GenState.COMPLETED)
     with pytest.raises(IllegalTransition, match="COMPLETED -> RUNNING"):
         gen.transition(GenState.RUNNING)
+
+
+def test_a_hung_rank_is_found_and_evicted_after_the_timeout(harness):
+    orch, *_ = harness
+    gen = _start(harness, fault_tolerance={"hang_timeout_s": 5.0})
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
+    for rank in (0, 1, 3):
+        orch.on_progress("node-a", pb.RankProgress(generation=gen.number, rank=rank, step=2, phase="reduce"), 2.0)
+    orch.tick(6.5)
+    assert orch.job.generation is gen  # 4.5 s of silence: not yet
+    orch.tick(7.5)
+    assert [str(c) for c in orch.job.evicted] == ["node-b/card0"]
+    assert "rank 2 hung" in orch.event().evictions[0]
+    assert orch.job.generation.number == 2

@@ -51,6 +51,8 @@ class Generation:
     exited_ok: set[int] = field(default_factory=set)
     failures: list = field(default_factory=list)  # RankFailure, in the order they arrived
     failing_since: float | None = None  # first failure seen; the verdict waits a short grace
+    reduce_entered: dict[int, int] = field(default_factory=dict)  # rank -> step whose reduce it entered
+    last_progress_s: float = 0.0  # any rank's last step or progress report
 
     @property
     def world_size(self) -> int:

@@ -22,7 +22,16 @@ from typing import Callable
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.generation import Generation, GenState, RankSlot
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
-from hyrun.runtime.coordinator.policy import CardRef, RankFailure, Verdict, blame_exits, lost_node_verdicts
+from hyrun.runtime.coordinator.policy import (
+    CardRef,
+    RankFailure,
+    Verdict,
+    VerdictKind,
+    blame_exits,
+    describe_hang,
+    hung_ranks,
+    lost_node_verdicts,
+)
 from hyrun.runtime.coordinator.store import Store
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -160,8 +169,10 @@ class Orchestrator:
             return
         job = self.job
         gen.steps_by_rank[report.rank] = report.step
+        gen.last_progress_s = now_s
         self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
         if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
+            # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             gen.transition(GenState.RUNNING)
         tally = job.tallies.setdefault(report.step, StepTally())
         tally.loss_times_tokens += report.loss * report.tokens
@@ -170,6 +181,14 @@ class Orchestrator:
         tally.ranks.add(report.rank)
         if len(tally.ranks) == gen.world_size:
             self._complete_step(report.step, job.tallies.pop(report.step))
+
+    def on_progress(self, node: str, progress: pb.RankProgress, now_s: float) -> None:
+        gen = self._current_generation(progress.generation)
+        if gen is None:
+            self.metrics.stale_reports_total.inc()
+            return
+        gen.reduce_entered[progress.rank] = progress.step
+        gen.last_progress_s = now_s
 
     def on_worker_exit(self, node: str, exit_msg: pb.WorkerExit, now_s: float) -> None:
         gen = self._current_generation(exit_msg.generation)
@@ -220,6 +239,9 @@ class Orchestrator:
         ):
             self._recover(blame_exits(gen.failures), now_s)
             return
+        if job.state is JobState.RUNNING and gen is not None and gen.state is GenState.RUNNING:
+            self._check_hang(gen, now_s)
+            return
         if job.state is not JobState.PENDING:
             return
         waited_s = now_s - job.submitted_s
@@ -229,6 +251,23 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ mechanism
 
+    def _check_hang(self, gen: Generation, now_s: float) -> None:
+        silent_s = now_s - gen.last_progress_s
+        if silent_s <= self.job.spec.fault_tolerance.hang_timeout_s:
+            return
+        ranks = hung_ranks(gen.steps_by_rank, gen.reduce_entered, gen.world_size, silent_s)
+        if ranks is None:
+            # Nobody to single out: restart the generation on the same cards.
+            log.warning("generation %d stuck for %.1f s with every rank at the same point", gen.number, silent_s)
+            self._recover([], now_s)
+            return
+        verdicts = []
+        for rank in ranks:
+            slot = gen.slot(rank)
+            reason = describe_hang(rank, gen.steps_by_rank.get(rank, 0), silent_s)
+            verdicts.append(Verdict(VerdictKind.EVICT, CardRef(slot.node, slot.card_index), reason))
+        self._recover(verdicts, now_s)
+
     def _recover(self, verdicts: list[Verdict], now_s: float) -> None:
         """Evicts the cards the verdicts name, ends the generation, starts the next without them."""
         job = self.job
@@ -236,7 +275,7 @@ class Orchestrator:
             job.evicted[verdict.card] = verdict.reason
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
-        reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts)
+        reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts) or "generation stuck; restarting it"
         self._end_generation(GenState.FAILED, reason)
         job.step_at_failure = job.step
         if job.generations_started >= job.spec.fault_tolerance.max_generations:

@@ -67,3 +67,27 @@ def blame_exits(failures: list[RankFailure]) -> list[Verdict]:
 def lost_node_verdicts(node: str, card_indices: list[int], silent_s: float) -> list[Verdict]:
     reason = f"node {node} lost: no heartbeat for {silent_s:.1f} s"
     return [Verdict(VerdictKind.EVICT, CardRef(node, index), reason) for index in card_indices]
+
+
+def hung_ranks(
+    steps_done: dict[int, int], reduce_entered: dict[int, int], world_size: int, silent_s: float
+) -> list[int] | None:
+    """Which ranks a hung step waits for: those furthest behind, by (last step completed, whether
+    they entered the all-reduce of the next one). None when every rank is equally far (nobody to
+    single out: the whole generation is stuck)."""
+    def progress(rank: int) -> tuple[int, int]:
+        done = steps_done.get(rank, 0)
+        return done, int(reduce_entered.get(rank, 0) > done)
+
+    keys = {rank: progress(rank) for rank in range(world_size)}
+    slowest = min(keys.values())
+    if all(key == slowest for key in keys.values()):
+        return None
+    return sorted(rank for rank, key in keys.items() if key == slowest)
+
+
+def describe_hang(rank: int, steps_done: int, silent_s: float) -> str:
+    return (
+        f"rank {rank} hung: no progress for {silent_s:.1f} s; it completed step {steps_done} and never "
+        f"entered the all-reduce of step {steps_done + 1}, which its peers wait in"
+    )

@@ -151,6 +151,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         elif kind == "step":
             self.membership.heartbeat(name, now)
             self.orchestrator.on_step(name, message.step, now)
+        elif kind == "progress":
+            self.orchestrator.on_progress(name, message.progress, now)
         elif kind == "worker_exit":
             self.orchestrator.on_worker_exit(name, message.worker_exit, now)
         elif kind == "worker_started":

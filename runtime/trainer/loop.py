@@ -30,6 +30,7 @@ from hyrun.runtime.model import (
 )
 from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.trainer.data import SyntheticTokens
+from hyrun.runtime.trainer.faults import FaultInjector
 from hyrun.runtime.trainer.reporting import Reporter, StepRecord
 
 # Backward costs about twice the forward, so a card at speed s is simulated by stretching each
@@ -47,20 +48,28 @@ class RankWork:
     micro_batches: int = 1
     micro_batch_offset: int = 0
     speed: float = 1.0
+    node: str = "local"
+    card_index: int = 0
 
 
 class LocalGradStats:
     """Norm and non-finite count of this rank's gradients *before* they are reduced — what locates
-    'one card, one step' numeric faults. Collected in a DDP comm hook, bucket by bucket."""
+    'one card, one step' numeric faults. DDP hands them over bucket by bucket in a comm hook, which
+    is also the moment this rank enters the all-reduce: it says so, so a hang can be located."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_enter_reduce=lambda: None) -> None:
+        self.on_enter_reduce = on_enter_reduce
+        self.corrupt = False  # fault injection: poison the local gradients before they are reduced
         self.reset()
 
     def reset(self) -> None:
         self.sum_of_squares = 0.0
         self.nonfinite = 0
+        self.buckets = 0
 
     def add(self, grad: torch.Tensor) -> None:
+        if self.corrupt:
+            grad.view(-1)[0] = float("nan")
         finite = torch.isfinite(grad)
         self.nonfinite += int((~finite).sum())
         self.sum_of_squares += float(grad[finite].double().pow(2).sum())
@@ -73,9 +82,17 @@ class LocalGradStats:
 def _stats_then_allreduce(stats, bucket):
     # Unannotated on purpose: DDP compares the annotations to real classes, and this module's
     # `from __future__ import annotations` would turn them into strings.
+    if stats.buckets == 0:
+        stats.on_enter_reduce()
+    stats.buckets += 1
     stats.add(bucket.buffer())
     buffer = bucket.buffer().div_(dist.get_world_size())
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def grads_are_finite(model: torch.nn.Module) -> bool:
+    """Whether the (reduced) gradients are all finite: identical on every rank after the reduce."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 def throttle(compute_s: float, speed: float) -> float:
@@ -113,7 +130,9 @@ def _all_reduce_sum(counts: torch.Tensor) -> torch.Tensor:
 def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
     """Trains every step of the job on this rank's micro-batches; returns the (unwrapped) model."""
     config, model = build_model(job)
-    stats = LocalGradStats()
+    faults = FaultInjector(job.faults, node=work.node, card=work.card_index, generation=work.generation)
+    current_step = 0
+    stats = LocalGradStats(lambda: reporter.entered_reduce(work.generation, work.rank, current_step))
     distributed = work.world_size > 1
     if distributed:
         wrapped = DistributedDataParallel(model, broadcast_buffers=False)
@@ -130,6 +149,10 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
     tokens_per_micro_batch = training.micro_batch * training.seq_len
 
     for step in range(1, training.steps + 1):
+        current_step = step
+        faults.at_step_start(step)
+        speed = faults.speed(step, work.speed)
+        stats.corrupt = faults.corrupts_gradients(step)
         started = time.perf_counter()
         lr = lr_at(step - 1, schedule)
         for group in optimizer.param_groups:
@@ -150,16 +173,20 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
                 expert_lrs.observe(output.router_stats)
                 forward_s = time.perf_counter() - forward_started
                 compute_s += forward_s / _FORWARD_SHARE_OF_STEP
-                throttle(forward_s / _FORWARD_SHARE_OF_STEP, work.speed)
+                throttle(forward_s / _FORWARD_SHARE_OF_STEP, speed)
                 (loss * loss_scale).backward()
             ce_sum += float(ce.detach())
         if not distributed:
+            stats.on_enter_reduce()
             for p in model.parameters():
                 if p.grad is not None:
                     stats.add(p.grad)
-        if training.optimizer.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), training.optimizer.grad_clip)
-        optimizer.step()
+        # One rank's NaN reaches every rank through the reduce: all skip the same step together.
+        skipped = not grads_are_finite(model)
+        if not skipped:
+            if training.optimizer.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), training.optimizer.grad_clip)
+            optimizer.step()
         expert_lrs.maybe_update(step)
         reporter.report(
             StepRecord(

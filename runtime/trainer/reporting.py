@@ -27,10 +27,17 @@ class Reporter:
         self._pipe = os.fdopen(fd, "w", buffering=1) if fd is not None else None
         self.history: list[StepRecord] = []
 
+    def _write(self, kind: str, fields: dict) -> None:
+        if self._pipe is not None:
+            self._pipe.write(json.dumps({"kind": kind, **fields}) + "\n")
+
     def report(self, record: StepRecord) -> None:
         self.history.append(record)
-        if self._pipe is not None:
-            self._pipe.write(json.dumps(asdict(record)) + "\n")
+        self._write("step", asdict(record))
+
+    def entered_reduce(self, generation: int, rank: int, step: int) -> None:
+        """This rank finished its compute for `step` and waits in the gradient all-reduce."""
+        self._write("progress", {"generation": generation, "rank": rank, "step": step, "phase": "reduce"})
 
     def close(self) -> None:
         if self._pipe is not None:

@@ -102,6 +102,8 @@ def main() -> int:
             micro_batches=spec.micro_batches,
             micro_batch_offset=spec.micro_batch_offset,
             speed=spec.speed,
+            node=spec.node,
+            card_index=spec.card_index,
         )
         train(job, work, reporter)
         logging.info("finished %d steps", job.training.steps)
