@@ -164,6 +164,7 @@ class Supervisor:
             worker.stopping = True
             log.info("stopping rank %d (pid %d): %s", worker.rank, worker.process.pid, reason)
             worker.process.terminate()
+            worker.process.send_signal(signal.SIGCONT)  # a stopped (hung) worker handles SIGTERM only once resumed
         for worker in live:
             try:
                 worker.process.wait(timeout=STOP_GRACE_S)

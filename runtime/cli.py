@@ -89,8 +89,9 @@ def _print_summary(outcome) -> None:
     tps = sorted(outcome.tokens_per_s)
     lines = [
         f"job {outcome.job_id}: {outcome.state.lower()} in {outcome.wall_time_s:.1f} s",
-        f"  steps {len(losses)}, generations {outcome.generations}",
+        f"  steps {len(losses)}, generations {outcome.generations}, steps trained again {outcome.steps_lost}",
     ]
+    lines += [f"  evicted {eviction}" for eviction in outcome.evictions]
     if losses:
         lines.append(f"  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if tps:

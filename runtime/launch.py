@@ -45,6 +45,8 @@ class JobOutcome:
     losses: dict[int, float] = field(default_factory=dict)
     tokens_per_s: list[float] = field(default_factory=list)
     generations: int = 0
+    evictions: list[str] = field(default_factory=list)
+    steps_lost: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -187,6 +189,8 @@ def run_job(
             outcome.losses[event.step] = event.loss
             outcome.tokens_per_s.append(event.tokens_per_s)
         outcome.generations = max(outcome.generations, event.generation)
+        outcome.evictions = list(event.evictions)
+        outcome.steps_lost = event.steps_lost
         on_event(event)
 
     try:
@@ -218,6 +222,8 @@ def run_job(
                     "message": outcome.message,
                     "wall_time_s": outcome.wall_time_s,
                     "generations": outcome.generations,
+                    "evictions": outcome.evictions,
+                    "steps_lost": outcome.steps_lost,
                     "losses": {str(k): v for k, v in sorted(outcome.losses.items())},
                 },
                 indent=2,

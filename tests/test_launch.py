@@ -61,8 +61,8 @@ def test_data_parallel_loss_equals_single_process(write_job, launched, tmp_path)
 
 
 @pytest.mark.timeout(120)
-def test_sigkilled_worker_fails_the_job_fast_and_leaves_nothing(write_job, launched, tmp_path):
-    job = job_dict(training={"steps": 100_000})
+def test_without_fault_tolerance_a_sigkilled_worker_fails_the_job_fast_and_leaves_nothing(write_job, launched, tmp_path):
+    job = job_dict(training={"steps": 100_000}, fault_tolerance={"enabled": False})
     result = launched("launch", str(write_job(job)), "--no-progress")
     _wait_for_workers(result, 4)
     _wait_for_step(tmp_path)

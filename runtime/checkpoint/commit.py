@@ -27,6 +27,9 @@ from .storage import CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
 
+# What a failed save or load raises: DCP's CheckpointException derives from BaseException, not Exception.
+IO_FAILURES = (Exception, CheckpointException)
+
 # A single-process job saves with no_dist=True on purpose; DCP warns about it on every save.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -85,7 +88,7 @@ def persist(request: SaveRequest, storage: CheckpointStorage, group: RankGroup, 
             process_group=group.process_group,
             no_dist=not group.distributed,
         )
-    except Exception as exc:  # disk full, permission, I/O error on any rank
+    except IO_FAILURES as exc:  # disk full, permission, I/O error on any rank
         _discard(storage, group)
         return outcome(f"write failed: {describe_error(exc)}")
 
@@ -162,5 +165,5 @@ def _attempt(action: Any) -> str | None:
     try:
         action()
         return None
-    except Exception as exc:
+    except IO_FAILURES as exc:
         return describe_error(exc)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from .commit import describe_error
+from .commit import IO_FAILURES, describe_error
 from .group import RankGroup
 from .layout import flatten_state, fingerprint_of, local_part, plan_layout, rebuild_state
 from .manifest import Manifest
@@ -139,7 +139,7 @@ def _try_load(step, source, model, optimizer, storage, group, snapshot_file) -> 
     error = None
     try:
         loaded = load()
-    except Exception as exc:
+    except IO_FAILURES as exc:
         error = describe_error(exc)
     # DCP fails on all ranks alike; a snapshot can fail on one rank only: vote either way.
     errors = [e for e in group.all_gather_object(error) if e is not None]

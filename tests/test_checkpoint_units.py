@@ -1,0 +1,290 @@
+"""Checkpointing in one process (world size 1): manifest, storage, schedule, damage, failures, CLI.
+The multi-process behaviour (bitwise resume, resharding, SIGKILL mid-save) is in
+test_checkpoint_distributed.py."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hyrun.runtime.checkpoint import (
+    Checkpointer,
+    CheckpointSettings,
+    LocalDirectoryStorage,
+    Manifest,
+    remove_snapshots,
+)
+from hyrun.runtime.checkpoint.cli import app
+from hyrun.runtime.checkpoint.manifest import FileEntry, ManifestError
+from hyrun.runtime.checkpoint.snapshot import SharedSnapshot, snapshot_path
+
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture
+def job():
+    job_id = f"unit-{uuid.uuid4().hex[:10]}"
+    yield job_id
+    remove_snapshots(SHM, job_id)
+
+
+def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def train(model, optimizer, ckpt, steps, now_s=float) -> list[int]:
+    """The worker's loop in miniature; returns the steps at which a save started."""
+    saved = []
+    for step in steps:
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(step))
+        model(x).pow(2).mean().backward()
+        ckpt.fence()
+        optimizer.step()
+        optimizer.zero_grad()
+        if ckpt.due(step, now_s(step)):
+            ckpt.save_async(step, model, optimizer, extra={"data_position": step + 1})
+            saved.append(step)
+    ckpt.wait()
+    return saved
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def checkpointer(directory: Path, job: str, storage=None, **settings) -> Checkpointer:
+    return Checkpointer(CheckpointSettings(directory=directory, **settings), rank=0, world_size=1, job_id=job, storage=storage)
+
+
+class FullDisk(LocalDirectoryStorage):
+    """Storage whose writes fail with ENOSPC while `full` is set, as a full disk does."""
+
+    full = False
+
+    def dcp_writer(self, step):
+        writer = super().dcp_writer(step)
+        storage = self
+
+        class Writer(type(writer)):
+            def write_data(self, plan, planner):
+                if storage.full:
+                    (storage.staging_path(step) / "__0_0.distcp").write_bytes(b"part of a file")
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().write_data(plan, planner)
+
+        return Writer(self.staging_path(step))
+
+
+# ---- pure pieces ----------------------------------------------------------------------------------
+
+
+def test_settings_reject_values_that_cannot_work():
+    with pytest.raises(ValueError, match="keep_last must be >= 1, got 0"):
+        CheckpointSettings(directory=Path("x"), keep_last=0)
+    with pytest.raises(ValueError, match="interval_s"):
+        CheckpointSettings(directory=Path("x"), interval_s=-1)
+
+
+def test_manifest_round_trips_and_rejects_garbage():
+    manifest = Manifest(7, "job", 2, {"dp": 2}, {"data_position": 8}, {0: {"a": 1}, 1: {"a": 2}}, {"f": FileEntry(3, "ab")})
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    with pytest.raises(ManifestError, match="unreadable"):
+        Manifest.from_json(b'{"format": "hyrun-checkpoint/1"')
+    with pytest.raises(ManifestError, match="format"):
+        Manifest.from_json(b'{"format": "other"}')
+
+
+def test_only_committed_checkpoints_are_listed_and_leftovers_are_swept(tmp_path):
+    storage = LocalDirectoryStorage(tmp_path)
+    storage.prepare(1)
+    storage.write_manifest(1, b"{}")
+    storage.commit(1)
+    storage.prepare(2)  # a save killed before its commit
+    (tmp_path / "step-000000003.trash").mkdir()  # a delete killed half way
+    (tmp_path / "step-000000004").mkdir()  # no manifest: never published by us
+    assert storage.committed_steps() == [1]
+    assert storage.sweep() == ["step-000000002.tmp", "step-000000003.trash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001", "step-000000004"]
+
+
+# ---- schedule -------------------------------------------------------------------------------------
+
+
+def test_due_by_steps(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=3)
+    assert train(model, optimizer, ckpt, range(1, 8)) == [3, 6]
+    ckpt.close()
+
+
+def test_due_by_time_and_by_request(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_s=10.0)
+    clock = {1: 0.0, 2: 5.0, 3: 10.0, 4: 11.0, 5: 12.0, 6: 19.0, 7: 20.5}
+    assert train(model, optimizer, ckpt, range(1, 5), now_s=clock.get) == [3]
+    ckpt.request_now()  # the coordinator's "checkpoint now"
+    assert train(model, optimizer, ckpt, range(5, 8), now_s=clock.get) == [5]
+    assert ckpt.status().last_committed_step == 5
+    ckpt.close()
+
+
+def test_a_timed_save_waits_for_a_busy_writer_instead_of_stalling(tmp_path, job):
+    release = threading.Event()
+
+    class SlowDisk(LocalDirectoryStorage):
+        def commit(self, step):
+            release.wait(30)
+            super().commit(step)
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=SlowDisk(tmp_path), interval_s=1.0)
+    ckpt.request_now()
+    assert ckpt.due(1, 0.0)
+    ckpt.save_async(1, model, optimizer)
+    assert not ckpt.due(2, 5.0), "writer busy: not due yet"
+    release.set()
+    ckpt.wait()
+    assert ckpt.due(3, 5.0), "free again, and the interval has passed"
+    ckpt.close()
+
+
+def test_extra_must_be_json(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=1)
+    with pytest.raises(TypeError, match="JSON"):
+        ckpt.save_async(1, model, optimizer, extra={"counts": torch.ones(2)})
+    ckpt.close()
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+
+
+def test_fresh_start_leaves_the_optimizer_untouched(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    assert ckpt.load_latest(model, optimizer) is None
+    assert not optimizer.state, "a fresh AdamW must start at step 0, not with an initialized state"
+    ckpt.close()
+
+
+def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_loads(tmp_path, job, caplog):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    at_step_2 = params(model)
+    train(model, optimizer, ckpt, range(3, 5))
+    ckpt.close()
+    assert LocalDirectoryStorage(tmp_path).committed_steps() == [2, 4]
+
+    damaged = tmp_path / "step-000000004" / "__0_0.distcp"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte
+    damaged.write_bytes(bytes(data))
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    with caplog.at_level(logging.WARNING):
+        info = ckpt.load_latest(model, optimizer)
+    ckpt.close()
+    assert (info.step, info.source, info.extra) == (2, "disk", {"data_position": 3})
+    assert len(info.refused) == 1 and "step-000000004" in info.refused[0] and "__0_0.distcp: sha256" in info.refused[0]
+    assert "refused checkpoint step-000000004" in caplog.text
+    for key, value in params(model).items():
+        assert torch.equal(value, at_step_2[key]), key
+
+    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "step-000000002: ok" in result.output and "step-000000004: DAMAGED __0_0.distcp: sha256" in result.output
+
+
+def test_a_full_disk_is_reported_and_training_goes_on(tmp_path, job):
+    storage = FullDisk(tmp_path)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=storage, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    storage.full = True
+    train(model, optimizer, ckpt, range(3, 5))
+    status = ckpt.status()
+    assert (status.last_committed_step, status.saves_committed, status.saves_failed) == (2, 1, 1)
+    assert "step-000000004: write failed" in status.last_error and "No space left on device" in status.last_error
+    assert storage.committed_steps() == [2]
+    assert not (tmp_path / "step-000000004.tmp").exists(), "the partial save was removed"
+    storage.full = False  # the operator frees space: the next save works again
+    train(model, optimizer, ckpt, range(5, 7))
+    status = ckpt.status()
+    assert (status.last_committed_step, status.saves_failed, status.last_error) == (6, 1, None)
+    ckpt.close()
+
+
+def test_an_unwritable_directory_is_reported(tmp_path, job):
+    (tmp_path / "a-file").write_text("not a directory")
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path / "a-file" / "ckpt", job, interval_steps=1)
+    train(model, optimizer, ckpt, range(1, 3))
+    status = ckpt.status()
+    assert status.saves_failed == 2 and status.last_committed_step is None
+    assert "Not a directory" in status.last_error
+    ckpt.close()
+
+
+def test_the_ram_snapshot_is_newer_than_disk_and_is_loaded_unless_half_written(tmp_path, job):
+    """A save that staged but did not reach disk is still in /dev/shm: a restart loads it. A snapshot
+    whose worker died during the copy (header still STAGING) is never loaded."""
+    storage = FullDisk(tmp_path)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=storage, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    storage.full = True
+    train(model, optimizer, ckpt, range(3, 5))
+    at_step_4 = params(model)
+    ckpt.close()
+    assert snapshot_path(SHM, job, 0).exists(), "kept: it holds the only copy of step 4"
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=LocalDirectoryStorage(tmp_path))
+    info = ckpt.load_latest(model, optimizer)
+    assert (info.step, info.source, info.on_disk) == (4, "shared_memory", False)
+    assert all(torch.equal(v, at_step_4[k]) for k, v in params(model).items())
+    ckpt.wait()  # it is written out at once
+    assert ckpt.status().last_committed_step == 4
+    ckpt.close()
+    assert not snapshot_path(SHM, job, 0).exists(), "durable now, so the RAM was freed"
+
+    # A snapshot caught mid-copy.
+    storage.full = True
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=storage, interval_steps=2)
+    ckpt.load_latest(model, optimizer)
+    train(model, optimizer, ckpt, range(5, 7))
+    ckpt.close()
+    snapshot = SharedSnapshot.open_existing(snapshot_path(SHM, job, 0))
+    snapshot.begin(6, snapshot.describe(snapshot.read_meta()))  # what a worker killed mid-copy leaves
+    snapshot.close()
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    info = ckpt.load_latest(model, optimizer)
+    ckpt.close()
+    assert (info.step, info.source) == (4, "disk")
+
+
+def test_cli_lists_committed_checkpoints(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=1, keep_last=2)
+    train(model, optimizer, ckpt, range(1, 4))
+    ckpt.close()
+    result = CliRunner().invoke(app, ["ls", str(tmp_path)])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["step-000000002", "step-000000003"], "keep_last=2"
+    assert all(line.rstrip().endswith("sizes ok") for line in lines[1:])
+    assert CliRunner().invoke(app, ["verify", str(tmp_path / "step-000000003")]).exit_code == 0
+    assert CliRunner().invoke(app, ["ls", str(tmp_path / "missing")]).exit_code == 2

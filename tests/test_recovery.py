@@ -1,0 +1,44 @@
+"""Self-healing end to end: a card that dies or hangs is named, evicted, and the job finishes all
+its steps on the remaining cards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import job_dict
+
+
+def _run(write_job, launched, tmp_path, job: dict) -> dict:
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _, stderr = result.proc.communicate(timeout=150)
+    assert result.proc.returncode == 0, stderr
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    assert result.alive_seen() == []
+    return json.loads(summary.read_text())
+
+
+@pytest.mark.timeout(180)
+def test_killed_worker_is_evicted_and_the_job_finishes_on_three_cards(write_job, launched, tmp_path):
+    job = job_dict(
+        training={"steps": 6},
+        faults=[{"kind": "kill", "node": "node-b", "card": 1, "at_step": 3}],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    assert summary["generations"] == 2
+    assert len(summary["evictions"]) == 1 and summary["evictions"][0].startswith("node-b/card1: rank 3 killed by SIGKILL")
+    assert sorted(map(int, summary["losses"])) == list(range(1, 7))
+
+
+@pytest.mark.timeout(180)
+def test_hung_worker_is_located_and_evicted(write_job, launched, tmp_path):
+    job = job_dict(
+        training={"steps": 6},
+        fault_tolerance={"hang_timeout_s": 3.0},
+        faults=[{"kind": "hang", "node": "node-a", "card": 1, "at_step": 3}],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    assert summary["generations"] == 2
+    assert [e.split(":")[0] for e in summary["evictions"]] == ["node-a/card1"]
+    assert "hung" in summary["evictions"][0]
