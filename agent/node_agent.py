@@ -8,6 +8,7 @@ coordinator restart must not kill a training job. After that it stops its worker
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -21,7 +22,7 @@ import grpc
 
 from hyrun.agent.cards import LocalCard
 from hyrun.agent.supervisor import Supervisor
-from hyrun.agent.telemetry import CardTelemetrySource, sample_host
+from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.security import TlsFiles, call_metadata, open_channel
@@ -50,7 +51,7 @@ class NodeAgent:
         self.settings = settings
         self.telemetry = telemetry
         self.outbox: queue.Queue[pb.AgentMessage] = queue.Queue()
-        self.supervisor = Supervisor(settings.node, self.outbox.put)
+        self.supervisor = Supervisor(settings.node, self.outbox.put, self._observe_step)
         self.heartbeat_interval_s = settings.heartbeat_interval_s
         self._stop = threading.Event()
         self._sequence = 0
@@ -96,6 +97,18 @@ class NodeAgent:
             )
         )
 
+    def _observe_step(self, card: int, step: int) -> None:
+        if isinstance(self.telemetry, SimulatedCards):
+            self.telemetry.observe_step(card, step, time.monotonic())
+
+    def _script_simulated_faults(self, start: pb.StartGeneration) -> None:
+        """Simulated cards play the job's scripted hardware faults for this node and generation."""
+        if isinstance(self.telemetry, SimulatedCards):
+            faults = json.loads(start.job_json).get("faults", [])
+            self.telemetry.script(
+                [f for f in faults if f["node"] == self.settings.node and f.get("generation", 1) == start.generation]
+            )
+
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):
             self.outbox.put(self._heartbeat())
@@ -119,6 +132,7 @@ class NodeAgent:
             log.info("connected to coordinator %s (version %s)", self.settings.coordinator, command.welcome.coordinator_version)
         elif kind == "start":
             log.info("starting generation %d: ranks %s", command.start.generation, [r.rank for r in command.start.ranks])
+            self._script_simulated_faults(command.start)
             self.supervisor.start_generation(command.start)
         elif kind == "stop":
             self.supervisor.stop_generation(command.stop.generation, command.stop.reason)

@@ -59,9 +59,15 @@ def last_error_line(log_path: Path, max_bytes: int = 4096) -> str:
 
 
 class Supervisor:
-    def __init__(self, node: str, send: Callable[[pb.AgentMessage], None]) -> None:
+    def __init__(
+        self,
+        node: str,
+        send: Callable[[pb.AgentMessage], None],
+        on_step: Callable[[int, int], None] = lambda card, step: None,
+    ) -> None:
         self.node = node
         self.send = send
+        self.on_step = on_step  # (card index, step): lets simulated telemetry follow training
         self.workers: dict[int, WorkerProcess] = {}  # rank -> process, current generation only
         self._lock = threading.Lock()
 
@@ -126,6 +132,7 @@ class Supervisor:
                         self.send(pb.AgentMessage(progress=pb.RankProgress(**fields)))
                     else:
                         self.send(pb.AgentMessage(step=pb.StepReport(**fields)))
+                        self.on_step(worker.card_index, fields["step"])
                 except (ValueError, TypeError) as error:
                     log.warning("rank %d wrote a bad report line (%s): %r", worker.rank, error, line[:200])
         code = worker.process.wait()

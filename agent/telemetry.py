@@ -3,6 +3,7 @@ them on its heartbeat timer, never on a worker's critical path."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,18 +35,57 @@ class CardTelemetrySource(Protocol):
     def sample(self) -> list[CardSample]: ...
 
 
+TELEMETRY_FAULTS = ("temperature_ramp", "xid", "ecc")
+
+
 @dataclass
 class SimulatedCards:
-    """Simulated cards: a steady, healthy temperature unless a test scripts otherwise."""
+    """Simulated cards: a steady, healthy temperature, unless the job scripts a fault (the job
+    file's `faults` with kind temperature_ramp, xid or ecc), which starts when the card's worker
+    reaches the fault's step."""
 
     indices: list[int]
-    temperature_c: dict[int, float] = field(default_factory=dict)
+    base_temperature_c: float = 45.0
+    slowdown_temperature_c: float = 90.0
+    faults: list[dict] = field(default_factory=list)
+    _started_s: dict[int, float] = field(default_factory=dict)  # fault number -> when it fired
+    _reported: set[int] = field(default_factory=set)            # one-shot faults already sent
 
-    def sample(self) -> list[CardSample]:
-        return [
-            CardSample(index=i, temperature_c=self.temperature_c.get(i, 45.0), slowdown_temperature_c=90.0)
-            for i in self.indices
-        ]
+    def script(self, faults: list[dict]) -> None:
+        self.faults = [f for f in faults if f.get("kind") in TELEMETRY_FAULTS]
+        self._started_s.clear()
+        self._reported.clear()
+
+    def observe_step(self, card: int, step: int, now_s: float) -> None:
+        for number, fault in enumerate(self.faults):
+            if fault.get("card", 0) == card and step >= fault["at_step"] and number not in self._started_s:
+                self._started_s[number] = now_s
+
+    def sample(self, now_s: float | None = None) -> list[CardSample]:
+        now_s = time.monotonic() if now_s is None else now_s
+        samples = []
+        for index in self.indices:
+            temperature, xids, ecc = self.base_temperature_c, [], 0
+            for number, fault in enumerate(self.faults):
+                if fault.get("card", 0) != index or number not in self._started_s:
+                    continue
+                if fault["kind"] == "temperature_ramp":
+                    temperature += fault.get("c_per_s", 2.0) * (now_s - self._started_s[number])
+                elif fault["kind"] == "ecc":
+                    ecc += 1  # a cumulative counter, like NVML's
+                elif number not in self._reported:  # an XID is an event: reported once
+                    self._reported.add(number)
+                    xids.append(int(fault.get("xid", 79)))
+            samples.append(
+                CardSample(
+                    index=index,
+                    temperature_c=temperature,
+                    slowdown_temperature_c=self.slowdown_temperature_c,
+                    ecc_uncorrected=ecc,
+                    xid_events=tuple(xids),
+                )
+            )
+        return samples
 
 
 def sample_host() -> HostSample:

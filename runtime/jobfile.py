@@ -166,19 +166,45 @@ class FaultToleranceSection(_Section):
     )
 
 
+class HealthSection(_Section):
+    """Thresholds of the health policy."""
+
+    temperature_margin_c: float = Field(5.0, ge=0, description="drain within this many °C of slowdown")
+    temperature_horizon_s: float = Field(120.0, gt=0, description="drain if the trend crosses it this soon")
+    overflow_strikes: int = Field(3, ge=1, description="lonely non-finite gradients before a drain")
+    overflow_window_steps: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _window_holds_strikes(self) -> HealthSection:
+        if self.overflow_strikes > self.overflow_window_steps:
+            raise ValueError(
+                f"overflow_strikes ({self.overflow_strikes}) cannot exceed overflow_window_steps "
+                f"({self.overflow_window_steps})"
+            )
+        return self
+
+    def settings(self):
+        from hyrun.runtime.coordinator.policy import HealthSettings
+
+        return HealthSettings(**self.model_dump())
+
+
 class FaultSpec(_Section):
     """A fault to inject (tests, benchmarks, `hyrun chaos`): keyed by card and step, so it fires
     on the same card at the same point whatever rank that card holds in a generation."""
 
-    kind: Literal["kill", "hang", "nan_grad", "slow"] = Field(
+    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc"] = Field(
         ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
-        "gradients; slow: run the card at `speed` from then on"
+        "gradients; slow: run the card at `speed` from then on; temperature_ramp: its simulated "
+        "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error"
     )
     node: str
     card: int = Field(0, ge=0)
     at_step: int = Field(..., ge=1, description="the step at whose start the fault fires")
     repeat_steps: int = Field(1, ge=1, description="nan_grad: on this many consecutive steps")
     speed: float = Field(0.3, gt=0, le=1, description="slow: the card's new speed")
+    c_per_s: float = Field(2.0, gt=0, description="temperature_ramp: degrees per second")
+    xid: int = Field(79, ge=1, description="xid: the XID code reported")
     generation: int = Field(1, ge=1, description="fire only in this generation")
 
 
@@ -214,6 +240,7 @@ class JobSpec(_Section):
     parallelism: Literal["auto"] | ParallelismSection = "auto"
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
+    health: HealthSection = Field(default_factory=HealthSection)
     faults: list[FaultSpec] = Field(default_factory=list, description="faults to inject (testing)")
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     store: str = Field("memory", description="job state store: 'memory' or 'etcd://HOST:PORT'")

@@ -26,6 +26,8 @@ from hyrun.runtime.checkpoint.manifest import FileEntry, ManifestError
 from hyrun.runtime.checkpoint.snapshot import SharedSnapshot, snapshot_path
 
 SHM = Path("/dev/shm")
+# One process saves and loads with no_dist=True on purpose; DCP warns about it every time.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 @pytest.fixture

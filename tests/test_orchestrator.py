@@ -220,3 +220,37 @@ def test_a_hung_rank_is_found_and_evicted_after_the_timeout(harness):
     assert [str(c) for c in orch.job.evicted] == ["node-b/card0"]
     assert "rank 2 hung" in orch.event().evictions[0]
     assert orch.job.generation.number == 2
+
+
+def _heartbeat(**card0) -> pb.Heartbeat:
+    return pb.Heartbeat(cards=[pb.CardTelemetry(index=0, slowdown_temperature_c=90.0, **card0)])
+
+
+def test_a_fatal_xid_evicts_that_card(harness):
+    orch, *_ = harness
+    _start(harness)
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0), 1.0)
+    assert orch.job.generation.number == 1
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0, xid_events=[79]), 2.0)
+    assert [str(c) for c in orch.job.evicted] == ["node-b/card0"] and "XID 79" in orch.event().evictions[0]
+
+
+def test_a_card_heating_towards_its_threshold_is_drained(harness):
+    orch, *_ = harness
+    _start(harness, health={"temperature_horizon_s": 30})
+    for t in range(8):
+        orch.on_heartbeat("node-a", _heartbeat(temperature_c=60.0 + 2.0 * t), float(t))
+    assert [str(c) for c in orch.job.evicted] == ["node-a/card0"]
+    assert "rising" in orch.event().evictions[0]
+
+
+def test_nan_on_one_rank_repeatedly_drains_it(harness):
+    orch, *_ = harness
+    gen = _start(harness, health={"overflow_strikes": 2, "overflow_window_steps": 5})
+    for step in (1, 2):
+        for rank in range(4):
+            report = _step(gen.number, rank, step)
+            report.nonfinite_grads = 3 if rank == 1 else 0
+            orch.on_step("node-a", report, float(step))
+    assert [str(c) for c in orch.job.evicted] == ["node-a/card1"]
+    assert "suspected silent data corruption" in orch.event().evictions[0]

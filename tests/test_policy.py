@@ -56,3 +56,41 @@ def test_hang_with_everyone_at_the_same_point_singles_out_nobody():
     from hyrun.runtime.coordinator.policy import hung_ranks
 
     assert hung_ranks({0: 7, 1: 7}, {0: 8, 1: 8}, 2, silent_s=10) is None
+
+
+def test_hot_card_near_its_threshold_is_drained():
+    from hyrun.runtime.coordinator.policy import HealthSettings, temperature_verdict
+
+    verdict = temperature_verdict(CardRef("n", 0), [(0.0, 86.0)], 90.0, HealthSettings())
+    assert verdict.kind is VerdictKind.DRAIN and "within 5 °C" in verdict.reason
+
+
+def test_rising_temperature_is_drained_before_it_crosses():
+    from hyrun.runtime.coordinator.policy import HealthSettings, temperature_verdict
+
+    ramp = [(float(t), 60.0 + 0.2 * t) for t in range(0, 50, 5)]  # 12 °C/min, at 69 °C now
+    verdict = temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSettings(temperature_horizon_s=120))
+    assert verdict is not None and "rising 12.0 °C/min" in verdict.reason
+    assert temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSettings(temperature_horizon_s=30)) is None
+    steady = [(float(t), 70.0) for t in range(0, 50, 5)]
+    assert temperature_verdict(CardRef("n", 0), steady, 90.0, HealthSettings()) is None
+
+
+def test_fatal_xid_and_uncorrectable_ecc_evict():
+    from hyrun.runtime.coordinator.policy import HealthSettings, hardware_error_verdict
+
+    settings = HealthSettings()
+    assert "XID 79" in hardware_error_verdict(CardRef("n", 1), [13, 79], 0, settings).reason
+    assert hardware_error_verdict(CardRef("n", 1), [13], 0, settings) is None  # XID 13: an application error
+    assert "uncorrectable ECC" in hardware_error_verdict(CardRef("n", 1), [], 2, settings).reason
+
+
+def test_repeated_lonely_overflow_is_suspected_corruption():
+    from hyrun.runtime.coordinator.policy import HealthSettings, suspected_corruption
+
+    settings = HealthSettings(overflow_strikes=3, overflow_window_steps=10)
+    history = {s: {0: False, 1: s in (4, 6, 7), 2: False} for s in range(1, 9)}
+    assert list(suspected_corruption(history, 8, settings)) == [1]
+    assert suspected_corruption(history, 20, settings) == {}  # the strikes left the window
+    everyone = {s: {0: True, 1: True} for s in range(1, 9)}  # the model diverged: nobody to blame
+    assert suspected_corruption(everyone, 8, settings) == {}

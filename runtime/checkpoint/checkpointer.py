@@ -199,7 +199,7 @@ class Checkpointer:
                 snapshot.mark_committed()
                 self._snapshot_step = step
             request = commit.SaveRequest(step, staged, error, extra_json, rng, self._layout, self.job_id)
-            self._record(commit.persist(request, self._storage, self._commit_group, self.settings.keep_last))
+            self._persist(request)
 
         self._staging = staging
         self._writer.submit(stage, persist)
@@ -320,10 +320,16 @@ class Checkpointer:
         self._snapshot, self._views, self._snapshot_step = snapshot, (layout.fingerprint, views), info.step
         staged = staged_state_dict(live, [path for path, _ in tensors], views, meta["others"])
         request = commit.SaveRequest(info.step, staged, None, meta["extra"], meta["rng"], self._layout, self.job_id)
-        self._writer.submit(
-            lambda: None,
-            lambda: self._record(commit.persist(request, self._storage, self._commit_group, self.settings.keep_last)),
-        )
+        self._writer.submit(lambda: None, lambda: self._persist(request))
+
+    def _persist(self, request: commit.SaveRequest) -> None:
+        """On the writer thread. Whatever happens, it ends in _record: a save never raises into training."""
+        try:
+            outcome = commit.persist(request, self._storage, self._commit_group, self.settings.keep_last)
+        except Exception as exc:  # a bug, not an I/O failure: keep its traceback in the log
+            log.exception("rank %d: checkpoint %s: internal error", self.rank, step_name(request.step))
+            outcome = commit.SaveOutcome(request.step, False, f"internal error: {commit.describe_error(exc)}", 0.0)
+        self._record(outcome)
 
     def _record(self, outcome: commit.SaveOutcome) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.generation import Generation, GenState, RankSlot
+from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
 from hyrun.runtime.coordinator.policy import (
     CardRef,
@@ -137,6 +138,7 @@ class Orchestrator:
         self.publish = publish
         self.settings = settings
         self.job: JobRecord | None = None
+        self.health: HealthBook | None = None
         self._generation_store = None
 
     # ------------------------------------------------------------------ inputs
@@ -150,6 +152,7 @@ class Orchestrator:
         run_dir = os.path.abspath(os.path.join(self.settings.run_root, job_id))
         os.makedirs(run_dir, exist_ok=True)
         self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
+        self.health = HealthBook(spec.health.settings())
         log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
         self._save_job()
         self._try_start(now_s)
@@ -174,6 +177,7 @@ class Orchestrator:
         if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             gen.transition(GenState.RUNNING)
+        self.health.record_step(report.rank, report.step, report.nonfinite_grads)
         tally = job.tallies.setdefault(report.step, StepTally())
         tally.loss_times_tokens += report.loss * report.tokens
         tally.tokens += report.tokens
@@ -181,6 +185,23 @@ class Orchestrator:
         tally.ranks.add(report.rank)
         if len(tally.ranks) == gen.world_size:
             self._complete_step(report.step, job.tallies.pop(report.step))
+            suspects = self.health.corrupt_ranks(report.step)
+            if suspects:
+                self._act(
+                    [Verdict(VerdictKind.DRAIN, CardRef(gen.slot(r).node, gen.slot(r).card_index), why) for r, why in suspects.items()],
+                    now_s,
+                )
+
+    def on_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
+        if self.health is None:
+            return
+        self.health.ingest_heartbeat(node, heartbeat, now_s)
+        gen = self.job.generation
+        if self.job.state is JobState.RUNNING and gen is not None and not gen.ended and gen.failing_since is None:
+            cards = [CardRef(slot.node, slot.card_index) for slot in gen.ranks if slot.node == node]
+            verdicts = self.health.card_verdicts(cards)
+            if verdicts:
+                self._act(verdicts, now_s)
 
     def on_progress(self, node: str, progress: pb.RankProgress, now_s: float) -> None:
         gen = self._current_generation(progress.generation)
@@ -268,11 +289,20 @@ class Orchestrator:
             verdicts.append(Verdict(VerdictKind.EVICT, CardRef(slot.node, slot.card_index), reason))
         self._recover(verdicts, now_s)
 
+    def _act(self, verdicts: list[Verdict], now_s: float) -> None:
+        """Carries out verdicts. A drain should checkpoint before the card leaves; until the
+        coordinator can ask for a checkpoint, it leaves at once and the job resumes from the last one."""
+        if not self.job.spec.fault_tolerance.enabled:
+            self._fail_job("; ".join(f"{v.card}: {v.reason}" for v in verdicts))
+            return
+        self._recover(verdicts, now_s)
+
     def _recover(self, verdicts: list[Verdict], now_s: float) -> None:
         """Evicts the cards the verdicts name, ends the generation, starts the next without them."""
         job = self.job
         for verdict in verdicts:
             job.evicted[verdict.card] = verdict.reason
+            self.health.forget(verdict.card)
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts) or "generation stuck; restarting it"
@@ -286,6 +316,7 @@ class Orchestrator:
             self._fail_job(f"{reason}; no usable card is left")
             return
         job.tallies.clear()
+        self.health.new_generation()
         self._start_generation(job, slots)
         self._publish()
 

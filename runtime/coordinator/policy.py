@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # What a rank prints when a *peer* died under it: these ranks are victims, not culprits.
 _PEER_FAILURE = re.compile(
@@ -15,6 +15,24 @@ _PEER_FAILURE = re.compile(
     r"ProcessGroupGloo|DistBackendError|NCCL (error|communicator)|Socket Timeout|peer",
     re.IGNORECASE,
 )
+
+
+# XIDs after which the card cannot be trusted without a reset (NVIDIA's XID catalogue): 48 double-bit
+# ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 92 high single-bit ECC rate,
+# 94/95 contained/uncontained ECC, 119/120 GSP errors.
+FATAL_XIDS = frozenset({48, 63, 64, 74, 79, 92, 94, 95, 119, 120})
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Thresholds of the health policy (the job file's `health` section)."""
+
+    temperature_margin_c: float = 5.0      # drain within this many degrees of the slowdown threshold
+    temperature_horizon_s: float = 120.0   # ... or when the trend crosses it within this horizon
+    temperature_min_samples: int = 5       # a trend needs this many samples
+    overflow_strikes: int = 3              # non-finite local grads, peers finite, this many times ...
+    overflow_window_steps: int = 20        # ... within this many steps: suspected silent corruption
+    fatal_xids: frozenset[int] = field(default=FATAL_XIDS)
 
 
 class VerdictKind(enum.Enum):
@@ -91,3 +109,75 @@ def describe_hang(rank: int, steps_done: int, silent_s: float) -> str:
         f"rank {rank} hung: no progress for {silent_s:.1f} s; it completed step {steps_done} and never "
         f"entered the all-reduce of step {steps_done + 1}, which its peers wait in"
     )
+
+
+def temperature_verdict(
+    card: CardRef, samples: list[tuple[float, float]], slowdown_c: float, settings: HealthSettings
+) -> Verdict | None:
+    """Drain a card that is near its slowdown temperature, or heading there within the horizon
+    (least-squares trend over the recent samples: (time_s, temperature_c), oldest first)."""
+    if not samples or slowdown_c <= 0:
+        return None
+    now_s, current_c = samples[-1]
+    if current_c >= slowdown_c - settings.temperature_margin_c:
+        return Verdict(
+            VerdictKind.DRAIN,
+            card,
+            f"temperature {current_c:.1f} °C is within {settings.temperature_margin_c:.0f} °C of its "
+            f"slowdown threshold {slowdown_c:.0f} °C",
+        )
+    if len(samples) < settings.temperature_min_samples:
+        return None
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_c = sum(c for _, c in samples) / n
+    var_t = sum((t - mean_t) ** 2 for t, _ in samples)
+    if var_t <= 0:
+        return None
+    slope_c_per_s = sum((t - mean_t) * (c - mean_c) for t, c in samples) / var_t
+    if slope_c_per_s <= 0:
+        return None
+    crossing_in_s = (slowdown_c - settings.temperature_margin_c - current_c) / slope_c_per_s
+    if crossing_in_s > settings.temperature_horizon_s:
+        return None
+    return Verdict(
+        VerdictKind.DRAIN,
+        card,
+        f"temperature {current_c:.1f} °C rising {slope_c_per_s * 60:.1f} °C/min: reaches its slowdown "
+        f"threshold {slowdown_c:.0f} °C (less the {settings.temperature_margin_c:.0f} °C margin) in about "
+        f"{crossing_in_s:.0f} s",
+    )
+
+
+def hardware_error_verdict(
+    card: CardRef, xid_events: list[int], ecc_uncorrected_new: int, settings: HealthSettings
+) -> Verdict | None:
+    fatal = sorted(set(xid_events) & settings.fatal_xids)
+    if fatal:
+        return Verdict(VerdictKind.EVICT, card, f"fatal XID {', '.join(map(str, fatal))}")
+    if ecc_uncorrected_new > 0:
+        return Verdict(VerdictKind.EVICT, card, f"{ecc_uncorrected_new} new uncorrectable ECC error(s)")
+    return None
+
+
+def suspected_corruption(
+    nonfinite_by_step: dict[int, dict[int, bool]], latest_step: int, settings: HealthSettings
+) -> dict[int, str]:
+    """Ranks whose local gradients were non-finite while a data-parallel peer's were finite, at
+    least `overflow_strikes` times in the last `overflow_window_steps` steps: rank -> evidence.
+    (An overflow on every rank at once is the model's, not a card's, and singles out nobody.)"""
+    strikes: dict[int, list[int]] = {}
+    for step, by_rank in nonfinite_by_step.items():
+        if step <= latest_step - settings.overflow_window_steps:
+            continue
+        if all(by_rank.values()) or not any(by_rank.values()):
+            continue
+        for rank, nonfinite in by_rank.items():
+            if nonfinite:
+                strikes.setdefault(rank, []).append(step)
+    return {
+        rank: f"rank {rank} had non-finite local gradients at steps {', '.join(map(str, sorted(steps)))} "
+        f"while its data-parallel peers were finite: suspected silent data corruption"
+        for rank, steps in strikes.items()
+        if len(steps) >= settings.overflow_strikes
+    }

@@ -148,6 +148,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if kind == "heartbeat":
             self.metrics.heartbeats_total.inc()
             self.membership.heartbeat(name, now)
+            self.orchestrator.on_heartbeat(name, message.heartbeat, now)
         elif kind == "step":
             self.membership.heartbeat(name, now)
             self.orchestrator.on_step(name, message.step, now)

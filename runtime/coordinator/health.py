@@ -1,0 +1,74 @@
+"""What the coordinator knows about each card's health, fed by heartbeats and step reports, and
+turned into verdicts by the pure rules in policy.py. Recent samples only: a bounded window per card.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.policy import (
+    CardRef,
+    HealthSettings,
+    Verdict,
+    hardware_error_verdict,
+    suspected_corruption,
+    temperature_verdict,
+)
+
+_TEMPERATURE_SAMPLES = 30
+
+
+@dataclass
+class CardHealth:
+    temperatures: deque = field(default_factory=lambda: deque(maxlen=_TEMPERATURE_SAMPLES))  # (t_s, °C)
+    slowdown_c: float = 0.0
+    ecc_uncorrected: int | None = None  # last cumulative count seen
+    ecc_new: int = 0
+    xids: list[int] = field(default_factory=list)
+
+
+class HealthBook:
+    def __init__(self, settings: HealthSettings) -> None:
+        self.settings = settings
+        self.cards: dict[CardRef, CardHealth] = {}
+        self.nonfinite_by_step: dict[int, dict[int, bool]] = {}  # current generation only
+
+    def ingest_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
+        for sample in heartbeat.cards:
+            health = self.cards.setdefault(CardRef(node, sample.index), CardHealth())
+            health.temperatures.append((now_s, sample.temperature_c))
+            health.slowdown_c = sample.slowdown_temperature_c
+            if health.ecc_uncorrected is not None and sample.ecc_uncorrected > health.ecc_uncorrected:
+                health.ecc_new += sample.ecc_uncorrected - health.ecc_uncorrected
+            health.ecc_uncorrected = sample.ecc_uncorrected
+            health.xids.extend(sample.xid_events)
+
+    def card_verdicts(self, cards: list[CardRef]) -> list[Verdict]:
+        verdicts = []
+        for card in cards:
+            health = self.cards.get(card)
+            if health is None:
+                continue
+            verdict = hardware_error_verdict(card, health.xids, health.ecc_new, self.settings) or temperature_verdict(
+                card, list(health.temperatures), health.slowdown_c, self.settings
+            )
+            if verdict is not None:
+                verdicts.append(verdict)
+        return verdicts
+
+    def forget(self, card: CardRef) -> None:
+        """A card leaves the job: its evidence must not fire again if it is ever readmitted."""
+        self.cards.pop(card, None)
+
+    def record_step(self, rank: int, step: int, nonfinite_grads: int) -> None:
+        self.nonfinite_by_step.setdefault(step, {})[rank] = nonfinite_grads > 0
+        for old in [s for s in self.nonfinite_by_step if s <= step - 2 * self.settings.overflow_window_steps]:
+            del self.nonfinite_by_step[old]
+
+    def corrupt_ranks(self, latest_step: int) -> dict[int, str]:
+        return suspected_corruption(self.nonfinite_by_step, latest_step, self.settings)
+
+    def new_generation(self) -> None:
+        self.nonfinite_by_step.clear()

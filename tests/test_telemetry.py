@@ -1,0 +1,24 @@
+"""Simulated telemetry plays scripted hardware faults from the step they are due."""
+
+from __future__ import annotations
+
+from hyrun.agent.telemetry import SimulatedCards
+
+
+def test_temperature_ramp_starts_at_its_step_and_rises():
+    cards = SimulatedCards([0, 1])
+    cards.script([{"kind": "temperature_ramp", "node": "n", "card": 1, "at_step": 3, "c_per_s": 2.0}])
+    cards.observe_step(1, 2, now_s=0.0)
+    assert [s.temperature_c for s in cards.sample(now_s=10.0)] == [45.0, 45.0]
+    cards.observe_step(1, 3, now_s=10.0)
+    assert [s.temperature_c for s in cards.sample(now_s=15.0)] == [45.0, 55.0]
+
+
+def test_xid_is_reported_once_and_ecc_counts_up():
+    cards = SimulatedCards([0])
+    cards.script([{"kind": "xid", "node": "n", "card": 0, "at_step": 1, "xid": 79},
+                  {"kind": "ecc", "node": "n", "card": 0, "at_step": 1}])  # fmt: skip
+    cards.observe_step(0, 1, now_s=0.0)
+    first, second = cards.sample(now_s=1.0)[0], cards.sample(now_s=2.0)[0]
+    assert first.xid_events == (79,) and second.xid_events == ()
+    assert first.ecc_uncorrected == second.ecc_uncorrected == 1
