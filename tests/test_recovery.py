@@ -42,3 +42,24 @@ def test_hung_worker_is_located_and_evicted(write_job, launched, tmp_path):
     assert summary["generations"] == 2
     assert [e.split(":")[0] for e in summary["evictions"]] == ["node-a/card1"]
     assert "hung" in summary["evictions"][0]
+
+
+@pytest.mark.timeout(240)
+def test_xid_nan_and_heat_each_evict_the_right_card(write_job, launched, tmp_path):
+    """Three hardware faults in turn, one per generation, each on a different card."""
+    job = job_dict(
+        training={"steps": 8},
+        faults=[
+            {"kind": "xid", "node": "node-b", "card": 0, "at_step": 2, "xid": 79, "generation": 1},
+            {"kind": "nan_grad", "node": "node-a", "card": 1, "at_step": 2, "repeat_steps": 3, "generation": 2},
+            {"kind": "temperature_ramp", "node": "node-a", "card": 0, "at_step": 2, "c_per_s": 20.0, "generation": 3},
+        ],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    evicted = {e.split(":")[0]: e for e in summary["evictions"]}
+    assert list(evicted) == ["node-b/card0", "node-a/card1", "node-a/card0"], summary["evictions"]
+    assert "fatal XID 79" in evicted["node-b/card0"]
+    assert "silent data corruption" in evicted["node-a/card1"]
+    assert "temperature" in evicted["node-a/card0"]
+    assert summary["generations"] == 4
+    assert sorted(map(int, summary["losses"])) == list(range(1, 9))
