@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,8 +47,13 @@ def describe_returncode(code: int) -> str:
     return f"exited with code {code}"
 
 
+_ERROR_LINE = re.compile(r"error|exception|what\(\)|terminate called", re.IGNORECASE)
+
+
 def last_error_line(log_path: Path, max_bytes: int = 4096) -> str:
-    """The last non-empty line of a worker's log: usually the exception that ended it."""
+    """The last line of a worker's log that reads like the error that ended it (a Python
+    exception, a C++ `what():`), else its last line: what the coordinator's policy reads to tell
+    a rank that failed on its own from one whose peer died under it."""
     try:
         with open(log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -55,7 +61,8 @@ def last_error_line(log_path: Path, max_bytes: int = 4096) -> str:
             lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1][:300] if lines else ""
+    errors = [line for line in lines if _ERROR_LINE.search(line)]
+    return (errors or lines or [""])[-1][:300]
 
 
 class Supervisor:
@@ -139,7 +146,7 @@ class Supervisor:
         reason = describe_returncode(code)
         if code != 0 and not worker.stopping:
             detail = last_error_line(worker.log_path)
-            reason = f"{reason}: {detail}" if detail and code > 0 else reason
+            reason = f"{reason}: {detail}" if detail else reason
         log.info("rank %d %s", worker.rank, reason)
         self.send(
             pb.AgentMessage(

@@ -36,7 +36,7 @@ def allocate_units(total: int, per_unit_s, fixed_s=0.0, *, minimum: int = 1) -> 
     elif short < 0:
         removable = np.where(units > minimum, b + a * units, -np.inf)
         order = np.argsort(-removable, kind="stable")
-        units[order[:min(-short, n)]] -= 1
+        units[order[:min(-short, int((units > minimum).sum()))]] -= 1
     # Fix-ups: rarely more than a handful of iterations, each O(n).
     while (short := total - int(units.sum())) != 0:
         if short > 0:

@@ -10,16 +10,13 @@ MoE layer is a barrier). The unit that gets micro-batches is therefore such a re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
-
 import numpy as np
 
 from . import cost
-from .allocate import allocate_units, contiguous_owners, even_split, place_experts
-from .cluster import Card
-from .layout import BlockTable, card_flops_per_s
+from .allocate import allocate_units, even_split, place_experts
+from .layout import BlockTable
 from .model_cost import LayerCosts, ModelShape, kv_bytes_per_token, layer_costs, training_flops_multiplier
-from .plan import CardMemory, Degrees, Plan, StepTimeTerms
+from .plan import Degrees
 from .training import TrainingConfig
 
 
@@ -83,8 +80,7 @@ class GridContext:
     memory_bandwidth: np.ndarray  # (pp, G)
     intra_bandwidth: np.ndarray  # (pp, G)
     all_to_all_bandwidth: np.ndarray  # (pp, G)
-    p2p_forward_bandwidth: np.ndarray  # (pp, dp); inf on the last stage
-    p2p_backward_bandwidth: np.ndarray  # (pp, dp); inf on the first stage
+    p2p_time: np.ndarray  # (pp, G) activation + gradient sends per micro-batch
     dp_bandwidth: np.ndarray  # (pp,) ring over a stage's replicas
     row_capacity: np.ndarray  # (pp,) usable bytes of the smallest card in each stage
 
@@ -117,15 +113,18 @@ def grid_context(tables: ModelTables, degrees: Degrees, table: BlockTable, grid:
     link = np.where(nodes[1:] == nodes[:-1], np.minimum(intra[1:], intra[:-1]),
                     np.minimum(inter[1:], inter[:-1]))  # (pp-1, dp)
     infinite = np.full((1, dp), np.inf)
+    tokens = tables.training.micro_batch_size * tables.shape.seq_len / degrees.cp
+    sizes = (tokens, tables.shape.hidden_size, tables.training.precision.activation_bytes, degrees.tp)
+    p2p = (cost.pipeline_p2p_time_s(*sizes, np.concatenate([link, infinite]), 1)
+           + cost.pipeline_p2p_time_s(*sizes, np.concatenate([infinite, link]), 1))
     row_same_node = (nodes == nodes[:, :1]).all(axis=1)
     return GridContext(
         tables=tables, degrees=degrees, table=table, grid=grid, experts_per_position=experts_per_position,
-        tokens_per_rank=tables.training.micro_batch_size * tables.shape.seq_len / degrees.cp,
+        tokens_per_rank=tokens,
         slowest_flops=group_min(flops), expert_factor=factor,
         memory_bandwidth=group_min(table.memory_bandwidth[grid]), intra_bandwidth=group_min(intra),
         all_to_all_bandwidth=all_to_all,
-        p2p_forward_bandwidth=np.concatenate([link, infinite]),
-        p2p_backward_bandwidth=np.concatenate([infinite, link]),
+        p2p_time=p2p.reshape(pp, groups, g).max(axis=2),
         dp_bandwidth=np.where(row_same_node, intra.min(axis=1), inter.min(axis=1)),
         row_capacity=cost.usable_memory_bytes(table.memory_bytes[grid].min(axis=1)))
 
@@ -142,86 +141,128 @@ class Evaluation:
     row_memory_bytes: np.ndarray  # (pp,) worst card of each stage (all micro-batches in flight)
 
 
-def _stage_sums(tables: ModelTables, layers_per_stage) -> dict:
-    bounds = np.concatenate([[0], np.cumsum(layers_per_stage)]).astype(np.int64)
-    low, high = bounds[:-1], bounds[1:]
+def _stage_sums(tables: ModelTables, splits: np.ndarray) -> dict:
+    """Totals per stage for a batch of splits (S, pp); expert-kind tables come out as (S, pp, K)."""
+    bounds = np.concatenate([np.zeros((splits.shape[0], 1), dtype=np.int64), np.cumsum(splits, axis=1)], axis=1)
+    low, high = bounds[:, :-1], bounds[:, 1:]
     span = lambda prefix: prefix[..., high] - prefix[..., low]  # noqa: E731
+    by_kind = lambda prefix: np.moveaxis(span(prefix), 0, -1)  # noqa: E731
     costs = tables.costs
     dense_flops, dense_params = span(tables.dense_flops), span(tables.dense_params)
-    dense_flops[-1] += costs.head_flops_per_token
-    dense_params[0] += costs.embedding_params
-    dense_params[-1] += costs.head_params
+    dense_flops[:, -1] += costs.head_flops_per_token
+    dense_params[:, 0] += costs.embedding_params
+    dense_params[:, -1] += costs.head_params
     return dict(layers=(high - low).astype(np.float64), dense_flops=dense_flops, score_flops=span(tables.score_flops),
-                expert_flops=span(tables.expert_flops), kind_layers=span(tables.kind_layers),
+                expert_flops=by_kind(tables.expert_flops), kind_layers=by_kind(tables.kind_layers),
                 dense_params=dense_params, top_k=span(tables.top_k), activation=span(tables.activation))
 
 
-def evaluate(ctx: GridContext, layers_per_stage, micro_batches_per_group=None) -> Evaluation:
-    """Predicted step time of the layout with this layer split. Micro-batches go to replica groups by
-    `allocate_units` (optimal for the 1F1B finish times) unless given."""
+def _stage_costs(ctx: GridContext, splits: np.ndarray) -> dict:
+    """Per-micro-batch stage times (S, pp, G) by part, memory of each stage's worst card (S, pp) and
+    the exposed data-parallel sync (S,), for a batch of layer splits."""
     tables, degrees, shape = ctx.tables, ctx.degrees, ctx.tables.shape
     precision, recompute = tables.training.precision, tables.training.recompute
-    pp, tp, cp, ep = degrees.pp, degrees.tp, degrees.cp, degrees.ep
-    g, tokens, mult = degrees.replicas_per_expert_group, ctx.tokens_per_rank, tables.multiplier
+    tp, cp, ep = degrees.tp, degrees.cp, degrees.ep
+    tokens, mult = ctx.tokens_per_rank, tables.multiplier
     hidden, act_bytes = shape.hidden_size, precision.activation_bytes
-    sums = _stage_sums(tables, layers_per_stage)
+    sums = _stage_sums(tables, splits)
 
-    dense_time = (tokens * mult * sums["dense_flops"] / tp)[:, None] / ctx.slowest_flops
-    expert_time = tokens * mult * ep / tp * (ctx.expert_factor * sums["expert_flops"].T[:, None, :]).sum(axis=2)
+    dense_time = (tokens * mult * sums["dense_flops"] / tp)[..., None] / ctx.slowest_flops
+    expert_time = tokens * mult * ep / tp * (ctx.expert_factor[None] * sums["expert_flops"][:, :, None, :]).sum(-1)
     dense_params = sums["dense_params"] / tp
-    expert_params = (ctx.experts_per_position.max(axis=2) * sums["kind_layers"].T).sum(axis=1) \
+    expert_params = (ctx.experts_per_position.max(axis=2)[None] * sums["kind_layers"]).sum(-1) \
         * tables.costs.params_per_expert / tp
     # Roofline: every pass (forward, backward, recompute) streams the stage's weights once.
-    weight_time = ((dense_params + expert_params) * precision.param_bytes * mult)[:, None] / ctx.memory_bandwidth
+    weight_time = ((dense_params + expert_params) * precision.param_bytes * mult)[..., None] / ctx.memory_bandwidth
     parts = {"compute": np.maximum(dense_time + expert_time, weight_time)}
-    layers = sums["layers"][:, None]
+    layers = sums["layers"][..., None]
     zero = np.zeros_like(dense_time)
     parts["tp_comm"] = (cost.tp_collective_time_s(tokens, hidden, act_bytes, tp, ctx.intra_bandwidth, layers,
                                                   recompute) if tp > 1 else zero)
     if cp > 1:
         ring = cost.cp_ring_exchange_time_s(tokens, kv_bytes_per_token(shape, act_bytes), cp, ctx.intra_bandwidth,
                                             layers, recompute)
-        scores = (tokens * mult * sums["score_flops"] / tp)[:, None] / ctx.slowest_flops
+        scores = (tokens * mult * sums["score_flops"] / tp)[..., None] / ctx.slowest_flops
         parts["cp_comm"] = cost.exposed_time_s(ring, scores)
     else:
         parts["cp_comm"] = zero
     parts["expert_all_to_all"] = (cost.expert_all_to_all_time_s(
-        tokens / tp, sums["top_k"][:, None], hidden, act_bytes, ep, ctx.all_to_all_bandwidth, recompute)
+        tokens / tp, sums["top_k"][..., None], hidden, act_bytes, ep, ctx.all_to_all_bandwidth, recompute)
         if ep > 1 else zero)
-    if pp > 1:
-        p2p = (cost.pipeline_p2p_time_s(tokens, hidden, act_bytes, tp, ctx.p2p_forward_bandwidth, 1)
-               + cost.pipeline_p2p_time_s(tokens, hidden, act_bytes, tp, ctx.p2p_backward_bandwidth, 1))
-        parts["pipeline_p2p"] = p2p.reshape(pp, -1, g).max(axis=2)
-    else:
-        parts["pipeline_p2p"] = zero
-    stage_time = sum(parts.values())
-    slowest_stage = stage_time.max(axis=0)
-    bubble = cost.pipeline_bubble_time_s(stage_time, axis=0)
-    if micro_batches_per_group is None:
-        micro_batches_per_group = allocate_units(tables.micro_batches // g, slowest_stage, bubble, minimum=1)
-    finish = micro_batches_per_group * slowest_stage + bubble
-    critical = int(np.argmax(finish))
+    parts["pipeline_p2p"] = np.broadcast_to(ctx.p2p_time, zero.shape)
 
+    dp_exposed = np.zeros(splits.shape[0])
     shards = degrees.dp * cp
-    dp_exposed = 0.0
     if shards > 1:
         reduce_scatter, all_gather = cost.dp_grad_sync_time_s(
             dense_params * precision.grad_bytes, dense_params * precision.param_bytes, shards, ctx.dp_bandwidth)
         expert_rs, expert_ag = cost.dp_grad_sync_time_s(
             expert_params * precision.grad_bytes, expert_params * precision.param_bytes, shards // ep,
             ctx.dp_bandwidth)
-        compute = parts["compute"][:, critical]
-        exposed = cost.dp_exposed_time_s(reduce_scatter + expert_rs, all_gather + expert_ag,
-                                         compute * (mult - 1) / mult, compute / mult)
-        dp_exposed = float(exposed.max())
+        # The sync cannot finish before the slowest replica group's last backward, so that is what
+        # it hides behind (and the next step's first forward for the all-gather).
+        compute = parts["compute"].max(axis=2)
+        dp_exposed = cost.dp_exposed_time_s(reduce_scatter + expert_rs, all_gather + expert_ag,
+                                            compute * (mult - 1) / mult, compute / mult).max(axis=1)
+    return dict(parts=parts, dp_exposed=dp_exposed,
+                row_memory=_row_memory_bytes(ctx, sums, dense_params, expert_params))
 
-    row_memory = _row_memory_bytes(ctx, sums, dense_params, expert_params)
+
+def evaluate(ctx: GridContext, layers_per_stage, micro_batches_per_group=None) -> Evaluation:
+    """Predicted step time of the layout with this layer split. Micro-batches go to replica groups by
+    `allocate_units` (optimal for the 1F1B finish times) unless given."""
+    g = ctx.degrees.replicas_per_expert_group
+    costs = _stage_costs(ctx, np.asarray([layers_per_stage], dtype=np.int64))
+    parts = {name: part[0] for name, part in costs["parts"].items()}
+    stage_time = sum(parts.values())
+    slowest_stage = stage_time.max(axis=0)
+    bubble = cost.pipeline_bubble_time_s(stage_time, axis=0)
+    if micro_batches_per_group is None:
+        micro_batches_per_group = allocate_units(ctx.tables.micro_batches // g, slowest_stage, bubble, minimum=1)
+    finish = micro_batches_per_group * slowest_stage + bubble
+    row_memory = costs["row_memory"][0]
     return Evaluation(
-        step_time_s=float(finish[critical]) + dp_exposed,
+        step_time_s=float(finish.max() + costs["dp_exposed"][0]),
         feasible=bool((row_memory <= ctx.row_capacity).all()),
         layers_per_stage=tuple(int(x) for x in layers_per_stage),
         micro_batches_per_group=micro_batches_per_group, stage_parts=parts, bubble_s=bubble,
-        dp_exposed_s=dp_exposed, row_memory_bytes=row_memory)
+        dp_exposed_s=float(costs["dp_exposed"][0]), row_memory_bytes=row_memory)
+
+
+def evaluate_batch(ctx: GridContext, splits) -> tuple[np.ndarray, np.ndarray]:
+    """(step_time_s, feasible) for many layer splits (S, pp) at once, equal to `evaluate` with its
+    optimal micro-batch split. Each group's finish times b + a*m (m = 1, 2, ...) form a rising
+    sequence; every group runs at least one micro-batch, and the best latest finish is the largest of
+    those forced ones or the extra-th smallest of all the later ones (found by listing them when that is
+    small, by bisection otherwise)."""
+    splits = np.asarray(splits, dtype=np.int64)
+    costs = _stage_costs(ctx, splits)
+    stage_time = sum(costs["parts"].values())
+    slowest = stage_time.max(axis=1)  # (S, G)
+    bubble = stage_time.sum(axis=1) - slowest
+    extra = ctx.tables.micro_batches // ctx.degrees.replicas_per_expert_group - slowest.shape[1]
+    forced = (slowest + bubble).max(axis=1)
+    pipeline = forced
+    groups = slowest.shape[1]
+    if 0 < extra and len(splits) * groups * extra <= 1 << 20:
+        # Small: list every group's next `extra` finish times and take the extra-th smallest.
+        later = bubble[..., None] + slowest[..., None] * np.arange(2, extra + 2)
+        kth = np.partition(later.reshape(len(splits), -1), extra - 1, axis=1)[:, extra - 1]
+        pipeline = np.maximum(forced, kth)
+    elif extra > 0:
+        low, high = (slowest + bubble).min(axis=1), (bubble + slowest * (1 + extra)).max(axis=1)
+        count = lambda t: np.maximum(np.floor((t[:, None] - bubble) / slowest) - 1, 0).sum(axis=1)  # noqa: E731
+        for _ in range(200):
+            middle = (low + high) / 2
+            enough = count(middle) >= extra
+            high, low = np.where(enough, middle, high), np.where(enough, low, middle)
+            if np.all(high - low <= 1e-13 * high):
+                break
+        taken = np.floor((high[:, None] - bubble) / slowest * (1 + 1e-12))
+        snapped = np.where(taken >= 2, bubble + slowest * taken, -np.inf).max(axis=1)
+        pipeline = np.maximum(forced, snapped)
+    feasible = (costs["row_memory"] <= ctx.row_capacity[None]).all(axis=1)
+    return pipeline + costs["dp_exposed"], feasible
 
 
 def _static_memory(tables: ModelTables, degrees: Degrees, dense_params, expert_params):
@@ -272,64 +313,6 @@ def split_inputs(ctx: GridContext) -> dict:
     return dict(layer_cost=costs.dense_flops_per_token + costs.expert_flops_per_token, stage_extra_cost=extra,
                 layer_memory_bytes=layer_memory, stage_fixed_memory_bytes=fixed,
                 stage_capacity_bytes=ctx.row_capacity)
-
-
-def build_plan(ctx: GridContext, result: Evaluation, cards: Mapping[int, Card], *, label: str) -> Plan:
-    """The full Plan for an evaluated layout: ranks, per-card memory and compute, terms."""
-    tables, degrees = ctx.tables, ctx.degrees
-    pp, dp, cp, tp, ep = degrees.pp, degrees.dp, degrees.cp, degrees.tp, degrees.ep
-    g, tokens, mult = degrees.replicas_per_expert_group, ctx.tokens_per_rank, tables.multiplier
-    precision = tables.training.precision
-    sums = _stage_sums(tables, result.layers_per_stage)
-    replica_micro_batches = np.repeat(result.micro_batches_per_group, g)
-    counts = np.asarray(tables.expert_counts, dtype=np.float64)
-
-    rank_to_card, memory, compute_time = [], [], []
-    for rank in range(degrees.world_size):
-        s, d, c, t = degrees.coordinate(rank)
-        card = cards[ctx.table.blocks[ctx.grid[s, d]].card_ids[c * tp + t]]
-        experts = ctx.experts_per_position[s, :, degrees.ep_rank(d, c)]  # (K,)
-        dense_params = sums["dense_params"][s] / tp
-        expert_params = float((experts * sums["kind_layers"][:, s]).sum()) * tables.costs.params_per_expert / tp
-        params, grads, optimizer = _static_memory(tables, degrees, dense_params, expert_params)
-        activations = _activation_memory(tables, degrees, tokens, sums["activation"][s],
-                                         min(pp - s, int(replica_micro_batches[d])), s == pp - 1)
-        memory.append(CardMemory(float(params), float(grads), float(optimizer), float(activations),
-                                 card.spec.memory_bytes))
-        flops = card_flops_per_s(card)
-        busy = tokens * mult / tp * (sums["dense_flops"][s] + ep * float(
-            (sums["expert_flops"][:, s] * experts / counts).sum())) / flops
-        weights = (dense_params + expert_params) * precision.param_bytes * mult / (
-            card.spec.memory_bandwidth_bytes_per_s * card.spec.speed)
-        compute_time.append(float(max(busy, weights) * replica_micro_batches[d]))
-        rank_to_card.append(card.global_id)
-
-    placement = []
-    for layer in range(tables.num_layers):
-        stage = int(np.searchsorted(np.cumsum(result.layers_per_stage), layer, side="right"))
-        placement.append(contiguous_owners(ctx.experts_per_position[stage, tables.kind_of_layer[layer]]))
-    used = set(rank_to_card)
-    return Plan(
-        degrees=degrees, rank_to_card=tuple(rank_to_card), layers_per_stage=result.layers_per_stage,
-        micro_batches_per_replica=tuple(int(m) for m in replica_micro_batches),
-        micro_batch_size=tables.training.micro_batch_size, expert_placement=tuple(placement),
-        step_time_s=result.step_time_s, terms=step_time_terms(result), memory_per_rank=tuple(memory),
-        compute_time_per_rank_s=tuple(compute_time),
-        unused_cards=tuple(sorted(i for i in cards if i not in used)), label=label)
-
-
-def step_time_terms(result: Evaluation) -> StepTimeTerms:
-    """Busy terms: per-micro-batch stage parts × the group's micro-batches, averaged over all
-    (stage, group) cells; bubble averaged over groups; the rest of the step is waiting."""
-    m = result.micro_batches_per_group[None, :]
-    busy = {name: float((m * part).mean()) for name, part in result.stage_parts.items()}
-    bubble = float(result.bubble_s.mean())
-    accounted = sum(busy.values()) + bubble + result.dp_exposed_s
-    return StepTimeTerms(
-        compute_s=busy["compute"], tp_comm_s=busy["tp_comm"], cp_comm_s=busy["cp_comm"],
-        expert_all_to_all_s=busy["expert_all_to_all"], pipeline_p2p_s=busy["pipeline_p2p"],
-        pipeline_bubble_s=bubble, dp_grad_sync_s=result.dp_exposed_s,
-        straggler_wait_s=max(result.step_time_s - accounted, 0.0))
 
 
 def uniform_placement(tables: ModelTables, pp: int, ep: int) -> np.ndarray:

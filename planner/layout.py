@@ -8,6 +8,7 @@ is data-parallel replica r.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,22 +117,37 @@ def block_selections(table: BlockTable, count: int) -> list[list[int]]:
     return selections
 
 
-def candidate_grids(table: BlockTable, chosen: list[int], pp: int, dp: int) -> list[np.ndarray]:
+# Up to this depth every order of the stages is tried (4! = 24); deeper pipelines try a few orders.
+ALL_STAGE_ORDERS_UP_TO_PP = 4
+
+
+def candidate_grids(table: BlockTable, chosen: list[int], pp: int, dp: int, *, every_order: bool = True
+                    ) -> list[np.ndarray]:
     """A few layouts of the chosen blocks (already in speed order) on the (pp, dp) grid:
 
-    - by stage: stage rows of like blocks (fastest row first, slowest first, or most memory first,
-      since early 1F1B stages hold more micro-batches); layers then follow row speed;
+    - by stage: stage rows of like blocks; layers then follow row speed;
     - by replica: replica columns of like blocks; micro-batches then follow column speed.
+
+    Which stage goes first matters (early 1F1B stages hold more micro-batches; the first stage holds
+    the embedding and the last the output layer), so each is tried in every stage order for short
+    pipelines (`every_order`), and fastest-first, slowest-first and most-memory-first otherwise.
     """
     ordered = np.array(chosen, dtype=np.int64)
     rows = ordered.reshape(pp, dp)
     columns = ordered.reshape(dp, pp).T
-    row_memory = table.memory_bytes[rows].min(axis=1)
+    if every_order and pp <= ALL_STAGE_ORDERS_UP_TO_PP:
+        orders = [list(order) for order in itertools.permutations(range(pp))]
+    else:
+        row_memory = table.memory_bytes[rows].min(axis=1)
+        orders = [list(range(pp)), list(range(pp))[::-1], list(np.argsort(-row_memory, kind="stable"))]
     column_memory_first = np.take_along_axis(
         columns, np.argsort(-table.memory_bytes[columns], axis=0, kind="stable"), axis=0)
-    grids = [rows, rows[::-1], rows[np.argsort(-row_memory, kind="stable")], columns, column_memory_first]
+    grids = [rows[order] for order in orders] + [columns[order] for order in orders] + [column_memory_first]
     unique: list[np.ndarray] = []
+    seen = set()
     for grid in grids:
-        if not any(np.array_equal(grid, seen) for seen in unique):
+        key = grid.tobytes()
+        if key not in seen:
+            seen.add(key)
             unique.append(np.ascontiguousarray(grid))
     return unique

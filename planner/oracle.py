@@ -17,7 +17,8 @@ import numpy as np
 
 from .allocate import compositions
 from .cluster import Cluster
-from .evaluate import build_plan, evaluate, grid_context, model_tables
+from .assemble import build_plan
+from .evaluate import evaluate, evaluate_batch, grid_context, model_tables
 from .layout import BlockTable, form_blocks
 from .model_cost import ModelShape
 from .plan import Degrees, Plan
@@ -87,15 +88,18 @@ def oracle_search(cluster: Cluster, model: ModelShape, training: TrainingConfig,
                                 or tables.micro_batches % g or tables.micro_batches < dp:
                             continue
                         degrees = Degrees(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep)
+                        splits = np.array(list(compositions(model.num_layers, pp)), dtype=np.int64)
                         for class_grid in _layouts(classes, pp, dp, g):
                             ctx = grid_context(tables, degrees, table, _concrete(class_grid, members))
-                            for split in compositions(model.num_layers, pp):
-                                result = evaluate(ctx, split)
-                                if result.feasible and (best is None or result.step_time_s < best[0]):
-                                    best = (result.step_time_s, ctx, result)
+                            times, feasible = evaluate_batch(ctx, splits)
+                            times = np.where(feasible, times, np.inf)
+                            i = int(np.argmin(times))
+                            if np.isfinite(times[i]) and (best is None or times[i] < best[0]):
+                                best = (float(times[i]), ctx, tuple(int(x) for x in splits[i]))
     if best is None:
         raise ValueError("no layout fits (oracle)")
-    return build_plan(best[1], best[2], cards, label="oracle")
+    _, ctx, split = best
+    return build_plan(ctx, evaluate(ctx, split), cards, label="oracle")
 
 
 def _concrete(class_grid: np.ndarray, members: dict[int, list[int]]) -> np.ndarray:

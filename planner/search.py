@@ -5,8 +5,8 @@ cards, for evictions.
 
 How it stays fast: the inner splits (layers, micro-batches, experts) are exact and cheap (allocate.py);
 the heuristic part is only where cards go, and there it tries a handful of layouts (layout.py). Three
-passes: (1) every degree tuple with one layout, after pruning tuples that cannot fit in memory;
-(2) every layout for the most promising tuples; (3) local moves of the layer split for the finalists.
+passes: (1) every degree tuple with a few layouts, after pruning tuples that cannot fit in memory;
+(2) more layouts for the most promising tuples; (3) local moves of the layer split for the finalists.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from . import cost
 from .allocate import even_split, split_layers
 from .cards import GIB
 from .cluster import Cluster
-from .evaluate import (Evaluation, GridContext, ModelTables, build_plan, evaluate, grid_context, model_tables,
+from .assemble import build_plan
+from .evaluate import (Evaluation, GridContext, ModelTables, evaluate, evaluate_batch, grid_context, model_tables,
                        split_inputs, uniform_placement)
 from .layout import BlockTable, block_selections, candidate_grids, form_blocks, naive_blocks, speed_order
 from .model_cost import ModelShape
@@ -32,7 +33,7 @@ from .training import TrainingConfig
 # Small clusters have fewer tuples than this, so there every tuple is searched fully.
 FULL_SEARCH_TUPLES = 24
 # Finalists whose layer split is refined by local moves in pass 3.
-REFINED_FINALISTS = 8
+REFINED_FINALISTS = 32
 
 
 @dataclass(frozen=True)
@@ -149,36 +150,38 @@ def _speed_candidates(ctx: GridContext) -> list[np.ndarray]:
 
 def _best_split(ctx: GridContext) -> Evaluation | None:
     inputs = split_inputs(ctx)
-    best = None
-    for speeds in _speed_candidates(ctx):
-        split = split_layers(stage_speed=speeds, **inputs)
-        if split is None:
-            continue
-        result = evaluate(ctx, split)
-        if result.feasible and (best is None or result.step_time_s < best.step_time_s):
-            best = result
-    return best
+    splits = {split for speeds in _speed_candidates(ctx)
+              if (split := split_layers(stage_speed=speeds, **inputs)) is not None}
+    return _best_of(ctx, sorted(splits))
+
+
+def _best_of(ctx: GridContext, splits: list[tuple[int, ...]]) -> Evaluation | None:
+    """The fastest feasible split among `splits` (first one on ties), fully evaluated."""
+    if not splits:
+        return None
+    times, feasible = evaluate_batch(ctx, splits)
+    times = np.where(feasible, times, np.inf)
+    best = int(np.argmin(times))
+    return evaluate(ctx, splits[best]) if np.isfinite(times[best]) else None
 
 
 def _refine(ctx: GridContext, result: Evaluation, max_sweeps: int = 64) -> Evaluation:
     """Move one layer across one stage boundary while that helps (communication and the embedding /
     head ends are not in the proportional split's cost, so the optimum can sit a layer away)."""
     for _ in range(max_sweeps):
-        best = result
         layers = list(result.layers_per_stage)
+        moves = []
         for boundary in range(len(layers) - 1):
             for step in (1, -1):
                 moved = layers.copy()
                 moved[boundary] += step
                 moved[boundary + 1] -= step
-                if min(moved) < 1:
-                    continue
-                trial = evaluate(ctx, moved)
-                if trial.feasible and trial.step_time_s < best.step_time_s * (1 - 1e-12):
-                    best = trial
-        if best is result:
+                if min(moved) >= 1:
+                    moves.append(tuple(moved))
+        trial = _best_of(ctx, moves)
+        if trial is None or not trial.step_time_s < result.step_time_s * (1 - 1e-12):
             return result
-        result = best
+        result = trial
     return result
 
 
@@ -225,10 +228,12 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
             if need > cost.usable_memory_bytes(float(table.memory_bytes.max())):
                 continue
             chosen = block_selections(table, pp * dp)[0]
-            ctx = grid_context(tables, degrees, table, candidate_grids(table, chosen, pp, dp)[0])
-            result = _best_split(ctx)
+            score = math.inf
+            for grid in candidate_grids(table, chosen, pp, dp, every_order=False):
+                result = _best_split(grid_context(tables, degrees, table, grid))
+                if result is not None:
+                    score = min(score, result.step_time_s)
             counter += 1
-            score = result.step_time_s if result is not None else math.inf
             first_pass.append((score, counter, (degrees, table)))
     if not first_pass:
         raise _no_fit_error(tables, shortfall, largest)

@@ -266,8 +266,32 @@ class NodeState(_message.Message):
     state: str
     def __init__(self, node: _Optional[str] = ..., alive: _Optional[bool] = ..., cards: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
+class Incident(_message.Message):
+    __slots__ = ("detected_at_s", "cards", "verdict", "reason", "generation", "step_at_failure", "resumed_at_s", "resumed_step", "steps_lost", "last_step_before_s")
+    DETECTED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_AT_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_BEFORE_S_FIELD_NUMBER: _ClassVar[int]
+    detected_at_s: float
+    cards: _containers.RepeatedScalarFieldContainer[str]
+    verdict: str
+    reason: str
+    generation: int
+    step_at_failure: int
+    resumed_at_s: float
+    resumed_step: int
+    steps_lost: int
+    last_step_before_s: float
+    def __init__(self, detected_at_s: _Optional[float] = ..., cards: _Optional[_Iterable[str]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., step_at_failure: _Optional[int] = ..., resumed_at_s: _Optional[float] = ..., resumed_step: _Optional[int] = ..., steps_lost: _Optional[int] = ..., last_step_before_s: _Optional[float] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost")
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +304,7 @@ class JobEvent(_message.Message):
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     generation: int
@@ -292,7 +317,8 @@ class JobEvent(_message.Message):
     step_time_s: float
     evictions: _containers.RepeatedScalarFieldContainer[str]
     steps_lost: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ...) -> None: ...
+    incidents: _containers.RepeatedCompositeFieldContainer[Incident]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -109,6 +109,7 @@ def coordinator_cmd(
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between agent heartbeats")] = 1.0,
     heartbeat_timeout: Annotated[float, typer.Option(help="seconds without a heartbeat before a node is lost")] = 5.0,
     run_root: Annotated[Path, typer.Option(help="where job logs go")] = Path("runs"),
+    store: Annotated[str, typer.Option(help="job state store: 'memory' or 'etcd://HOST:PORT'")] = "memory",
     token_file: TokenFile = None,
     tls_cert: Annotated[Optional[Path], typer.Option(exists=True, help="PEM certificate (enables TLS)")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(exists=True, help="PEM private key")] = None,
@@ -127,7 +128,7 @@ def coordinator_cmd(
             host=host, port=port, advertise_host=advertise_host or host,
             heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
             token=token, tls=TlsFiles(cert=tls_cert, key=tls_key),
-            metrics_host=host, metrics_port=metrics_port, run_root=str(run_root),
+            metrics_host=host, metrics_port=metrics_port, run_root=str(run_root), store_url=store,
         )  # fmt: skip
         service = CoordinatorService(settings)
         service.start()
@@ -232,6 +233,71 @@ def status(
         )
     for node in reply.nodes:
         console.print(f"  node {node.node}: {node.state} ({node.cards} cards)", highlight=False)
+
+
+chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True)
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.command("run")
+def chaos_run(
+    scenario_file: Annotated[Path, typer.Argument(help="the scenario's YAML file (a job file plus faults)")],
+    compare: Annotated[Optional[bool], typer.Option("--compare/--no-compare", help="also run fault-free (default: the scenario's)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report here as JSON")] = None,
+) -> None:
+    """Run a job while injecting the scenario's faults; report detection, recovery and lost steps per fault."""
+    from dataclasses import asdict
+
+    from hyrun.runtime.chaos import load_scenario, run_scenario
+    from hyrun.runtime.launch import run_job
+
+    try:
+        scenario, job = load_scenario(scenario_file)
+    except JobFileError as error:
+        _fail(str(error), EXIT_USAGE)
+    if compare is not None:
+        scenario = scenario.model_copy(update={"compare": compare})
+
+    def run(spec):
+        return run_job(spec, spec.model_dump_json(), coordinator=None, token="", tls=TlsFiles(), on_event=lambda e: None)
+
+    try:
+        report = run_scenario(scenario, job, run=run, say=lambda text: console.print(text, highlight=False))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: every process this run started has been stopped")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_chaos(report)
+    if json_out is not None:
+        payload = {
+            "passed": report.passed,
+            "job": report.outcome.job_id,
+            "state": report.outcome.state,
+            "final_loss": report.final_loss,
+            "reference_loss": report.reference_loss,
+            "loss_matches": report.loss_matches,
+            "faults": [dict(asdict(f), fault=f.fault.model_dump()) for f in report.faults],
+        }
+        json_out.write_text(json.dumps(payload, indent=2))
+    if not report.passed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_chaos(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"chaos: job {report.outcome.job_id} {report.outcome.state.lower()}")
+    for column in ("fault", "detected", "verdict", "detect s", "resume s", "steps lost", "evidence"):
+        table.add_column(column)
+    for f in report.faults:
+        fault = f"{f.fault.kind} {f.fault.node}/card{f.fault.card} @ step {f.fault.at_step}"
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        table.add_row(fault, "yes" if f.detected else "[red]no[/]", f.verdict, fmt(f.detect_s), fmt(f.resume_s),
+                      str(f.steps_lost), f.reason[:80])  # fmt: skip
+    console.print(table)
+    if report.loss_matches is not None:
+        verdict = "matches" if report.loss_matches else "[red]differs from[/]"
+        console.print(f"final loss {report.final_loss:.4f} {verdict} the fault-free run's {report.reference_loss:.4f}")
+    console.print("[green]passed[/]" if report.passed else "[red]failed[/]")
 
 
 def main() -> None:

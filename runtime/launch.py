@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from google.protobuf import json_format
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
@@ -47,6 +48,7 @@ class JobOutcome:
     generations: int = 0
     evictions: list[str] = field(default_factory=list)
     steps_lost: int = 0
+    incidents: list[dict] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -191,6 +193,10 @@ def run_job(
         outcome.generations = max(outcome.generations, event.generation)
         outcome.evictions = list(event.evictions)
         outcome.steps_lost = event.steps_lost
+        outcome.incidents = [
+            json_format.MessageToDict(i, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for i in event.incidents
+        ]
         on_event(event)
 
     try:
@@ -224,6 +230,7 @@ def run_job(
                     "generations": outcome.generations,
                     "evictions": outcome.evictions,
                     "steps_lost": outcome.steps_lost,
+                    "incidents": outcome.incidents,
                     "losses": {str(k): v for k, v in sorted(outcome.losses.items())},
                 },
                 indent=2,

@@ -77,7 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format=f"rank {args.rank} %(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", args.port, args.world, False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", store=store, rank=args.rank, world_size=args.world, timeout=timedelta(seconds=60)
+    )
     rank, world = args.rank, args.world
     model = build_model(args.dropout)
     if args.parallel == "fsdp":
@@ -99,7 +101,9 @@ def worker(args: argparse.Namespace) -> None:
     storage = None
     if args.hang_step:
         storage = HangingStorage(Path(args.dir), args.hang_step, Path(f"{args.out}.hanging"))
-    ckpt = Checkpointer(settings, rank=rank, world_size=world, job_id=args.job, layout={"dp": world}, storage=storage)
+    ckpt = Checkpointer(
+        settings, rank=rank, world_size=world, job_id=args.job, layout={"dp": world}, storage=storage
+    )
 
     info = ckpt.load_latest(model, optimizer)
     start = 1
@@ -119,18 +123,32 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
         losses[step] = reduced.item()
         if ckpt.due(step, time.monotonic()) and step not in args.skip_save:
-            ckpt.save_async(step, model, optimizer, extra={"lr_schedule": schedule.state_dict(), "data_position": step + 1})
+            ckpt.save_async(
+                step,
+                model,
+                optimizer,
+                extra={"lr_schedule": schedule.state_dict(), "data_position": step + 1},
+            )
 
     result = {
-        "resumed": None if info is None else {"step": info.step, "source": info.source, "on_disk": info.on_disk},
+        "resumed": None
+        if info is None
+        else {"step": info.step, "source": info.source, "on_disk": info.on_disk},
         "losses": losses,
     }
-    state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "optim": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    state = {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optim": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
     if args.parallel == "ddp":
         torch.save(state, f"{args.out}.rank{rank}.pt")
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
     ckpt.close()  # waits for the last save; never returns in the hang test (the test kills us)
-    result["status"] = {"last_committed_step": ckpt.status().last_committed_step, "last_error": ckpt.status().last_error}
+    result["status"] = {
+        "last_committed_step": ckpt.status().last_committed_step,
+        "last_error": ckpt.status().last_error,
+    }
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -161,17 +179,37 @@ class Launcher:
         self.stores: list[dist.TCPStore] = []
 
     def start(self, world: int, out: str, **options) -> list[subprocess.Popen]:
-        store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world, True, wait_for_workers=False, timeout=timedelta(seconds=60)
+        )
         self.stores.append(store)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         procs = []
         for rank in range(world):
-            argv = [sys.executable, __file__, "--rank", str(rank), "--world", str(world), "--port", str(store.port),
-                    "--dir", str(self.tmp_path / "ckpt"), "--job", self.job, "--out", str(self.tmp_path / out)]
+            argv = [
+                sys.executable,
+                __file__,
+                "--rank",
+                str(rank),
+                "--world",
+                str(world),
+                "--port",
+                str(store.port),
+                "--dir",
+                str(self.tmp_path / "ckpt"),
+                "--job",
+                self.job,
+                "--out",
+                str(self.tmp_path / out),
+            ]
             for key, value in options.items():
-                argv += [f"--{key.replace('_', '-')}"] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
+                argv += [f"--{key.replace('_', '-')}"] + (
+                    [str(v) for v in value] if isinstance(value, list) else [str(value)]
+                )
             log = open(self.tmp_path / f"{out}.rank{rank}.log", "w")
-            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            procs.append(
+                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
         self.procs += procs
         return procs
 
@@ -207,7 +245,9 @@ def launcher(tmp_path):
 def _wait_for(paths: list[Path], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in paths):
-        assert time.monotonic() < deadline, f"timed out waiting for {[str(p) for p in paths if not p.exists()]}"
+        assert time.monotonic() < deadline, (
+            f"timed out waiting for {[str(p) for p in paths if not p.exists()]}"
+        )
         time.sleep(0.02)
 
 
@@ -216,7 +256,9 @@ def _assert_same_state(a: dict, b: dict, label: str) -> None:
         assert torch.equal(tensor, b["model"][key]), f"{label}: parameter {key} differs"
     for index, per_param in a["optim"]["state"].items():
         for name, value in per_param.items():
-            assert torch.equal(value, b["optim"]["state"][index][name]), f"{label}: optimizer {index}.{name} differs"
+            assert torch.equal(value, b["optim"]["state"][index][name]), (
+                f"{label}: optimizer {index}.{name} differs"
+            )
     assert a["optim"]["param_groups"] == b["optim"]["param_groups"], f"{label}: param_groups differ"
     assert torch.equal(a["rng"], b["rng"]), f"{label}: RNG state differs"
 
@@ -261,7 +303,11 @@ def test_resume_is_bitwise_and_a_killed_save_loses_nothing(launcher, tmp_path):
     for r in range(world):
         result = json.loads((tmp_path / f"b.rank{r}.json").read_text())
         assert result["resumed"] == {"step": N, "source": "disk", "on_disk": True}
-        _assert_same_state(torch.load(tmp_path / f"a.rank{r}.pt"), torch.load(tmp_path / f"b.rank{r}.pt"), f"rank {r} disk resume")
+        _assert_same_state(
+            torch.load(tmp_path / f"a.rank{r}.pt"),
+            torch.load(tmp_path / f"b.rank{r}.pt"),
+            f"rank {r} disk resume",
+        )
 
     # C: a restart on the same node finds A's snapshot of step 2N in RAM.
     for r in range(world):
@@ -272,7 +318,11 @@ def test_resume_is_bitwise_and_a_killed_save_loses_nothing(launcher, tmp_path):
         result = json.loads((tmp_path / f"c.rank{r}.json").read_text())
         assert result["resumed"] == {"step": 2 * N, "source": "shared_memory", "on_disk": False}
         assert result["status"] == {"last_committed_step": 2 * N, "last_error": None}
-        _assert_same_state(torch.load(tmp_path / f"a.rank{r}.pt"), torch.load(tmp_path / f"c.rank{r}.pt"), f"rank {r} RAM resume")
+        _assert_same_state(
+            torch.load(tmp_path / f"a.rank{r}.pt"),
+            torch.load(tmp_path / f"c.rank{r}.pt"),
+            f"rank {r} RAM resume",
+        )
     assert storage.committed_steps() == [N, 2 * N]
     assert find_damage(storage, 2 * N) == []
     # Durable now, so close() freed the RAM.
@@ -283,9 +333,13 @@ def test_resume_is_bitwise_and_a_killed_save_loses_nothing(launcher, tmp_path):
 def test_resume_reshards_fsdp_dp4_onto_dp2(launcher, tmp_path):
     """Saved by 4 ranks under FSDP2 (each holding a quarter of every parameter and of AdamW's state),
     resumed by 2: DCP reshards on load, and the loss continues as in the uninterrupted dp=4 run."""
-    gen_a = launcher.start(4, "a", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0)
+    gen_a = launcher.start(
+        4, "a", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0
+    )
     launcher.wait(gen_a, 120)
-    gen_b = launcher.start(2, "b", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0)
+    gen_b = launcher.start(
+        2, "b", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0
+    )
     launcher.wait(gen_b, 90)
     straight = json.loads((tmp_path / "a.rank0.json").read_text())
     resumed = json.loads((tmp_path / "b.rank0.json").read_text())

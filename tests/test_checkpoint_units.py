@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from hyrun.runtime.checkpoint import (
     Checkpointer,
     CheckpointSettings,
+    CheckpointsUnusable,
     LocalDirectoryStorage,
     Manifest,
     remove_snapshots,
@@ -39,11 +41,13 @@ def job():
 
 def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4)
+    )
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
-def train(model, optimizer, ckpt, steps, now_s=float) -> list[int]:
+def train(model, optimizer, ckpt, steps, now_s=float, wait=True) -> list[int]:
     """The worker's loop in miniature; returns the steps at which a save started."""
     saved = []
     for step in steps:
@@ -55,7 +59,8 @@ def train(model, optimizer, ckpt, steps, now_s=float) -> list[int]:
         if ckpt.due(step, now_s(step)):
             ckpt.save_async(step, model, optimizer, extra={"data_position": step + 1})
             saved.append(step)
-    ckpt.wait()
+    if wait:
+        ckpt.wait()
     return saved
 
 
@@ -64,7 +69,9 @@ def params(model) -> dict[str, torch.Tensor]:
 
 
 def checkpointer(directory: Path, job: str, storage=None, **settings) -> Checkpointer:
-    return Checkpointer(CheckpointSettings(directory=directory, **settings), rank=0, world_size=1, job_id=job, storage=storage)
+    return Checkpointer(
+        CheckpointSettings(directory=directory, **settings), rank=0, world_size=1, job_id=job, storage=storage
+    )
 
 
 class FullDisk(LocalDirectoryStorage):
@@ -97,7 +104,9 @@ def test_settings_reject_values_that_cannot_work():
 
 
 def test_manifest_round_trips_and_rejects_garbage():
-    manifest = Manifest(7, "job", 2, {"dp": 2}, {"data_position": 8}, {0: {"a": 1}, 1: {"a": 2}}, {"f": FileEntry(3, "ab")})
+    manifest = Manifest(
+        7, "job", 2, {"dp": 2}, {"data_position": 8}, {0: {"a": 1}, 1: {"a": 2}}, {"f": FileEntry(3, "ab")}
+    )
     assert Manifest.from_json(manifest.to_json()) == manifest
     with pytest.raises(ManifestError, match="unreadable"):
         Manifest.from_json(b'{"format": "hyrun-checkpoint/1"')
@@ -167,6 +176,37 @@ def test_extra_must_be_json(tmp_path, job):
     ckpt.close()
 
 
+def test_the_fence_keeps_a_slow_copy_consistent_with_its_step(tmp_path, job, monkeypatch):
+    """The background copy is made slower than a training step: forward N+1 (which updates the batch
+    norm's running statistics) runs during it, and fence() holds optimizer step N+1 back until it is
+    done. The snapshot must hold exactly the state after step N."""
+    from hyrun.runtime.checkpoint import staging
+
+    slow_copy = staging.StagingCopy.copy_in_background
+
+    def slower(self):
+        time.sleep(0.3)
+        slow_copy(self)
+
+    monkeypatch.setattr(staging.StagingCopy, "copy_in_background", slower)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 2))
+    train(model, optimizer, ckpt, range(2, 3), wait=False)  # saves after step 2 ...
+    at_step_2 = params(model)
+    train(model, optimizer, ckpt, range(3, 4))  # ... and step 3 runs while the copy sleeps
+    assert ckpt.status().total_stall_s > 0.1, "the fence waited for the copy"
+    ckpt.close()
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    info = ckpt.load_latest(model, optimizer)
+    ckpt.close()
+    assert info.step == 2
+    for key, value in params(model).items():
+        assert torch.equal(value, at_step_2[key]), key
+
+
 # ---- resume ---------------------------------------------------------------------------------------
 
 
@@ -198,14 +238,45 @@ def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_loads(tmp_path, 
         info = ckpt.load_latest(model, optimizer)
     ckpt.close()
     assert (info.step, info.source, info.extra) == (2, "disk", {"data_position": 3})
-    assert len(info.refused) == 1 and "step-000000004" in info.refused[0] and "__0_0.distcp: sha256" in info.refused[0]
+    assert (
+        len(info.refused) == 1
+        and "step-000000004" in info.refused[0]
+        and "__0_0.distcp: sha256" in info.refused[0]
+    )
     assert "refused checkpoint step-000000004" in caplog.text
     for key, value in params(model).items():
         assert torch.equal(value, at_step_2[key]), key
 
     result = CliRunner().invoke(app, ["verify", str(tmp_path)])
     assert result.exit_code == 1
-    assert "step-000000002: ok" in result.output and "step-000000004: DAMAGED __0_0.distcp: sha256" in result.output
+    assert (
+        "step-000000002: ok" in result.output
+        and "step-000000004: DAMAGED __0_0.distcp: sha256" in result.output
+    )
+
+
+def test_when_every_checkpoint_is_refused_resume_stops_instead_of_starting_over(tmp_path, job):
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    ckpt.close()
+    (tmp_path / "step-000000002" / ".metadata").write_bytes(b"garbage")
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    with pytest.raises(CheckpointsUnusable, match=r"step-000000002 \(disk\): .metadata: size 7 bytes"):
+        ckpt.load_latest(model, optimizer)
+    ckpt.close()
+
+    wider = torch.nn.Sequential(torch.nn.Linear(8, 32))  # intact files, but not this model
+    (tmp_path / "step-000000002").rename(tmp_path / "elsewhere")
+    ckpt = checkpointer(tmp_path, job, interval_steps=1)
+    train(model, optimizer, ckpt, range(1, 2))
+    ckpt.close()
+    ckpt = checkpointer(tmp_path, job)
+    with pytest.raises(CheckpointsUnusable, match="Size mismatch"):
+        ckpt.load_latest(wider, torch.optim.AdamW(wider.parameters()))
+    ckpt.close()
 
 
 def test_a_full_disk_is_reported_and_training_goes_on(tmp_path, job):
@@ -217,7 +288,9 @@ def test_a_full_disk_is_reported_and_training_goes_on(tmp_path, job):
     train(model, optimizer, ckpt, range(3, 5))
     status = ckpt.status()
     assert (status.last_committed_step, status.saves_committed, status.saves_failed) == (2, 1, 1)
-    assert "step-000000004: write failed" in status.last_error and "No space left on device" in status.last_error
+    assert (
+        "step-000000004: write failed" in status.last_error and "No space left on device" in status.last_error
+    )
     assert storage.committed_steps() == [2]
     assert not (tmp_path / "step-000000004.tmp").exists(), "the partial save was removed"
     storage.full = False  # the operator frees space: the next save works again

@@ -14,6 +14,7 @@ def test_signal_death_is_blamed_and_peer_errors_are_not():
         _failure(0, 1, "exited with code 1: RuntimeError: [gloo] Connection closed by peer", 1.0),
         _failure(2, -9, "killed by SIGKILL", 1.1),
         _failure(1, 1, "exited with code 1: DistBackendError: Broken pipe", 1.2),
+        _failure(3, -6, "killed by SIGABRT: what():  [pair.cc:537] Read error: Connection reset by peer.", 1.2),
     ])  # fmt: skip
     assert [(v.kind, v.card.index) for v in verdicts] == [(VerdictKind.EVICT, 2)]
     assert "killed by SIGKILL" in verdicts[0].reason

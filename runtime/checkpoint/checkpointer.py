@@ -9,8 +9,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,7 +62,9 @@ class Checkpointer:
         """Collective when world_size > 1 (it creates the checkpointer's own gloo groups): every rank
         constructs it at the same point, after torch.distributed is initialized."""
         if not _JOB_ID.match(job_id):
-            raise ValueError(f"job_id {job_id!r} must be letters, digits, '_', '.', '-' (it names a /dev/shm file)")
+            raise ValueError(
+                f"job_id {job_id!r} must be letters, digits, '_', '.', '-' (it names a /dev/shm file)"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if world_size > 1:
@@ -77,7 +80,9 @@ class Checkpointer:
         self.world_size = world_size
         self.job_id = job_id
         self._layout = json.loads(json.dumps(dict(layout or {})))
-        self._storage = storage if storage is not None else LocalDirectoryStorage(settings.directory)
+        self._storage = (
+            storage if storage is not None else LocalDirectoryStorage(settings.directory, settings.io_threads)
+        )
         # Two groups: the writer thread's commit protocol and the trainer thread's due-vote never
         # share one (see group.py).
         self._commit_group = RankGroup.create(rank, world_size, settings.commit_timeout_s)
@@ -108,7 +113,9 @@ class Checkpointer:
 
     def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ResumeInfo | None:
         """Collective. Loads the newest intact state (RAM snapshot or committed checkpoint) onto this
-        model and optimizer, whatever mesh saved it, and restores this rank's RNG. None: start fresh."""
+        model and optimizer, whatever mesh saved it, and restores this rank's RNG. None: nothing saved
+        yet, start fresh (the optimizer is left untouched). Raises CheckpointsUnusable if states exist
+        but every one is refused."""
         self._writer.wait_idle()
         info = resume.load_latest(
             model,
@@ -117,6 +124,7 @@ class Checkpointer:
             group=self._commit_group,
             snapshot_file=self._snapshot_file,
             job_id=self.job_id,
+            io_threads=self.settings.io_threads,
         )
         if info is None:
             return None
@@ -136,7 +144,9 @@ class Checkpointer:
         by a max-vote started one step earlier, so the vote's latency hides behind a step."""
         if self._interval_start_s is None:
             self._interval_start_s = now_s
-        by_steps = self.settings.interval_steps > 0 and step - self._last_saved_step >= self.settings.interval_steps
+        by_steps = (
+            self.settings.interval_steps > 0 and step - self._last_saved_step >= self.settings.interval_steps
+        )
         if self._vote_group.distributed:
             wish_any, busy_any = self._pending_vote.result() if self._pending_vote is not None else (0, 0)
         else:
@@ -170,8 +180,12 @@ class Checkpointer:
         extra_json = _as_json(extra)
         self.fence()
         if self._writer.busy:
-            log.warning("rank %d: save at step %d waits for the previous save to commit; the interval is "
-                        "shorter than a save takes", self.rank, step)
+            log.warning(
+                "rank %d: save at step %d waits for the previous save to commit; the interval is "
+                "shorter than a save takes",
+                self.rank,
+                step,
+            )
             self._writer.wait_idle()
         self._last_saved_step = step
         rng = capture_rng_state()  # at the step boundary, on the trainer's thread
@@ -242,15 +256,26 @@ class Checkpointer:
                 self._pending_vote = None
             self.fence()
             if not self._writer.close(self.settings.commit_timeout_s):
-                log.error("rank %d: checkpoint writer still busy after %.0f s", self.rank, self.settings.commit_timeout_s)
+                log.error(
+                    "rank %d: checkpoint writer still busy after %.0f s",
+                    self.rank,
+                    self.settings.commit_timeout_s,
+                )
             if self._snapshot is not None:
                 self._views = None
                 self._snapshot.close()
-                durable = self._snapshot_step is not None and self._snapshot_step == self.status().last_committed_step
+                durable = (
+                    self._snapshot_step is not None
+                    and self._snapshot_step == self.status().last_committed_step
+                )
                 if durable:
                     self._snapshot.unlink()
                 else:
-                    log.warning("rank %d: kept %s, it holds state newer than the last checkpoint", self.rank, self._snapshot_file)
+                    log.warning(
+                        "rank %d: kept %s, it holds state newer than the last checkpoint",
+                        self.rank,
+                        self._snapshot_file,
+                    )
                 self._snapshot = None
         except Exception:
             log.exception("rank %d: checkpointer close failed", self.rank)
@@ -268,16 +293,18 @@ class Checkpointer:
         layout = plan_layout(tensors)
         sources = [local_part(tensor) for _, tensor in tensors]
         on_gpu = next((s.device for s in sources if s.device.type == "cuda"), None)
-        meta = SharedSnapshot.describe({
-            "job_id": self.job_id,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "fingerprint": layout.fingerprint,
-            "model_fingerprint": fingerprint_of([(p, t) for p, t in tensors if p[0] == "model"]),
-            "others": others,
-            "extra": extra_json,
-            "rng": rng,
-        })
+        meta = SharedSnapshot.describe(
+            {
+                "job_id": self.job_id,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "fingerprint": layout.fingerprint,
+                "model_fingerprint": fingerprint_of([(p, t) for p, t in tensors if p[0] == "model"]),
+                "others": others,
+                "extra": extra_json,
+                "rng": rng,
+            }
+        )
         snapshot, views = self._snapshot_for(layout, len(meta), pin=on_gpu is not None)
         snapshot.begin(step, meta)
         if on_gpu is not None and self._copy_stream is None:
@@ -289,7 +316,9 @@ class Checkpointer:
         staged = staged_state_dict(live, [path for path, _ in tensors], views, others)
         return staging, staged, snapshot
 
-    def _snapshot_for(self, layout: StateLayout, meta_nbytes: int, *, pin: bool) -> tuple[SharedSnapshot, list[torch.Tensor]]:
+    def _snapshot_for(
+        self, layout: StateLayout, meta_nbytes: int, *, pin: bool
+    ) -> tuple[SharedSnapshot, list[torch.Tensor]]:
         """The host buffer, allocated once at the exact size of the state and reused by every save;
         reallocated only if the layout changes."""
         if self._snapshot is None:
@@ -302,7 +331,9 @@ class Checkpointer:
         if self._snapshot is None:
             capacity = max(_MIN_META_CAPACITY_BYTES, 2 * meta_nbytes)
             self._snapshot = SharedSnapshot.create(self._snapshot_file, capacity, layout.data_nbytes)
-            log.info("rank %d: snapshot %s, %d bytes", self.rank, self._snapshot_file, self._snapshot.total_bytes)
+            log.info(
+                "rank %d: snapshot %s, %d bytes", self.rank, self._snapshot_file, self._snapshot.total_bytes
+            )
         if pin:
             self._snapshot.pin()
         if self._views is None or self._views[0] != layout.fingerprint:
@@ -319,16 +350,26 @@ class Checkpointer:
         views = snapshot.views(layout)
         self._snapshot, self._views, self._snapshot_step = snapshot, (layout.fingerprint, views), info.step
         staged = staged_state_dict(live, [path for path, _ in tensors], views, meta["others"])
-        request = commit.SaveRequest(info.step, staged, None, meta["extra"], meta["rng"], self._layout, self.job_id)
+        request = commit.SaveRequest(
+            info.step, staged, None, meta["extra"], meta["rng"], self._layout, self.job_id
+        )
         self._writer.submit(lambda: None, lambda: self._persist(request))
 
     def _persist(self, request: commit.SaveRequest) -> None:
         """On the writer thread. Whatever happens, it ends in _record: a save never raises into training."""
         try:
-            outcome = commit.persist(request, self._storage, self._commit_group, self.settings.keep_last)
+            outcome = commit.persist(
+                request,
+                self._storage,
+                self._commit_group,
+                keep_last=self.settings.keep_last,
+                io_threads=self.settings.io_threads,
+            )
         except Exception as exc:  # a bug, not an I/O failure: keep its traceback in the log
             log.exception("rank %d: checkpoint %s: internal error", self.rank, step_name(request.step))
-            outcome = commit.SaveOutcome(request.step, False, f"internal error: {commit.describe_error(exc)}", 0.0)
+            outcome = commit.SaveOutcome(
+                request.step, False, f"internal error: {commit.describe_error(exc)}", 0.0
+            )
         self._record(outcome)
 
     def _record(self, outcome: commit.SaveOutcome) -> None:
@@ -343,11 +384,21 @@ class Checkpointer:
                 self._last_error = f"{step_name(outcome.step)}: {outcome.error}"
         if outcome.committed:
             if self.rank == 0:
-                log.info("committed %s in %.2f s%s", step_name(outcome.step), outcome.persist_s,
-                         f", deleted {[step_name(s) for s in outcome.pruned_steps]}" if outcome.pruned_steps else "")
+                log.info(
+                    "committed %s in %.2f s%s",
+                    step_name(outcome.step),
+                    outcome.persist_s,
+                    f", deleted {[step_name(s) for s in outcome.pruned_steps]}"
+                    if outcome.pruned_steps
+                    else "",
+                )
         else:
-            log.error("rank %d: checkpoint %s failed, training goes on from the previous one: %s",
-                      self.rank, step_name(outcome.step), outcome.error)
+            log.error(
+                "rank %d: checkpoint %s failed, training goes on from the previous one: %s",
+                self.rank,
+                step_name(outcome.step),
+                outcome.error,
+            )
 
     def _add_stall(self, stall_s: float, *, new_save: bool) -> None:
         with self._lock:

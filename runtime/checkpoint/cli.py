@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -35,8 +36,10 @@ def _size(size_bytes: int) -> str:
 
 @app.command("ls")
 def list_checkpoints(
-    directory: Path = typer.Argument(..., help="The job's checkpoint directory."),
-    hashes: bool = typer.Option(False, "--hash", help="Re-hash every file (slow); by default sizes only."),
+    directory: Annotated[Path, typer.Argument(help="The job's checkpoint directory.")],
+    hashes: Annotated[
+        bool, typer.Option("--hash", help="Re-hash every file (slow); by default sizes only.")
+    ] = False,
 ) -> None:
     """Committed checkpoints, oldest first: step, time, size, ranks, and whether they are intact."""
     storage, steps = _storage_and_steps(directory)
@@ -57,7 +60,9 @@ def list_checkpoints(
 
 
 @app.command("verify")
-def verify_checkpoints(directory: Path = typer.Argument(..., help="A checkpoint directory, or one step-* folder.")) -> None:
+def verify_checkpoints(
+    directory: Annotated[Path, typer.Argument(help="A checkpoint directory, or one step-* folder.")],
+) -> None:
     """Re-hash every file of every committed checkpoint; exit 1 if any is damaged, naming the file."""
     storage, steps = _storage_and_steps(directory)
     if not steps:

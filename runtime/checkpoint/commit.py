@@ -12,9 +12,11 @@ that another rank will enter, so a failed save cannot leave ranks waiting on eac
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .group import RankGroup
-from .manifest import Manifest, share_of_files
+from .manifest import FileEntry, Manifest, map_in_threads, share_of_files
 from .storage import CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,16 @@ class SaveOutcome:
 
 def describe_error(error: BaseException) -> str:
     if isinstance(error, CheckpointException):
-        parts = [f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _tb) in sorted(error.failures.items())]
+        parts = [
+            f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _tb) in sorted(error.failures.items())
+        ]
         return "; ".join(parts) or str(error)
     return f"{type(error).__name__}: {error}"
 
 
-def persist(request: SaveRequest, storage: CheckpointStorage, group: RankGroup, keep_last: int) -> SaveOutcome:
+def persist(
+    request: SaveRequest, storage: CheckpointStorage, group: RankGroup, *, keep_last: int, io_threads: int = 1
+) -> SaveOutcome:
     start_s = time.perf_counter()
 
     def outcome(error: str | None, pruned: tuple[int, ...] = ()) -> SaveOutcome:
@@ -73,7 +79,7 @@ def persist(request: SaveRequest, storage: CheckpointStorage, group: RankGroup, 
     #    writes into the area before rank 0 has (re)created it.
     error = request.staging_error
     if group.rank == 0 and error is None:
-        error = _attempt(lambda: storage.prepare(request.step))
+        error = _attempt(functools.partial(storage.prepare, request.step))[1]
     errors = [e for e in group.all_gather_object(error) if e is not None]
     if errors:
         _discard(storage, group)
@@ -94,18 +100,24 @@ def persist(request: SaveRequest, storage: CheckpointStorage, group: RankGroup, 
 
     # 3. Hash in parallel: rank r hashes every world_size-th file.
     names = {info.relative_path for info in metadata.storage_data.values()} | {_DCP_METADATA}
-    entries: dict[str, Any] = {}
-    error = _attempt(
-        lambda: entries.update(
-            {name: storage.file_entry(request.step, name, committed=False) for name in share_of_files(names, group.rank, group.world_size)}
-        )
-    )
+    share = share_of_files(names, group.rank, group.world_size)
+
+    def hash_share() -> dict[str, FileEntry]:
+        hash_one = functools.partial(storage.file_entry, request.step, committed=False)
+        return dict(zip(share, map_in_threads(hash_one, share, io_threads), strict=True))
+
+    entries, error = _attempt(hash_share)
     votes = group.all_gather_object((error, entries, request.rng))
 
     # 4. Rank 0 publishes; everyone learns the outcome from it.
     result: tuple[str | None, tuple[int, ...]] = (None, ())
     if group.rank == 0:
-        result = _publish(request, storage, votes, group.world_size, keep_last)
+        # Guarded as a whole: rank 0 must reach the broadcast whatever happens, or every other
+        # rank waits in it until the commit timeout.
+        result, crash = _attempt(lambda: _publish(request, storage, votes, group.world_size, keep_last))
+        if crash is not None:
+            _discard(storage, group)
+            result = (f"commit failed: {crash}", ())
     error, pruned = group.broadcast_object(result)
     return outcome(error, pruned)
 
@@ -119,7 +131,7 @@ def _publish(
 ) -> tuple[str | None, tuple[int, ...]]:
     errors = [f"rank {rank}: {error}" for rank, (error, _, _) in enumerate(votes) if error is not None]
     if errors:
-        storage.sweep()
+        storage.sweep()  # raising here is caught by the caller
         return f"hashing failed: {errors[0]}", ()
     files: dict[str, Any] = {}
     for _, entries, _ in votes:
@@ -133,7 +145,12 @@ def _publish(
         rng_by_rank={rank: rng for rank, (_, _, rng) in enumerate(votes)},
         files=files,
     )
-    error = _attempt(lambda: (storage.write_manifest(request.step, manifest.to_json()), storage.commit(request.step)))
+
+    def publish() -> None:
+        storage.write_manifest(request.step, manifest.to_json())
+        storage.commit(request.step)
+
+    error = _attempt(publish)[1]
     if error is not None:
         storage.sweep()
         return f"commit failed: {error}", ()
@@ -145,7 +162,7 @@ def _prune(storage: CheckpointStorage, keep_last: int) -> tuple[int, ...]:
     old_steps = storage.committed_steps()[:-keep_last]
     pruned = []
     for step in old_steps:
-        error = _attempt(lambda: storage.delete(step))
+        error = _attempt(functools.partial(storage.delete, step))[1]
         if error is None:
             pruned.append(step)
         else:
@@ -155,15 +172,14 @@ def _prune(storage: CheckpointStorage, keep_last: int) -> tuple[int, ...]:
 
 def _discard(storage: CheckpointStorage, group: RankGroup) -> None:
     if group.rank == 0:
-        error = _attempt(storage.sweep)
+        error = _attempt(storage.sweep)[1]
         if error is not None:
             log.warning("could not remove a failed save's staging area: %s", error)
 
 
-def _attempt(action: Any) -> str | None:
-    """Runs an I/O action; its failure as text (the one error path), None if it worked."""
+def _attempt(action: Callable[[], Any]) -> tuple[Any, str | None]:
+    """Runs an I/O action: (its result, None), or (None, its failure as text) -- the one error path."""
     try:
-        action()
-        return None
+        return action(), None
     except IO_FAILURES as exc:
-        return describe_error(exc)
+        return None, describe_error(exc)

@@ -45,7 +45,9 @@ class RankGroup:
         if not self.distributed:
             return value
         box = [value if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+        dist.broadcast_object_list(
+            box, src=dist.get_global_rank(self.process_group, 0), group=self.process_group
+        )
         return box[0]
 
     def start_max(self, values: list[int]) -> "PendingMax":

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -37,7 +38,9 @@ class StateLayout:
     fingerprint: str  # over (path, dtype, local shape) of every tensor, in order
 
 
-def flatten_state(state: Any, path: KeyPath = ()) -> tuple[list[tuple[KeyPath, torch.Tensor]], dict[KeyPath, Any]]:
+def flatten_state(
+    state: Any, path: KeyPath = ()
+) -> tuple[list[tuple[KeyPath, torch.Tensor]], dict[KeyPath, Any]]:
     """Tensor leaves (DTensors stay DTensors) in a fixed order, and every other leaf by path."""
     tensors: list[tuple[KeyPath, torch.Tensor]] = []
     others: dict[KeyPath, Any] = {}

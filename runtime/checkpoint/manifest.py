@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "hyrun-checkpoint/1"
@@ -98,6 +100,14 @@ def hash_stream(stream: BinaryIO) -> FileEntry:
 def hash_file(path: Path) -> FileEntry:
     with open(path, "rb") as stream:
         return hash_stream(stream)
+
+
+def map_in_threads(function: Callable[[str], Any], names: list[str], threads: int) -> list[Any]:
+    """function(name) for every name, on up to `threads` threads (hashing and reading drop the GIL)."""
+    if threads <= 1 or len(names) <= 1:
+        return [function(name) for name in names]
+    with ThreadPoolExecutor(max_workers=min(threads, len(names))) as pool:
+        return list(pool.map(function, names))
 
 
 def share_of_files(names: Iterable[str], rank: int, world_size: int) -> list[str]:

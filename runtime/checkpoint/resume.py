@@ -6,7 +6,6 @@ Every choice is made collectively, so all ranks load the same step or none does.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 
 from .commit import IO_FAILURES, describe_error
 from .group import RankGroup
-from .layout import flatten_state, fingerprint_of, local_part, plan_layout, rebuild_state
+from .layout import fingerprint_of, flatten_state, local_part, plan_layout, rebuild_state
 from .manifest import Manifest
 from .rng import restore_rng_state
 from .snapshot import COMMITTED, SharedSnapshot
@@ -28,6 +27,10 @@ from .verify import find_damage
 log = logging.getLogger(__name__)
 
 SHARED_MEMORY, DISK = "shared_memory", "disk"
+
+
+class CheckpointsUnusable(RuntimeError):
+    """Checkpoints exist but none can be loaded (all damaged, or none fits this model)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def load_latest(
     group: RankGroup,
     snapshot_file: Path,
     job_id: str,
+    io_threads: int = 1,
 ) -> ResumeInfo | None:
     if group.rank == 0:
         for name in storage.sweep():
@@ -100,13 +104,10 @@ def load_latest(
     # Newest first; at equal steps RAM first, it is faster to read.
     candidates.sort(key=lambda c: (c[0], c[1] == SHARED_MEMORY), reverse=True)
 
-    # Building the optimizer's state dict gives a fresh optimizer a state (DCP needs tensors to load
-    # into); a run that finds nothing to load must start from the untouched optimizer.
-    pristine = copy.deepcopy(optimizer.state_dict()) if not optimizer.state else None
     refused: list[str] = []
     for step, source in candidates:
         label = f"{step_name(step)} ({source.replace('_', ' ')})"
-        loaded, reason = _try_load(step, source, model, optimizer, storage, group, snapshot_file)
+        loaded, reason = _try_load(step, source, model, optimizer, storage, group, snapshot_file, io_threads)
         if loaded is None:
             refused.append(f"{label}: {reason}")
             if group.rank == 0:
@@ -116,29 +117,42 @@ def load_latest(
         if rng is not None:
             restore_rng_state(rng)
         elif group.rank == 0 or len(loaded.rng_by_rank) > group.world_size:
-            log.info("rank %d: no saved RNG state (saved by %d ranks); RNG left as seeded", group.rank, len(loaded.rng_by_rank))
+            log.info(
+                "rank %d: no saved RNG state (saved by %d ranks); RNG left as seeded",
+                group.rank,
+                len(loaded.rng_by_rank),
+            )
         if group.rank == 0:
             log.info("resumed from %s", label)
         on_disk = source == DISK or step in committed
         return ResumeInfo(step, loaded.extra, source, tuple(refused), rng is not None, on_disk)
-    if pristine is not None:
-        optimizer.load_state_dict(pristine)
+    if refused:
+        # Starting from scratch here would train over what may be recoverable (and keep_last would
+        # soon delete it); a person decides.
+        raise CheckpointsUnusable(
+            f"every saved state was refused, none loaded: {'; '.join(refused)}. Repair or move them "
+            "away to start from scratch"
+        )
     return None
 
 
-def _try_load(step, source, model, optimizer, storage, group, snapshot_file) -> tuple[_Loaded | None, str]:
+def _try_load(
+    step, source, model, optimizer, storage, group, snapshot_file, io_threads
+) -> tuple[_Loaded | None, str]:
     if source == DISK:
-        problems = group.all_gather_object(find_damage(storage, step, rank=group.rank, world_size=group.world_size))
+        problems = group.all_gather_object(
+            find_damage(storage, step, rank=group.rank, world_size=group.world_size, io_threads=io_threads)
+        )
         problems = [p for share in problems for p in share]
         if problems:
             return None, "; ".join(problems)
-        load = lambda: _load_from_disk(step, model, optimizer, storage, group)
-    else:
-        load = lambda: _load_from_snapshot(step, model, optimizer, snapshot_file)
     loaded: _Loaded | None = None
     error = None
     try:
-        loaded = load()
+        if source == DISK:
+            loaded = _load_from_disk(step, model, optimizer, storage, group)
+        else:
+            loaded = _load_from_snapshot(step, model, optimizer, snapshot_file)
     except IO_FAILURES as exc:
         error = describe_error(exc)
     # DCP fails on all ranks alike; a snapshot can fail on one rank only: vote either way.
@@ -153,7 +167,12 @@ def _load_from_disk(step, model, optimizer, storage, group) -> _Loaded:
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     # DCP reads each rank's slices of every tensor, whatever mesh wrote them: this is the resharding.
-    dcp.load(state, storage_reader=storage.dcp_reader(step), process_group=group.process_group, no_dist=not group.distributed)
+    dcp.load(
+        state,
+        storage_reader=storage.dcp_reader(step),
+        process_group=group.process_group,
+        no_dist=not group.distributed,
+    )
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return _Loaded(manifest.extra, manifest.rng_by_rank)
 
@@ -170,10 +189,12 @@ def _load_from_snapshot(step, model, optimizer, snapshot_file) -> _Loaded:
         layout = plan_layout(tensors)
         if layout.fingerprint != meta["fingerprint"] or snapshot.header().step != step:
             raise ValueError("snapshot does not match this model and optimizer")
-        for (_, tensor), view in zip(tensors, snapshot.views(layout)):
+        for (_, tensor), view in zip(tensors, snapshot.views(layout), strict=True):
             local_part(tensor).copy_(view)
         others = meta["others"]
-        state = rebuild_state(live, lambda path, leaf: leaf if isinstance(leaf, torch.Tensor) else others[path])
+        state = rebuild_state(
+            live, lambda path, leaf: leaf if isinstance(leaf, torch.Tensor) else others[path]
+        )
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return _Loaded(meta["extra"], {meta["rank"]: meta["rng"]})
     finally:

@@ -25,7 +25,13 @@ def capture_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch_cpu": _encode_tensor(torch.get_rng_state()),
         "python": [version, list(words), gauss_next],
-        "numpy": [np_kind, base64.b64encode(np_keys.tobytes()).decode(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "numpy": [
+            np_kind,
+            base64.b64encode(np_keys.tobytes()).decode(),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
     }
     # Only the current card's generator: each worker owns one card.
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -23,6 +23,9 @@ class CheckpointSettings:
     # Upper bound on one collective of the commit protocol. It must cover the slowest rank's
     # write + hash of its files, or a slow rank reads as a failed save.
     commit_timeout_s: float = 600.0
+    # Files per rank, written and hashed in parallel (DCP's thread_count). More helps where cores
+    # are spare (a GPU node); on a small CPU host the threads compete with training.
+    io_threads: int = 1
     # Where each rank's host snapshot lives; tmpfs so that it outlives the worker process.
     shared_memory_dir: Path = Path("/dev/shm")
 
@@ -35,5 +38,7 @@ class CheckpointSettings:
             raise ValueError(f"interval_s must be >= 0 (0 = off), got {self.interval_s}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")

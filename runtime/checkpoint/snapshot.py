@@ -29,6 +29,8 @@ _HEADER = struct.Struct("<8sIIqQQQ")  # magic, version, state, step, meta capaci
 _STATE_OFFSET = 12  # byte offset of `state` in the header: flipped alone, as the last write
 HEADER_BYTES = mmap.PAGESIZE
 EMPTY, STAGING, COMMITTED = 0, 1, 2
+# A new snapshot maps every page up front: its first staging copy should not pay a fault per 4 KiB.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,22 @@ class SharedSnapshot:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, total_bytes)
-            # Reserve the pages now: a /dev/shm too small fails here, with its size in the message,
+            # Reserve the pages now: a /dev/shm too small fails here, with the sizes in the message,
             # not as a SIGBUS in the middle of a staging copy.
-            os.posix_fallocate(fd, 0, total_bytes)
-            region = mmap.mmap(fd, total_bytes)
+            try:
+                os.posix_fallocate(fd, 0, total_bytes)
+            except OSError as exc:
+                fs = os.statvfs(path.parent)
+                raise OSError(
+                    exc.errno,
+                    f"cannot reserve {total_bytes} bytes for the snapshot {path}: {exc.strerror}; "
+                    f"{fs.f_bavail * fs.f_frsize} bytes free in {path.parent} (raise its size, e.g. "
+                    "docker --shm-size)",
+                ) from exc
+            region = mmap.mmap(fd, total_bytes, flags=_MAP_FLAGS)
         except BaseException:
             os.close(fd)
+            path.unlink(missing_ok=True)
             raise
         snapshot = cls(path, fd, region)
         _HEADER.pack_into(region, 0, _MAGIC, _VERSION, EMPTY, -1, meta_capacity_bytes, 0, data_nbytes)
@@ -88,7 +100,7 @@ class SharedSnapshot:
             if size < HEADER_BYTES:
                 os.close(fd)
                 return None
-            region = mmap.mmap(fd, size)
+            region = mmap.mmap(fd, size)  # no MAP_POPULATE: a probe reads only the header
         except BaseException:
             os.close(fd)
             raise
@@ -116,10 +128,20 @@ class SharedSnapshot:
         struct.pack_into("<I", self._region, _STATE_OFFSET, STAGING)
         header = self.header()
         if len(blob) > header.meta_capacity_bytes:
-            raise ValueError(f"snapshot description of {len(blob)} bytes exceeds {header.meta_capacity_bytes}")
+            raise ValueError(
+                f"snapshot description of {len(blob)} bytes exceeds {header.meta_capacity_bytes}"
+            )
         self._region[HEADER_BYTES : HEADER_BYTES + len(blob)] = blob
         _HEADER.pack_into(
-            self._region, 0, _MAGIC, _VERSION, STAGING, step, header.meta_capacity_bytes, len(blob), header.data_nbytes
+            self._region,
+            0,
+            _MAGIC,
+            _VERSION,
+            STAGING,
+            step,
+            header.meta_capacity_bytes,
+            len(blob),
+            header.data_nbytes,
         )
 
     def mark_committed(self) -> None:
@@ -130,6 +152,7 @@ class SharedSnapshot:
         return pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
 
     def read_meta(self) -> dict[str, Any]:
+        # Unpickling is safe here: the file is created 0600, so only this user can have written it.
         header = self.header()
         return pickle.loads(self._region[HEADER_BYTES : HEADER_BYTES + header.meta_nbytes])
 
@@ -143,7 +166,9 @@ class SharedSnapshot:
         numel = slot.nbytes // slot.dtype.itemsize
         if numel == 0:
             return torch.empty(slot.shape, dtype=slot.dtype)
-        flat = torch.frombuffer(self._region, dtype=slot.dtype, count=numel, offset=data_offset + slot.offset_bytes)
+        flat = torch.frombuffer(
+            self._region, dtype=slot.dtype, count=numel, offset=data_offset + slot.offset_bytes
+        )
         return flat.view(slot.shape)
 
     def pin(self) -> None:
@@ -153,7 +178,7 @@ class SharedSnapshot:
         if self._pinned_ptr is not None:
             return
         base = torch.frombuffer(self._region, dtype=torch.uint8)
-        result = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), self.total_bytes, 0))
+        result = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), self.total_bytes, 1))
         if result != 0:
             raise RuntimeError(f"cudaHostRegister of {self.total_bytes} bytes failed with cudaError {result}")
         self._pinned_ptr = base.data_ptr()

@@ -22,8 +22,10 @@ class StagingCopy:
         copy_at_once: list[bool],
         copy_stream: "torch.cuda.Stream | None",
     ) -> None:
-        self._now = [(v, s) for v, s, at_once in zip(views, sources, copy_at_once) if at_once]
-        self._later = [(v, s) for v, s, at_once in zip(views, sources, copy_at_once) if not at_once]
+        self._now = [(v, s) for v, s, at_once in zip(views, sources, copy_at_once, strict=True) if at_once]
+        self._later = [
+            (v, s) for v, s, at_once in zip(views, sources, copy_at_once, strict=True) if not at_once
+        ]
         self._stream = copy_stream
         self.error: str | None = None
         self._ready = self._done = None
@@ -63,9 +65,11 @@ class StagingCopy:
             self._done.synchronize()
 
 
-def staged_state_dict(live: dict[str, Any], paths: list[KeyPath], views: list[torch.Tensor], others: dict[KeyPath, Any]) -> dict[str, Any]:
+def staged_state_dict(
+    live: dict[str, Any], paths: list[KeyPath], views: list[torch.Tensor], others: dict[KeyPath, Any]
+) -> dict[str, Any]:
     """The state dict DCP saves: the live one's structure, tensors replaced by their host copies."""
-    view_of = dict(zip(paths, views))
+    view_of = dict(zip(paths, views, strict=True))
 
     def leaf_for(path: KeyPath, leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):

@@ -82,8 +82,9 @@ class LocalDirectoryStorage:
     """Checkpoints as folders `step-000000123/` under one directory (local or shared file system);
     `step-000000123.tmp/` while being written, published by rename(2), which is atomic on POSIX."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, io_threads: int = 1) -> None:
         self.root = Path(root)
+        self.io_threads = io_threads
 
     def committed_path(self, step: int) -> Path:
         return self.root / step_name(step)
@@ -110,8 +111,10 @@ class LocalDirectoryStorage:
         staging.mkdir(parents=True)
 
     def dcp_writer(self, step: int) -> StorageWriter:
-        # One file per rank, fsynced by DCP before it reports the write done.
-        return FileSystemWriter(self.staging_path(step), single_file_per_rank=True, sync_files=True)
+        # io_threads files per rank, each fsynced by DCP before it reports the write done.
+        return FileSystemWriter(
+            self.staging_path(step), single_file_per_rank=True, sync_files=True, thread_count=self.io_threads
+        )
 
     def dcp_reader(self, step: int) -> StorageReader:
         return FileSystemReader(self.committed_path(step))

@@ -6,7 +6,8 @@ maintained fork of python-etcd3 whose generated code loads on today's protobuf (
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import grpc
@@ -14,7 +15,7 @@ import grpc
 try:
     import pyetcd
     import pyetcd.utils
-    from pyetcd.exceptions import Etcd3Exception
+    from pyetcd.exceptions import ConnectionFailedError, Etcd3Exception
 except ModuleNotFoundError as _missing:  # only a coordinator configured for etcd needs it
     pyetcd = None
     _IMPORT_ERROR: ModuleNotFoundError | None = _missing
@@ -29,6 +30,11 @@ _LIST_PAGE_KEYS = 256
 # What etcd answers to a value over its --max-request-bytes (1.5 MiB by default): INVALID_ARGUMENT
 # just over it, RESOURCE_EXHAUSTED from gRPC itself further over. Both are the caller's to fix.
 _REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# gRPC waits up to 120 s between reconnects to a server that went away, failing every call meanwhile;
+# capped at 1 s, a call retried within its deadline gets through about a second after etcd is back.
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]  # fmt: skip
+_RETRY_PAUSE_S = 0.05
 
 
 class EtcdUnavailable(ConnectionError):
@@ -36,25 +42,29 @@ class EtcdUnavailable(ConnectionError):
 
 
 class EtcdStore:
-    """`Store` against one etcd endpoint. Every call has a deadline, so a dead etcd surfaces as
-    `EtcdUnavailable` instead of a coordinator that hangs."""
+    """`Store` against one etcd endpoint. Each call retries a refused connection until `timeout_s`
+    has passed (every operation here is idempotent), then raises `EtcdUnavailable`: a blip of etcd
+    costs a short wait, a dead etcd an error instead of a coordinator that hangs."""
 
-    def __init__(self, host: str, port: int, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0) -> None:
         if pyetcd is None:
-            raise ValueError(f"the etcd store needs its client library: pip install '{PIP_REQUIREMENT}'") from _IMPORT_ERROR
+            raise ValueError(
+                f"the etcd store needs its client library: pip install '{PIP_REQUIREMENT}'"
+            ) from _IMPORT_ERROR
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"etcd key prefix {prefix!r} must start and end with '/'")
         if timeout_s <= 0:
             raise ValueError(f"etcd timeout_s={timeout_s} must be positive")
         self.address = f"{host}:{port}"
         self.prefix = prefix
+        self.timeout_s = timeout_s
         # time_retry=0: pyetcd marks an endpoint that failed one call as dead for time_retry seconds
         # (default 300) and refuses every call meanwhile; with our single endpoint that would turn a
         # one-second etcd restart into five minutes without a store. The gRPC channel reconnects.
-        endpoint = pyetcd.Endpoint(host, port, secure=False, time_retry=0)
+        endpoint = pyetcd.Endpoint(host, port, secure=False, time_retry=0, opts=_CHANNEL_OPTIONS)
         self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout_s)
         try:
-            self._call("connect", lambda: self._client.status())
+            self._call("connect", self._client.status)
         except EtcdUnavailable:
             self._client.close()
             raise
@@ -73,14 +83,14 @@ class EtcdStore:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         text = json.dumps(value, sort_keys=True)
-        self._call(f"put {key}", lambda: self._client.put(self._full(key), text))
+        self._call(f"put {key}", self._client.put, self._full(key), text)
 
     def get(self, key: str) -> dict[str, Any] | None:
-        raw, _meta = self._call(f"get {key}", lambda: self._client.get(self._full(key)))
+        raw, _meta = self._call(f"get {key}", self._client.get, self._full(key))
         return None if raw is None else json.loads(raw)
 
     def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self._client.delete(self._full(key)))
+        self._call(f"delete {key}", self._client.delete, self._full(key))
 
     def list(self, prefix: str) -> dict[str, dict[str, Any]]:
         start = self._full(prefix).encode()
@@ -89,11 +99,9 @@ class EtcdStore:
         revision = None  # every page reads the revision the first one saw: one consistent snapshot
         while True:
             response = self._call(
-                f"list {prefix}",
-                lambda: self._client.get_range_response(
-                    start, end, sort_order="ascend", limit=_LIST_PAGE_KEYS, revision=revision
-                ),
-            )
+                f"list {prefix}", self._client.get_range_response,
+                start, end, sort_order="ascend", limit=_LIST_PAGE_KEYS, revision=revision,
+            )  # fmt: skip
             revision = response.header.revision
             for kv in response.kvs:
                 found[kv.key.decode()[len(self.prefix):]] = json.loads(kv.value)
@@ -107,12 +115,23 @@ class EtcdStore:
     def _full(self, key: str) -> str:
         return self.prefix + key
 
-    def _call(self, what: str, call):
-        try:
-            return call()
-        except Etcd3Exception as error:  # pyetcd's mapping of UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL
-            raise EtcdUnavailable(f"etcd at {self.address}: {what}: {error}") from error
-        except grpc.RpcError as error:
-            if error.code() in _REFUSED_CODES:
-                raise ValueError(f"etcd at {self.address} refused {what}: {error.details()}") from error
-            raise EtcdUnavailable(f"etcd at {self.address}: {what}: {error.code().name} {error.details()}") from error
+    def _call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One client call, its errors turned into ours: etcd down or slow -> `EtcdUnavailable` (a
+        ConnectionError), a request etcd refuses -> ValueError, both naming the address and the key."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except ConnectionFailedError as error:  # UNAVAILABLE: refused, or gRPC between reconnects
+                if time.monotonic() + _RETRY_PAUSE_S < deadline:
+                    time.sleep(_RETRY_PAUSE_S)
+                    continue
+                raise EtcdUnavailable(f"etcd at {self.address}: {what}: no answer in {self.timeout_s} s") from error
+            except Etcd3Exception as error:  # DEADLINE_EXCEEDED, INTERNAL
+                raise EtcdUnavailable(f"etcd at {self.address}: {what}: {error}") from error
+            except grpc.RpcError as error:
+                if error.code() in _REFUSED_CODES:
+                    raise ValueError(f"etcd at {self.address} refused {what}: {error.details()}") from error
+                raise EtcdUnavailable(
+                    f"etcd at {self.address}: {what}: {error.code().name} {error.details()}"
+                ) from error

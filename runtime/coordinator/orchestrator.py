@@ -86,6 +86,9 @@ class JobRecord:
     evicted: dict[CardRef, str] = field(default_factory=dict)  # quarantined for the rest of the job
     steps_lost: int = 0
     step_at_failure: int | None = None  # job.step when the last generation failed
+    last_step_s: float = 0.0  # when job.step completed
+    saved_s: float = 0.0      # when job state was last written to the store
+    incidents: list[pb.Incident] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -184,7 +187,7 @@ class Orchestrator:
         tally.max_step_time_s = max(tally.max_step_time_s, report.step_time_s)
         tally.ranks.add(report.rank)
         if len(tally.ranks) == gen.world_size:
-            self._complete_step(report.step, job.tallies.pop(report.step))
+            self._complete_step(report.step, job.tallies.pop(report.step), now_s)
             suspects = self.health.corrupt_ranks(report.step)
             if suspects:
                 self._act(
@@ -306,6 +309,17 @@ class Orchestrator:
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts) or "generation stuck; restarting it"
+        job.incidents.append(
+            pb.Incident(
+                detected_at_s=now_s - job.submitted_s,
+                cards=[str(v.card) for v in verdicts],
+                verdict=verdicts[0].kind.value if verdicts else "restart",
+                reason=reason,
+                generation=job.generation.number,
+                step_at_failure=job.step,
+                last_step_before_s=job.last_step_s - job.submitted_s,
+            )
+        )
         self._end_generation(GenState.FAILED, reason)
         job.step_at_failure = job.step
         if job.generations_started >= job.spec.fault_tolerance.max_generations:
@@ -381,12 +395,15 @@ class Orchestrator:
         )
         self._save_job()
 
-    def _complete_step(self, step: int, tally: StepTally) -> None:
+    def _complete_step(self, step: int, tally: StepTally, now_s: float) -> None:
         job = self.job
+        job.last_step_s = now_s
         if job.step_at_failure is not None:
             # First step of a resumed generation: everything past its checkpoint is trained again.
             lost = max(0, job.step_at_failure - (step - 1))
             job.steps_lost += lost
+            incident = job.incidents[-1]
+            incident.resumed_at_s, incident.resumed_step, incident.steps_lost = now_s - job.submitted_s, step, lost
             self.metrics.steps_lost_total.inc(lost)
             job.step_at_failure = None
         job.step = step
@@ -396,7 +413,10 @@ class Orchestrator:
         self.metrics.step.set(job.step)
         self.metrics.loss.set(job.loss)
         self.metrics.tokens_per_second.set(job.tokens_per_s)
-        self._save_job()
+        # The store is written on every state change but at most once a second for progress:
+        # a slow etcd must not stall the event loop that also takes heartbeats.
+        if now_s - job.saved_s >= 1.0:
+            self._save_job()
         self._publish()
 
     def _end_generation(self, state: GenState, reason: str) -> None:
@@ -443,6 +463,7 @@ class Orchestrator:
 
     def _save_job(self) -> None:
         job = self.job
+        job.saved_s = job.last_step_s
         self.store.put(
             f"jobs/{job.job_id}",
             {
@@ -479,6 +500,7 @@ class Orchestrator:
             message=job.message,
             evictions=[f"{card}: {reason}" for card, reason in job.evicted.items()],
             steps_lost=job.steps_lost,
+            incidents=job.incidents,
         )
 
     def _publish(self) -> None:

@@ -68,8 +68,9 @@ class RankFailure:
 
     @property
     def looks_like_victim(self) -> bool:
-        """Exited with an error about its peers (a collective failed because someone else died)."""
-        return self.exit_code > 0 and bool(_PEER_FAILURE.search(self.reason))
+        """Died of an error about its peers (a collective failed because someone else died) — by
+        exit code, or by SIGABRT when gloo throws from a communication thread."""
+        return bool(_PEER_FAILURE.search(self.reason))
 
 
 def blame_exits(failures: list[RankFailure]) -> list[Verdict]:
