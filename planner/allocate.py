@@ -6,6 +6,7 @@ search can be heuristic only where it must be (which cards go where), never in t
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 from typing import Iterator, Sequence
 
@@ -56,13 +57,24 @@ def place_experts(num_experts: int, position_speeds: Sequence[float]) -> np.ndar
     """Experts per expert-parallel position, in proportion to each position's speed (at least one
     each): minimizes the slowest position's expert time, so the all-to-all's combine does not wait on
     a slow card holding as many experts as a fast one."""
-    speeds = np.asarray(position_speeds, dtype=np.float64)
-    return allocate_units(num_experts, 1.0 / speeds, minimum=1)
+    return np.array(_place_experts(int(num_experts), tuple(float(v) for v in position_speeds)), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4096)
+def _place_experts(num_experts: int, speeds: tuple[float, ...]) -> tuple[int, ...]:
+    # Every stage of every layout asks this; most stages are uniform, and the rest repeat a lot.
+    if len(set(speeds)) == 1:
+        return even_split(num_experts, len(speeds))
+    return tuple(int(n) for n in allocate_units(num_experts, 1.0 / np.asarray(speeds), minimum=1))
 
 
 def contiguous_owners(counts: Sequence[int]) -> tuple[int, ...]:
     """[2, 1, 3] → (0, 0, 1, 2, 2, 2): experts numbered in order, each position owning a run."""
     return tuple(owner for owner, count in enumerate(counts) for _ in range(int(count)))
+
+
+# Relative precision of the bisection: splits whose bottleneck differs by less are taken as equal.
+SPLIT_TOLERANCE = 1e-10
 
 
 def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, stage_fixed_memory_bytes,
@@ -99,12 +111,13 @@ def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, 
 
     if walk(np.inf) is None:
         return None
+    # The optimum is at least the perfectly balanced time and at most everything on the slowest stage.
+    low = (cost[-1] + sum(extra)) / sum(speed)
     high = max((cost[-1] + e) / v for e, v in zip(extra, speed))
     while walk(high) is None:  # memory forced a lopsided split that the bound did not cover
         high *= 2
-    low = 0.0
-    for _ in range(60):
-        if high - low <= 1e-12 * high:
+    for _ in range(100):
+        if high - low <= SPLIT_TOLERANCE * high:
             break
         middle = (low + high) / 2
         if walk(middle) is None:
@@ -113,6 +126,22 @@ def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, 
             high = middle
     bounds = walk(high)
     return tuple(bounds[s + 1] - bounds[s] for s in range(pp))
+
+
+def proportional_split(layer_cost, stage_extra_cost, stage_speed) -> tuple[int, ...]:
+    """A quick split with each stage's share of the cost (its layers plus its extra) in proportion to
+    its speed, rounded to layer boundaries; no memory check. For ranking layouts, not for plans."""
+    cost = np.concatenate([[0.0], np.cumsum(layer_cost)])
+    speed = np.asarray(stage_speed, dtype=np.float64)
+    extra = np.asarray(stage_extra_cost, dtype=np.float64)
+    pp, num_layers = len(speed), len(cost) - 1
+    share = speed / speed.sum() * (cost[-1] + extra.sum()) - extra
+    ends = np.searchsorted(cost, np.cumsum(share)[:-1], side="left")
+    bounds = [0]
+    for stage, end in enumerate(ends):  # at least one layer per stage, in order
+        bounds.append(min(max(int(end), bounds[-1] + 1), num_layers - (pp - 1 - stage)))
+    bounds.append(num_layers)
+    return tuple(bounds[i + 1] - bounds[i] for i in range(pp))
 
 
 def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:

@@ -121,28 +121,34 @@ def block_selections(table: BlockTable, count: int) -> list[list[int]]:
 ALL_STAGE_ORDERS_UP_TO_PP = 4
 
 
-def candidate_grids(table: BlockTable, chosen: list[int], pp: int, dp: int, *, every_order: bool = True
+def candidate_grids(table: BlockTable, chosen: list[int], pp: int, dp: int, *, thorough: bool = True
                     ) -> list[np.ndarray]:
-    """A few layouts of the chosen blocks (already in speed order) on the (pp, dp) grid:
+    """Layouts of the chosen blocks (already in speed order) on the (pp, dp) grid:
 
     - by stage: stage rows of like blocks; layers then follow row speed;
     - by replica: replica columns of like blocks; micro-batches then follow column speed.
 
     Which stage goes first matters (early 1F1B stages hold more micro-batches; the first stage holds
-    the embedding and the last the output layer), so each is tried in every stage order for short
-    pipelines (`every_order`), and fastest-first, slowest-first and most-memory-first otherwise.
+    the embedding and the last the output layer). A quick pass (`thorough=False`) tries fastest-first
+    only; a thorough one every stage order for short pipelines, and fastest-first, slowest-first and
+    most-memory-first for deep ones.
     """
     ordered = np.array(chosen, dtype=np.int64)
     rows = ordered.reshape(pp, dp)
     columns = ordered.reshape(dp, pp).T
-    if every_order and pp <= ALL_STAGE_ORDERS_UP_TO_PP:
+    row_memory = table.memory_bytes[rows].min(axis=1)
+    memory_first = list(np.argsort(-row_memory, kind="stable"))
+    if not thorough:
+        orders = [list(range(pp))]
+    elif pp <= ALL_STAGE_ORDERS_UP_TO_PP:
         orders = [list(order) for order in itertools.permutations(range(pp))]
     else:
-        row_memory = table.memory_bytes[rows].min(axis=1)
-        orders = [list(range(pp)), list(range(pp))[::-1], list(np.argsort(-row_memory, kind="stable"))]
+        orders = [list(range(pp)), list(range(pp))[::-1], memory_first]
     column_memory_first = np.take_along_axis(
         columns, np.argsort(-table.memory_bytes[columns], axis=0, kind="stable"), axis=0)
-    grids = [rows[order] for order in orders] + [columns[order] for order in orders] + [column_memory_first]
+    grids = [rows[order] for order in orders] + [columns[order] for order in orders]
+    if thorough:
+        grids.append(column_memory_first)
     unique: list[np.ndarray] = []
     seen = set()
     for grid in grids:

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import cost
-from .allocate import even_split, split_layers
+from .allocate import even_split, proportional_split, split_layers
 from .cards import GIB
 from .cluster import Cluster
 from .assemble import build_plan
@@ -29,9 +29,12 @@ from .model_cost import ModelShape
 from .plan import Degrees, Plan
 from .training import TrainingConfig
 
-# Degree tuples that get the full layout search in pass 2; the rest keep their pass-1 layout.
-# Small clusters have fewer tuples than this, so there every tuple is searched fully.
-FULL_SEARCH_TUPLES = 24
+# Pass 2 takes degree tuples in pass-1 order and searches each fully (every dp option, both block
+# selections, every stage order of short pipelines, exact layer splits) until it has costed this many
+# layouts, and at least PASS_TWO_MIN_TUPLES tuples. Small clusters have few layouts per tuple, so
+# there every tuple gets the full search.
+PASS_TWO_LAYOUTS = 300
+PASS_TWO_MIN_TUPLES = 4
 # Finalists whose layer split is refined by local moves in pass 3.
 REFINED_FINALISTS = 32
 
@@ -138,21 +141,34 @@ def memory_lower_bound_bytes(tables: ModelTables, degrees: Degrees) -> float:
 
 def _speed_candidates(ctx: GridContext) -> list[np.ndarray]:
     """Stage speeds to split layers by: the slowest group (every replica keeps pace), the mean, and
-    the harmonic mean (what a replica of mixed cells sustains)."""
+    the harmonic mean (what a replica of mixed cells sustains). One when every stage is uniform."""
     flops = ctx.slowest_flops
-    options = [flops.min(axis=1), flops.mean(axis=1), flops.shape[1] / (1.0 / flops).sum(axis=1)]
-    unique = []
-    for option in options:
-        if not any(np.allclose(option, seen, rtol=1e-12) for seen in unique):
-            unique.append(option)
-    return unique
+    slowest = flops.min(axis=1)
+    if np.array_equal(slowest, flops.max(axis=1)):
+        return [slowest]
+    return [slowest, flops.mean(axis=1), flops.shape[1] / (1.0 / flops).sum(axis=1)]
 
 
 def _best_split(ctx: GridContext) -> Evaluation | None:
+    """Exact proportional splits (within memory) for each candidate stage speed; the best of them."""
     inputs = split_inputs(ctx)
     splits = {split for speeds in _speed_candidates(ctx)
               if (split := split_layers(stage_speed=speeds, **inputs)) is not None}
     return _best_of(ctx, sorted(splits))
+
+
+def _quick_time_s(ctx: GridContext) -> float:
+    """Pass 1's rating of a layout: rounded proportional splits, the exact one only if those overflow."""
+    costs = ctx.tables.costs
+    layer_cost = costs.dense_flops_per_token + costs.expert_flops_per_token
+    extra = np.zeros(ctx.degrees.pp)
+    extra[-1] = costs.head_flops_per_token
+    splits = sorted({proportional_split(layer_cost, extra, speeds) for speeds in _speed_candidates(ctx)})
+    times, feasible = evaluate_batch(ctx, splits)
+    if feasible.any():
+        return float(times[feasible].min())
+    result = _best_split(ctx)
+    return math.inf if result is None else result.step_time_s
 
 
 def _best_of(ctx: GridContext, splits: list[tuple[int, ...]]) -> Evaluation | None:
@@ -221,34 +237,42 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
     counter = 0
     for tp, cp, table, pp, ep in _tuples(cluster, tables, constraints):
         g = max(1, ep // cp)
+        usable = cost.usable_memory_bytes(float(table.memory_bytes.max()))
+        options = []
         for dp in dp_options(table, pp, g, tables.micro_batches, constraints):
             degrees = Degrees(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep)
             need = memory_lower_bound_bytes(tables, degrees)
             shortfall.note(need, degrees)
-            if need > cost.usable_memory_bytes(float(table.memory_bytes.max())):
-                continue
-            chosen = block_selections(table, pp * dp)[0]
-            score = math.inf
-            for grid in candidate_grids(table, chosen, pp, dp, every_order=False):
-                result = _best_split(grid_context(tables, degrees, table, grid))
-                if result is not None:
-                    score = min(score, result.step_time_s)
+            if need <= usable:
+                options.append(degrees)
+        # Pass 1 scores a tuple by its first dp option that fits (all blocks, else fewer tiers).
+        score = math.inf
+        for degrees in options:
+            chosen = block_selections(table, pp * degrees.dp)[0]
+            for grid in candidate_grids(table, chosen, pp, degrees.dp, thorough=False):
+                score = min(score, _quick_time_s(grid_context(tables, degrees, table, grid)))
+            if score < math.inf:
+                break
+        if options:
             counter += 1
-            first_pass.append((score, counter, (degrees, table)))
+            first_pass.append((score, counter, (options, table)))
     if not first_pass:
         raise _no_fit_error(tables, shortfall, largest)
     first_pass.sort(key=lambda item: item[:2])
     candidates: list[_Candidate] = []
-    for rank, (_, _, (degrees, table)) in enumerate(first_pass):
-        if rank >= FULL_SEARCH_TUPLES and candidates:
+    layouts = 0
+    for rank, (_, _, (options, table)) in enumerate(first_pass):
+        if (layouts >= PASS_TWO_LAYOUTS and rank >= PASS_TWO_MIN_TUPLES) and candidates:
             break
-        for chosen in block_selections(table, degrees.pp * degrees.dp):
-            for grid in candidate_grids(table, chosen, degrees.pp, degrees.dp):
-                ctx = grid_context(tables, degrees, table, grid)
-                result = _best_split(ctx)
-                counter += 1
-                if result is not None:
-                    candidates.append(_Candidate(result.step_time_s, counter, ctx, result))
+        for degrees in options:
+            for chosen in block_selections(table, degrees.pp * degrees.dp):
+                for grid in candidate_grids(table, chosen, degrees.pp, degrees.dp):
+                    ctx = grid_context(tables, degrees, table, grid)
+                    result = _best_split(ctx)
+                    counter += 1
+                    layouts += 1
+                    if result is not None:
+                        candidates.append(_Candidate(result.step_time_s, counter, ctx, result))
     if not candidates:
         raise _no_fit_error(tables, shortfall, largest)
     candidates.sort(key=lambda c: c.key)

@@ -79,7 +79,7 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., cards: _Optional[_Iterable[_Union[CardTelemetry, _Mapping]]] = ..., host: _Optional[_Union[HostTelemetry, _Mapping]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr")
+    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr", "checkpoint_step", "checkpoint_error")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class StepReport(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_GRADS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
     generation: int
     rank: int
     step: int
@@ -100,7 +102,9 @@ class StepReport(_message.Message):
     grad_norm: float
     nonfinite_grads: int
     lr: float
-    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    checkpoint_step: int
+    checkpoint_error: str
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_error: _Optional[str] = ...) -> None: ...
 
 class WorkerExit(_message.Message):
     __slots__ = ("generation", "rank", "card_index", "exit_code", "reason", "log_path")

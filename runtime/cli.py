@@ -235,6 +235,14 @@ def status(
         console.print(f"  node {node.node}: {node.state} ({node.cards} cards)", highlight=False)
 
 
+def _mount_ckpt() -> None:
+    from hyrun.runtime.checkpoint.cli import app as ckpt_app
+
+    app.add_typer(ckpt_app, name="ckpt", help="List and verify committed checkpoints.")
+
+
+_mount_ckpt()
+
 chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True)
 app.add_typer(chaos_app, name="chaos")
 

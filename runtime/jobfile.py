@@ -150,9 +150,13 @@ class ParallelismSection(_Section):
 
 class CheckpointSection(_Section):
     directory: str | None = Field(None, description="where checkpoints go; default RUN_DIR/checkpoints")
-    interval_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = never by steps")
+    interval_steps: int = Field(10, ge=0, description="checkpoint every N steps; 0 = never by steps")
     interval_s: float = Field(0.0, ge=0, description="checkpoint every N seconds; 0 = never by time")
     keep_last: int = Field(3, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval_steps > 0 or self.interval_s > 0
 
 
 class FaultToleranceSection(_Section):

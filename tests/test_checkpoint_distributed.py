@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
     if info is not None:
         schedule.load_state_dict(info.extra["lr_schedule"])
         start = info.extra["data_position"]
-    losses = {}
+    losses, saved = {}, []
     for step in range(start, args.steps + 1):
         x, y = batch(step, rank, world)
         loss = torch.nn.functional.mse_loss(wrapped(x), y)
@@ -122,7 +122,10 @@ def worker(args: argparse.Namespace) -> None:
         reduced = loss.detach().clone()
         dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
         losses[step] = reduced.item()
+        if step == args.request_step and rank == args.request_rank:
+            ckpt.request_now()  # "checkpoint now", heard by one rank only
         if ckpt.due(step, time.monotonic()) and step not in args.skip_save:
+            saved.append(step)
             ckpt.save_async(
                 step,
                 model,
@@ -135,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
         if info is None
         else {"step": info.step, "source": info.source, "on_disk": info.on_disk},
         "losses": losses,
+        "saved": saved,
     }
     state = {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -155,8 +159,17 @@ def worker(args: argparse.Namespace) -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    for name in ("--rank", "--world", "--port", "--steps", "--interval-steps", "--hang-step"):
+    for name in (
+        "--rank",
+        "--world",
+        "--port",
+        "--steps",
+        "--interval-steps",
+        "--hang-step",
+        "--request-step",
+    ):
         parser.add_argument(name, type=int, default=0)
+    parser.add_argument("--request-rank", type=int, default=-1)
     parser.add_argument("--skip-save", type=int, nargs="*", default=[])
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
@@ -332,13 +345,23 @@ def test_resume_is_bitwise_and_a_killed_save_loses_nothing(launcher, tmp_path):
 @pytest.mark.timeout(150)
 def test_resume_reshards_fsdp_dp4_onto_dp2(launcher, tmp_path):
     """Saved by 4 ranks under FSDP2 (each holding a quarter of every parameter and of AdamW's state),
-    resumed by 2: DCP reshards on load, and the loss continues as in the uninterrupted dp=4 run."""
+    resumed by 2: DCP reshards on load, and the loss continues as in the uninterrupted dp=4 run.
+    The dp=2 run then gets "checkpoint now" on rank 1 only; both ranks save the same next step."""
     gen_a = launcher.start(
         4, "a", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0
     )
     launcher.wait(gen_a, 120)
+    request_step = N + 1
     gen_b = launcher.start(
-        2, "b", steps=2 * N, interval_steps=N, skip_save=[2 * N], parallel="fsdp", dropout=0.0
+        2,
+        "b",
+        steps=2 * N,
+        interval_steps=N,
+        skip_save=[2 * N],
+        parallel="fsdp",
+        dropout=0.0,
+        request_step=request_step,
+        request_rank=1,
     )
     launcher.wait(gen_b, 90)
     straight = json.loads((tmp_path / "a.rank0.json").read_text())
@@ -348,8 +371,16 @@ def test_resume_reshards_fsdp_dp4_onto_dp2(launcher, tmp_path):
     for step, loss in resumed["losses"].items():
         # Only the order of floating-point sums changes with the number of ranks.
         assert loss == pytest.approx(straight["losses"][step], rel=1e-5), f"step {step}"
-    manifest = Manifest.from_json(LocalDirectoryStorage(tmp_path / "ckpt").read_manifest(N))
+    storage = LocalDirectoryStorage(tmp_path / "ckpt")
+    manifest = Manifest.from_json(storage.read_manifest(N))
     assert manifest.world_size == 4 and manifest.layout == {"dp": 4}
+
+    # The request is voted on during the step it arrives in and honoured after the next one.
+    for r in range(2):
+        assert json.loads((tmp_path / f"b.rank{r}.json").read_text())["saved"] == [request_step + 1]
+    assert storage.committed_steps() == [N, request_step + 1]
+    manifest = Manifest.from_json(storage.read_manifest(request_step + 1))
+    assert manifest.world_size == 2 and manifest.layout == {"dp": 2} and find_damage(storage, N + 2) == []
 
 
 if __name__ == "__main__":

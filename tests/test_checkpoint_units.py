@@ -29,7 +29,7 @@ from hyrun.runtime.checkpoint.snapshot import SharedSnapshot, snapshot_path
 
 SHM = Path("/dev/shm")
 # One process saves and loads with no_dist=True on purpose; DCP warns about it every time.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"), pytest.mark.timeout(60)]
 
 
 @pytest.fixture

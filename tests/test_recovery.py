@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+
+from hyrun.runtime.jobfile import parse_job
+from hyrun.runtime.trainer.loop import RankWork, train
+from hyrun.runtime.trainer.reporting import Reporter
 
 from conftest import job_dict
 
@@ -20,15 +25,26 @@ def _run(write_job, launched, tmp_path, job: dict) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_killed_worker_is_evicted_and_the_job_finishes_on_three_cards(write_job, launched, tmp_path):
+def test_killed_worker_is_evicted_and_the_resumed_run_matches_an_uninterrupted_one(write_job, launched, tmp_path):
     job = job_dict(
-        training={"steps": 6},
-        faults=[{"kind": "kill", "node": "node-b", "card": 1, "at_step": 3}],
+        training={"steps": 8},
+        checkpoint={"interval_steps": 2},
+        faults=[{"kind": "kill", "node": "node-b", "card": 1, "at_step": 6}],
     )
     summary = _run(write_job, launched, tmp_path, job)
     assert summary["generations"] == 2
     assert len(summary["evictions"]) == 1 and summary["evictions"][0].startswith("node-b/card1: rank 3 killed by SIGKILL")
-    assert sorted(map(int, summary["losses"])) == list(range(1, 7))
+    (incident,) = summary["incidents"]
+    assert int(incident["resumed_step"]) in (3, 5)  # from the checkpoint of step 2 or 4, not from scratch
+    assert summary["steps_lost"] <= 4
+
+    # Every step's loss, before and after the resume on 3 cards, equals one uninterrupted process
+    # training the same global batches: parameters, optimizer, expert LRs and data position came back.
+    torch.set_num_threads(1)
+    reference = Reporter(None)
+    train(parse_job(job_dict(training={"steps": 8})), RankWork(micro_batches=4), reference)
+    for record in reference.history:
+        assert summary["losses"][str(record.step)] == pytest.approx(record.loss, rel=1e-4), record.step
 
 
 @pytest.mark.timeout(180)

@@ -118,3 +118,31 @@ class ExpertLRController:
         self._tokens_per_expert.clear()
         self._num_tokens.clear()
         return True
+
+    def state_dict(self) -> dict:
+        """JSON-friendly state: every layer's scales, and the counts observed since the last update
+        summed over ranks (a collective when `reduce_counts` is set: call it on every rank)."""
+        pending = {}
+        for layer, counts in self._tokens_per_expert.items():
+            both = torch.cat([counts.double(), torch.tensor([float(self._num_tokens[layer])], device=counts.device)])
+            if self.reduce_counts is not None:
+                both = self.reduce_counts(both.clone())
+            pending[str(layer)] = both.cpu().tolist()
+        scales = {
+            str(layer): group["expert_lr_scale"].tolist()
+            for layer, group in self._groups.items()
+            if group.get("expert_lr_scale") is not None
+        }
+        return {"scales": scales, "pending": pending}
+
+    def load_state_dict(self, state: dict, *, holds_pending: bool = True) -> None:
+        """Restores scales everywhere; the pending (already summed) counts go to one rank only
+        (`holds_pending`), so the next all-reduce adds them exactly once."""
+        for layer, scale in state.get("scales", {}).items():
+            self._groups[int(layer)]["expert_lr_scale"] = torch.tensor(scale, dtype=torch.float32)
+        self._tokens_per_expert.clear()
+        self._num_tokens.clear()
+        if holds_pending:
+            for layer, both in state.get("pending", {}).items():
+                self._tokens_per_expert[int(layer)] = torch.tensor(both[:-1], dtype=torch.float64)
+                self._num_tokens[int(layer)] = int(both[-1])

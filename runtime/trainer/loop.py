@@ -10,6 +10,7 @@ unequal numbers of micro-batches (mixed cards).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -127,79 +128,129 @@ def _all_reduce_sum(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def train(job: JobSpec, work: RankWork, reporter: Reporter) -> MoETransformer:
-    """Trains every step of the job on this rank's micro-batches; returns the (unwrapped) model."""
-    config, model = build_model(job)
-    faults = FaultInjector(job.faults, node=work.node, card=work.card_index, generation=work.generation)
-    current_step = 0
-    stats = LocalGradStats(lambda: reporter.entered_reduce(work.generation, work.rank, current_step))
-    distributed = work.world_size > 1
-    if distributed:
-        wrapped = DistributedDataParallel(model, broadcast_buffers=False)
-        wrapped.register_comm_hook(stats, _stats_then_allreduce)
-    else:
-        wrapped = model
-    optimizer = build_optimizer(model, job)
-    # Token counts are summed over ranks first, or replicas would pick different expert LRs.
-    expert_lrs = ExpertLRController(optimizer, expert_lr_config(job), _all_reduce_sum if distributed else None)
-    training = job.training
-    data = SyntheticTokens(config.vocab_size, training.seq_len, training.seed)
-    schedule = training.lr_schedule()
-    loss_scale = work.world_size / training.micro_batches_per_step
-    tokens_per_micro_batch = training.micro_batch * training.seq_len
+class Trainer:
+    """One rank's training state (model, optimizer, expert LRs, data) and its step."""
 
-    for step in range(1, training.steps + 1):
-        current_step = step
-        faults.at_step_start(step)
-        speed = faults.speed(step, work.speed)
-        stats.corrupt = faults.corrupts_gradients(step)
-        started = time.perf_counter()
-        lr = lr_at(step - 1, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        model.set_routing_step(step)  # recycle routing draws the same way on every rank and on resume
-        stats.reset()
+    def __init__(self, job: JobSpec, work: RankWork, reporter: Reporter) -> None:
+        self.job, self.work, self.reporter = job, work, reporter
+        self.config, self.model = build_model(job)
+        self.faults = FaultInjector(job.faults, node=work.node, card=work.card_index, generation=work.generation)
+        self.step_in_progress = 0
+        self.stats = LocalGradStats(lambda: reporter.entered_reduce(work.generation, work.rank, self.step_in_progress))
+        self.distributed = work.world_size > 1
+        if self.distributed:
+            self.wrapped = DistributedDataParallel(self.model, broadcast_buffers=False)
+            self.wrapped.register_comm_hook(self.stats, _stats_then_allreduce)
+        else:
+            self.wrapped = self.model
+        self.optimizer = build_optimizer(self.model, job)
+        # Token counts are summed over ranks first, or replicas would pick different expert LRs.
+        self.expert_lrs = ExpertLRController(
+            self.optimizer, expert_lr_config(job), _all_reduce_sum if self.distributed else None
+        )
+        training = job.training
+        self.data = SyntheticTokens(self.config.vocab_size, training.seq_len, training.seed)
+        self.schedule = training.lr_schedule()
+        self.loss_scale = work.world_size / training.micro_batches_per_step
+        self.tokens_per_micro_batch = training.micro_batch * training.seq_len
+
+    def extra_state(self, step: int) -> dict:
+        """Job-wide state beside model and optimizer that a resume needs (collective)."""
+        return {"data_position": step + 1, "expert_lr": self.expert_lrs.state_dict()}
+
+    def restore_extra(self, extra: dict) -> int:
+        """Restores expert-LR state; returns the first step to train."""
+        if "expert_lr" in extra:
+            self.expert_lrs.load_state_dict(extra["expert_lr"], holds_pending=self.work.rank == 0)
+        return int(extra.get("data_position", 1))
+
+    def forward_backward(self, step: int) -> tuple[float, float]:
+        """This rank's micro-batches of `step`; returns (mean cross-entropy, compute seconds)."""
+        training, work = self.job.training, self.work
+        speed = self.faults.speed(step, work.speed)
         ce_sum, compute_s = 0.0, 0.0
         for i in range(work.micro_batches):
-            tokens = data.micro_batch(step, work.micro_batch_offset + i, training.micro_batch)
+            tokens = self.data.micro_batch(step, work.micro_batch_offset + i, training.micro_batch)
             last = i == work.micro_batches - 1
             # Reduce gradients once per step, on the last micro-batch, not after every one.
-            sync = contextlib.nullcontext() if (last or not distributed) else wrapped.no_sync()
+            sync = contextlib.nullcontext() if (last or not self.distributed) else self.wrapped.no_sync()
             with sync:
                 forward_started = time.perf_counter()
-                output = wrapped(tokens[:, :-1])
-                loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=config.aux_loss_coeff)
-                expert_lrs.observe(output.router_stats)
+                output = self.wrapped(tokens[:, :-1])
+                loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.config.aux_loss_coeff)
+                self.expert_lrs.observe(output.router_stats)
                 forward_s = time.perf_counter() - forward_started
                 compute_s += forward_s / _FORWARD_SHARE_OF_STEP
                 throttle(forward_s / _FORWARD_SHARE_OF_STEP, speed)
-                (loss * loss_scale).backward()
+                (loss * self.loss_scale).backward()
             ce_sum += float(ce.detach())
-        if not distributed:
-            stats.on_enter_reduce()
-            for p in model.parameters():
+        if not self.distributed:
+            self.stats.on_enter_reduce()
+            for p in self.model.parameters():
                 if p.grad is not None:
-                    stats.add(p.grad)
+                    self.stats.add(p.grad)
+        return ce_sum / work.micro_batches, compute_s
+
+    def begin_step(self, step: int) -> float:
+        self.step_in_progress = step
+        self.faults.at_step_start(step)
+        self.stats.corrupt = self.faults.corrupts_gradients(step)
+        self.stats.reset()
+        lr = lr_at(step - 1, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.set_routing_step(step)  # recycle routing draws the same way on every rank and on resume
+        return lr
+
+    def apply_update(self, step: int) -> None:
         # One rank's NaN reaches every rank through the reduce: all skip the same step together.
-        skipped = not grads_are_finite(model)
-        if not skipped:
-            if training.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), training.optimizer.grad_clip)
-            optimizer.step()
-        expert_lrs.maybe_update(step)
+        if grads_are_finite(self.model):
+            if self.job.training.optimizer.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.training.optimizer.grad_clip)
+            self.optimizer.step()
+        self.expert_lrs.maybe_update(step)
+
+
+def train(job: JobSpec, work: RankWork, reporter: Reporter, checkpointer=None) -> MoETransformer:
+    """Trains this rank from the newest checkpoint (if a checkpointer is given and one exists) to
+    the job's last step; returns the (unwrapped) model."""
+    trainer = Trainer(job, work, reporter)
+    first_step = 1
+    if checkpointer is not None:
+        info = checkpointer.load_latest(trainer.model, trainer.optimizer)
+        if info is not None:
+            first_step = trainer.restore_extra(info.extra)
+            logging.getLogger("hyrun.trainer").info(
+                "resumed from step %d (%s)%s", info.step, info.source,
+                f"; refused newer: {'; '.join(info.refused)}" if info.refused else "",
+            )  # fmt: skip
+    for step in range(first_step, job.training.steps + 1):
+        started = time.perf_counter()
+        lr = trainer.begin_step(step)
+        ce, compute_s = trainer.forward_backward(step)
+        if checkpointer is not None:
+            checkpointer.fence()  # the last save's copy of the weights must finish before they change
+        trainer.apply_update(step)
+        if checkpointer is not None and checkpointer.due(step, time.monotonic()):
+            checkpointer.save_async(step, trainer.model, trainer.optimizer, extra=trainer.extra_state(step))
+        status = checkpointer.status() if checkpointer is not None else None
         reporter.report(
             StepRecord(
                 generation=work.generation,
                 rank=work.rank,
                 step=step,
-                loss=ce_sum / work.micro_batches,
-                tokens=work.micro_batches * tokens_per_micro_batch,
+                loss=ce,
+                tokens=work.micro_batches * trainer.tokens_per_micro_batch,
                 step_time_s=time.perf_counter() - started,
                 compute_time_s=compute_s,
-                grad_norm=stats.norm,
-                nonfinite_grads=stats.nonfinite,
+                grad_norm=trainer.stats.norm,
+                nonfinite_grads=trainer.stats.nonfinite,
                 lr=lr,
+                checkpoint_step=-1 if status is None or status.last_committed_step is None else status.last_committed_step,
+                checkpoint_error=(status.last_error or "") if status is not None else "",
             )
         )
-    return model
+    if checkpointer is not None:
+        checkpointer.close()
+    return trainer.model

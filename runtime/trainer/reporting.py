@@ -20,6 +20,8 @@ class StepRecord:
     grad_norm: float
     nonfinite_grads: int
     lr: float
+    checkpoint_step: int = -1  # newest committed checkpoint; -1: none yet
+    checkpoint_error: str = ""  # why the last save failed, if it did
 
 
 class Reporter:

@@ -16,6 +16,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from hyrun.runtime.process import die_with_parent
 
@@ -75,6 +76,26 @@ def _resolve(host: str) -> str:
     return socket.gethostbyname(host)
 
 
+def build_checkpointer(job, spec: WorkerSpec):
+    """The rank's checkpointer (a collective: every rank builds it), or None when the job does not
+    checkpoint. Checkpoints of a job live in one directory shared by all its generations."""
+    if not job.checkpoint.enabled:
+        return None
+    from hyrun.runtime.checkpoint import Checkpointer, CheckpointSettings
+
+    directory = Path(job.checkpoint.directory or Path(spec.run_dir) / "checkpoints")
+    settings = CheckpointSettings(
+        directory=directory,
+        interval_steps=job.checkpoint.interval_steps,
+        interval_s=job.checkpoint.interval_s,
+        keep_last=job.checkpoint.keep_last,
+    )
+    return Checkpointer(
+        settings, rank=spec.rank, world_size=spec.world_size, job_id=Path(spec.run_dir).name,
+        layout={"world_size": spec.world_size, "dp": spec.world_size},
+    )  # fmt: skip
+
+
 def main() -> int:
     spec = WorkerSpec.from_env()
     die_with_parent(spec.parent_pid)  # a SIGKILLed agent leaves no orphan workers
@@ -105,7 +126,7 @@ def main() -> int:
             node=spec.node,
             card_index=spec.card_index,
         )
-        train(job, work, reporter)
+        train(job, work, reporter, build_checkpointer(job, spec))
         logging.info("finished %d steps", job.training.steps)
         return 0
     except Exception:
