@@ -134,6 +134,9 @@ class NodeAgent:
             log.info("starting generation %d: ranks %s", command.start.generation, [r.rank for r in command.start.ranks])
             self._script_simulated_faults(command.start)
             self.supervisor.start_generation(command.start)
+        elif kind == "checkpoint_now":
+            log.info("checkpoint now (generation %d): %s", command.checkpoint_now.generation, command.checkpoint_now.reason)
+            self.supervisor.send_control(command.checkpoint_now.generation, {"kind": "checkpoint_now"})
         elif kind == "stop":
             self.supervisor.stop_generation(command.stop.generation, command.stop.reason)
         elif kind == "shutdown":

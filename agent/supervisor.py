@@ -35,6 +35,7 @@ class WorkerProcess:
     card_index: int
     process: subprocess.Popen
     log_path: Path
+    control_fd: int  # write end of the pipe the worker reads commands from
     stopping: bool = False
 
 
@@ -108,7 +109,9 @@ class Supervisor:
             "parent_pid": os.getpid(),
         }
         read_fd, write_fd = os.pipe()
+        control_read_fd, control_write_fd = os.pipe()
         spec["report_fd"] = write_fd
+        spec["control_fd"] = control_read_fd
         env = dict(os.environ, **{WORKER_SPEC_ENV: json.dumps(spec), "PYTHONUNBUFFERED": "1"})
         log_path = node_dir / f"rank-{assignment.rank}.log"
         with open(log_path, "ab") as log_file:
@@ -118,10 +121,13 @@ class Supervisor:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, control_read_fd),
             )
         os.close(write_fd)  # the worker holds the only write end: EOF on read means it is gone
-        worker = WorkerProcess(start.generation, assignment.rank, assignment.card_index, process, log_path)
+        os.close(control_read_fd)
+        worker = WorkerProcess(
+            start.generation, assignment.rank, assignment.card_index, process, log_path, control_write_fd
+        )
         with self._lock:
             self.workers[assignment.rank] = worker
         log.info("started rank %d (card %d) as pid %d, log %s", worker.rank, worker.card_index, process.pid, log_path)
@@ -161,6 +167,17 @@ class Supervisor:
             )
         )
 
+    def send_control(self, generation: int, command: dict) -> None:
+        """Writes a command line to every worker of `generation` (a dead one is skipped)."""
+        with self._lock:
+            targets = [w for w in self.workers.values() if w.generation == generation]
+        line = (json.dumps(command) + "\n").encode()
+        for worker in targets:
+            try:
+                os.write(worker.control_fd, line)
+            except OSError as error:
+                log.warning("could not tell rank %d %s: %s", worker.rank, command.get("kind"), error)
+
     def stop_generation(self, generation: int, reason: str) -> None:
         with self._lock:
             targets = [w for w in self.workers.values() if w.generation <= generation]
@@ -189,3 +206,4 @@ class Supervisor:
             for worker in targets:
                 if self.workers.get(worker.rank) is worker:
                     del self.workers[worker.rank]
+                    os.close(worker.control_fd)

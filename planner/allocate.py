@@ -109,39 +109,25 @@ def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, 
             start = end
         return bounds
 
-    if walk(np.inf) is None:
+    def bottleneck(bounds: list[int]) -> float:
+        return max((cost[bounds[s + 1]] - cost[bounds[s]] + extra[s]) / speed[s] for s in range(pp))
+
+    best = walk(np.inf)
+    if best is None:
         return None
-    # The optimum is at least the perfectly balanced time and at most everything on the slowest stage.
-    low = (cost[-1] + sum(extra)) / sum(speed)
-    high = max((cost[-1] + e) / v for e, v in zip(extra, speed))
-    while walk(high) is None:  # memory forced a lopsided split that the bound did not cover
-        high *= 2
-    for _ in range(100):
+    # Bisect on the target time; every feasible walk snaps the upper end down to the bottleneck its
+    # split actually reaches, so the search closes on the optimum in a few steps.
+    low = (cost[-1] + sum(extra)) / sum(speed)  # perfectly balanced: nothing can beat it
+    high = bottleneck(best)
+    for _ in range(200):
         if high - low <= SPLIT_TOLERANCE * high:
             break
-        middle = (low + high) / 2
-        if walk(middle) is None:
-            low = middle
+        bounds = walk((low + high) / 2)
+        if bounds is None:
+            low = (low + high) / 2
         else:
-            high = middle
-    bounds = walk(high)
-    return tuple(bounds[s + 1] - bounds[s] for s in range(pp))
-
-
-def proportional_split(layer_cost, stage_extra_cost, stage_speed) -> tuple[int, ...]:
-    """A quick split with each stage's share of the cost (its layers plus its extra) in proportion to
-    its speed, rounded to layer boundaries; no memory check. For ranking layouts, not for plans."""
-    cost = np.concatenate([[0.0], np.cumsum(layer_cost)])
-    speed = np.asarray(stage_speed, dtype=np.float64)
-    extra = np.asarray(stage_extra_cost, dtype=np.float64)
-    pp, num_layers = len(speed), len(cost) - 1
-    share = speed / speed.sum() * (cost[-1] + extra.sum()) - extra
-    ends = np.searchsorted(cost, np.cumsum(share)[:-1], side="left")
-    bounds = [0]
-    for stage, end in enumerate(ends):  # at least one layer per stage, in order
-        bounds.append(min(max(int(end), bounds[-1] + 1), num_layers - (pp - 1 - stage)))
-    bounds.append(num_layers)
-    return tuple(bounds[i + 1] - bounds[i] for i in range(pp))
+            best, high = bounds, bottleneck(bounds)
+    return tuple(best[s + 1] - best[s] for s in range(pp))
 
 
 def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:

@@ -38,6 +38,8 @@ class ModelTables:
     top_k: np.ndarray
     activation: np.ndarray
     multiplier: int
+    per_layer_prefix: np.ndarray  # the five (L+1,) tables above, stacked for one gather per batch
+    per_kind_prefix: np.ndarray  # expert_flops and kind_layers, stacked: (2, K, L+1)
 
     @property
     def num_layers(self) -> int:
@@ -54,15 +56,18 @@ def model_tables(shape: ModelShape, training: TrainingConfig) -> ModelTables:
         pad = np.zeros(values.shape[:-1] + (1,))
         return np.concatenate([pad, np.cumsum(values, axis=-1)], axis=-1)
 
+    dense_flops, score_flops = prefix(costs.dense_flops_per_token), prefix(costs.score_flops_per_token)
+    dense_params, top_k = prefix(costs.dense_params), prefix(costs.top_k)
+    activation = prefix(costs.activation_bytes_per_token)
+    expert_flops, kind_layers = prefix(one_hot * costs.expert_flops_per_token), prefix(one_hot)
     return ModelTables(
         shape=shape, training=training, costs=costs,
         micro_batches=training.micro_batches_per_step(shape.seq_len),
-        expert_counts=counts, kind_of_layer=kind,
-        dense_flops=prefix(costs.dense_flops_per_token), score_flops=prefix(costs.score_flops_per_token),
-        expert_flops=prefix(one_hot * costs.expert_flops_per_token), kind_layers=prefix(one_hot),
-        dense_params=prefix(costs.dense_params), top_k=prefix(costs.top_k),
-        activation=prefix(costs.activation_bytes_per_token),
-        multiplier=training_flops_multiplier(training.recompute))
+        expert_counts=counts, kind_of_layer=kind, dense_flops=dense_flops, score_flops=score_flops,
+        expert_flops=expert_flops, kind_layers=kind_layers, dense_params=dense_params, top_k=top_k,
+        activation=activation, multiplier=training_flops_multiplier(training.recompute),
+        per_layer_prefix=np.stack([dense_flops, score_flops, dense_params, top_k, activation]),
+        per_kind_prefix=np.stack([expert_flops, kind_layers]))
 
 
 @dataclass(frozen=True)
@@ -143,18 +148,18 @@ class Evaluation:
 
 def _stage_sums(tables: ModelTables, splits: np.ndarray) -> dict:
     """Totals per stage for a batch of splits (S, pp); expert-kind tables come out as (S, pp, K)."""
-    bounds = np.concatenate([np.zeros((splits.shape[0], 1), dtype=np.int64), np.cumsum(splits, axis=1)], axis=1)
-    low, high = bounds[:, :-1], bounds[:, 1:]
-    span = lambda prefix: prefix[..., high] - prefix[..., low]  # noqa: E731
-    by_kind = lambda prefix: np.moveaxis(span(prefix), 0, -1)  # noqa: E731
+    ends = np.cumsum(splits, axis=1)
+    high, low = ends, ends - splits
+    per_layer = tables.per_layer_prefix[:, high] - tables.per_layer_prefix[:, low]  # (5, S, pp)
+    by_kind = np.moveaxis(tables.per_kind_prefix[:, :, high] - tables.per_kind_prefix[:, :, low], 1, -1)
+    dense_flops, score_flops, dense_params, top_k, activation = per_layer
     costs = tables.costs
-    dense_flops, dense_params = span(tables.dense_flops), span(tables.dense_params)
     dense_flops[:, -1] += costs.head_flops_per_token
     dense_params[:, 0] += costs.embedding_params
     dense_params[:, -1] += costs.head_params
-    return dict(layers=(high - low).astype(np.float64), dense_flops=dense_flops, score_flops=span(tables.score_flops),
-                expert_flops=by_kind(tables.expert_flops), kind_layers=by_kind(tables.kind_layers),
-                dense_params=dense_params, top_k=span(tables.top_k), activation=span(tables.activation))
+    return dict(layers=splits.astype(np.float64), dense_flops=dense_flops, score_flops=score_flops,
+                expert_flops=by_kind[0], kind_layers=by_kind[1], dense_params=dense_params, top_k=top_k,
+                activation=activation)
 
 
 def _stage_costs(ctx: GridContext, splits: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import cost
-from .allocate import even_split, proportional_split, split_layers
+from .allocate import even_split, split_layers
 from .cards import GIB
 from .cluster import Cluster
 from .assemble import build_plan
@@ -157,20 +157,6 @@ def _best_split(ctx: GridContext) -> Evaluation | None:
     return _best_of(ctx, sorted(splits))
 
 
-def _quick_time_s(ctx: GridContext) -> float:
-    """Pass 1's rating of a layout: rounded proportional splits, the exact one only if those overflow."""
-    costs = ctx.tables.costs
-    layer_cost = costs.dense_flops_per_token + costs.expert_flops_per_token
-    extra = np.zeros(ctx.degrees.pp)
-    extra[-1] = costs.head_flops_per_token
-    splits = sorted({proportional_split(layer_cost, extra, speeds) for speeds in _speed_candidates(ctx)})
-    times, feasible = evaluate_batch(ctx, splits)
-    if feasible.any():
-        return float(times[feasible].min())
-    result = _best_split(ctx)
-    return math.inf if result is None else result.step_time_s
-
-
 def _best_of(ctx: GridContext, splits: list[tuple[int, ...]]) -> Evaluation | None:
     """The fastest feasible split among `splits` (first one on ties), fully evaluated."""
     if not splits:
@@ -250,7 +236,9 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
         for degrees in options:
             chosen = block_selections(table, pp * degrees.dp)[0]
             for grid in candidate_grids(table, chosen, pp, degrees.dp, thorough=False):
-                score = min(score, _quick_time_s(grid_context(tables, degrees, table, grid)))
+                result = _best_split(grid_context(tables, degrees, table, grid))
+                if result is not None:
+                    score = min(score, result.step_time_s)
             if score < math.inf:
                 break
         if options:

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=hyrun__pb2.StatusRequest.SerializeToString,
                 response_deserializer=hyrun__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/hyrun.v1.Coordinator/Drain',
+                request_serializer=hyrun__pb2.DrainRequest.SerializeToString,
+                response_deserializer=hyrun__pb2.DrainReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -83,6 +88,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """A planned leave (an operator, tidal scheduling): checkpoint, then continue without the node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=hyrun__pb2.StatusRequest.FromString,
                     response_serializer=hyrun__pb2.StatusReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=hyrun__pb2.DrainRequest.FromString,
+                    response_serializer=hyrun__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class Coordinator:
             '/hyrun.v1.Coordinator/Status',
             hyrun__pb2.StatusRequest.SerializeToString,
             hyrun__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyrun.v1.Coordinator/Drain',
+            hyrun__pb2.DrainRequest.SerializeToString,
+            hyrun__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -195,17 +195,8 @@ def _parse_simulate(text: str) -> dict:
     return group
 
 
-@app.command()
-def status(
-    coordinator: Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="a run directory of an embedded launch (runs/JOB)")] = None,
-    token_file: TokenFile = None,
-    tls_ca: TlsCa = None,
-) -> None:
-    """Show a running job: nodes and their health, generation, step, loss, throughput."""
-    import grpc
-
-    from hyrun.proto import hyrun_pb2 as pb
+def _connect(coordinator: str | None, run: Path | None, token_file: Path | None, tls_ca: Path | None):
+    """(stub, metadata, channel) for a coordinator named by address or by an embedded run's directory."""
     from hyrun.proto import hyrun_pb2_grpc as pb_grpc
     from hyrun.runtime.security import call_metadata, open_channel
 
@@ -219,20 +210,61 @@ def status(
     if coordinator is None:
         _fail("say which coordinator: --coordinator HOST:PORT or --run runs/JOB", EXIT_USAGE)
     channel = open_channel(coordinator, TlsFiles(cert=tls_ca))
+    return pb_grpc.CoordinatorStub(channel), call_metadata(token), channel
+
+
+CoordinatorOpt = Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator")]
+RunOpt = Annotated[Optional[Path], typer.Option(help="a run directory of an embedded launch (runs/JOB)")]
+
+
+@app.command()
+def status(coordinator: CoordinatorOpt = None, run: RunOpt = None, token_file: TokenFile = None, tls_ca: TlsCa = None) -> None:
+    """Show a running job: nodes and their health, generation, step, loss, throughput, evictions."""
+    import grpc
+
+    from hyrun.proto import hyrun_pb2 as pb
+
+    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
     try:
-        reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), metadata=call_metadata(token), timeout=5)
+        reply = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=5)
     except grpc.RpcError as error:
-        _fail(f"coordinator {coordinator}: {error.details() or error.code().name}")
+        _fail(f"coordinator: {error.details() or error.code().name}")
     finally:
         channel.close()
     for job in reply.jobs:
         console.print(
             f"job {job.job_id}: {job.state} generation {job.generation} step {job.step}/{job.total_steps} "
-            f"loss {job.loss:.4f} {job.tokens_per_s:,.0f} tok/s {job.message}",
+            f"loss {job.loss:.4f} {job.tokens_per_s:,.0f} tok/s, steps trained again {job.steps_lost} {job.message}",
             highlight=False,
         )
+        for eviction in job.evictions:
+            console.print(f"  evicted {eviction}", highlight=False)
     for node in reply.nodes:
         console.print(f"  node {node.node}: {node.state} ({node.cards} cards)", highlight=False)
+
+
+@app.command()
+def drain(
+    node: Annotated[str, typer.Argument(help="the node to take out of the job")],
+    reason: Annotated[str, typer.Option(help="why (shown in status and logs)")] = "",
+    coordinator: CoordinatorOpt = None,
+    run: RunOpt = None,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Take a node out of the running job without losing work: checkpoint, then continue without it."""
+    import grpc
+
+    from hyrun.proto import hyrun_pb2 as pb
+
+    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
+    try:
+        reply = stub.Drain(pb.DrainRequest(node=node, reason=reason), metadata=metadata, timeout=10)
+    except grpc.RpcError as error:
+        _fail(f"coordinator: {error.details() or error.code().name}")
+    finally:
+        channel.close()
+    console.print(reply.message, highlight=False)
 
 
 def _mount_ckpt() -> None:

@@ -165,6 +165,9 @@ class FaultToleranceSection(_Section):
     failure_grace_s: float = Field(
         0.5, ge=0, le=30, description="how long to collect worker exits before deciding which card failed"
     )
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="how long a drain waits for its checkpoint before evicting anyway"
+    )
     hang_timeout_s: float = Field(
         60.0, gt=0, description="no rank progress for this long is a hang; must exceed the slowest step"
     )

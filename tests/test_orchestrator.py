@@ -246,7 +246,8 @@ def test_a_card_heating_towards_its_threshold_is_drained(harness):
 
 def test_nan_on_one_rank_repeatedly_drains_it(harness):
     orch, *_ = harness
-    gen = _start(harness, health={"overflow_strikes": 2, "overflow_window_steps": 5})
+    # Without checkpoints a drain cannot save first: the card leaves at once.
+    gen = _start(harness, health={"overflow_strikes": 2, "overflow_window_steps": 5}, checkpoint={"interval_steps": 0})
     for step in (1, 2):
         for rank in range(4):
             report = _step(gen.number, rank, step)
@@ -254,3 +255,53 @@ def test_nan_on_one_rank_repeatedly_drains_it(harness):
             orch.on_step("node-a", report, float(step))
     assert [str(c) for c in orch.job.evicted] == ["node-a/card1"]
     assert "suspected silent data corruption" in orch.event().evictions[0]
+
+
+def test_a_drain_checkpoints_first_and_loses_no_step(harness):
+    orch, _, sent, _ = harness
+    gen = _start(harness, health={"temperature_horizon_s": 30})
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
+    sent.clear()
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=88.0), 1.5)  # within 5 °C of slowdown
+    assert sorted(node for node, cmd in sent if cmd.HasField("checkpoint_now")) == ["node-a", "node-b"]
+    assert orch.job.generation is gen  # still training until the checkpoint commits
+    for rank in range(4):
+        report = _step(gen.number, rank, 2)
+        report.checkpoint_step = 2 if rank == 3 else 1
+        orch.on_step("node-a", report, 2.0)
+    assert orch.job.generation.number == 2
+    assert [str(c) for c in orch.job.evicted] == ["node-b/card0"]
+    (incident,) = orch.job.incidents
+    assert incident.verdict == "drain" and incident.step_at_failure == 2
+    for rank in range(3):
+        orch.on_step("node-a", _step(orch.job.generation.number, rank, 3), 3.0)
+    assert orch.job.steps_lost == 0
+
+
+def test_a_drain_whose_checkpoint_never_commits_leaves_at_the_deadline(harness):
+    orch, *_ = harness
+    gen = _start(harness, fault_tolerance={"drain_timeout_s": 10})
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=89.0), 2.0)
+    orch.tick(11.0)
+    assert orch.job.generation is gen
+    orch.tick(12.5)
+    assert orch.job.generation.number == 2
+
+
+def test_operator_drain_of_a_node(harness):
+    orch, _, sent, _ = harness
+    gen = _start(harness)
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
+    message = orch.drain_node("node-b", "night is over", 1.5)
+    assert "draining node node-b" in message
+    with pytest.raises(JobRejected, match="no node 'node-z'"):
+        orch.drain_node("node-z", "", 1.5)
+    report = _step(gen.number, 0, 2)
+    report.checkpoint_step = 2
+    orch.on_step("node-a", report, 2.0)
+    assert {s.node for s in orch.job.generation.ranks} == {"node-a"}
+    assert all("night is over" in e for e in orch.event().evictions)

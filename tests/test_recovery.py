@@ -64,11 +64,12 @@ def test_hung_worker_is_located_and_evicted(write_job, launched, tmp_path):
 def test_xid_nan_and_heat_each_evict_the_right_card(write_job, launched, tmp_path):
     """Three hardware faults in turn, one per generation, each on a different card."""
     job = job_dict(
-        training={"steps": 8},
+        training={"steps": 16},
+        checkpoint={"interval_steps": 50},  # drains must checkpoint on demand, not by interval
         faults=[
             {"kind": "xid", "node": "node-b", "card": 0, "at_step": 2, "xid": 79, "generation": 1},
             {"kind": "nan_grad", "node": "node-a", "card": 1, "at_step": 2, "repeat_steps": 3, "generation": 2},
-            {"kind": "temperature_ramp", "node": "node-a", "card": 0, "at_step": 2, "c_per_s": 20.0, "generation": 3},
+            {"kind": "temperature_ramp", "node": "node-a", "card": 0, "at_step": 2, "c_per_s": 40.0, "generation": 3},
         ],
     )
     summary = _run(write_job, launched, tmp_path, job)
@@ -78,4 +79,6 @@ def test_xid_nan_and_heat_each_evict_the_right_card(write_job, launched, tmp_pat
     assert "silent data corruption" in evicted["node-a/card1"]
     assert "temperature" in evicted["node-a/card0"]
     assert summary["generations"] == 4
-    assert sorted(map(int, summary["losses"])) == list(range(1, 9))
+    assert sorted(map(int, summary["losses"])) == list(range(1, 17))
+    drains = [i for i in summary["incidents"] if i["verdict"] == "drain"]
+    assert len(drains) == 2 and all(int(i["steps_lost"]) == 0 for i in drains), summary["incidents"]

@@ -53,6 +53,11 @@ class Generation:
     failing_since: float | None = None  # first failure seen; the verdict waits a short grace
     reduce_entered: dict[int, int] = field(default_factory=dict)  # rank -> step whose reduce it entered
     last_progress_s: float = 0.0  # any rank's last step or progress report
+    # A drain in progress: the verdicts to carry out once a checkpoint newer than
+    # `drain_after_step` has committed (or at `drain_deadline_s`, whatever the checkpoint).
+    drain_verdicts: list = field(default_factory=list)
+    drain_after_step: int = 0
+    drain_deadline_s: float = 0.0
 
     @property
     def world_size(self) -> int:

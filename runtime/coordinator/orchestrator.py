@@ -181,6 +181,12 @@ class Orchestrator:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             gen.transition(GenState.RUNNING)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
+        if gen.drain_verdicts and report.checkpoint_step > gen.drain_after_step:
+            # Commits are all-ranks: one rank seeing it committed means every rank finished that
+            # step and its part is on disk, so nothing up to it will be trained again.
+            job.step = max(job.step, report.checkpoint_step)
+            self._recover(list(gen.drain_verdicts), now_s)
+            return
         tally = job.tallies.setdefault(report.step, StepTally())
         tally.loss_times_tokens += report.loss * report.tokens
         tally.tokens += report.tokens
@@ -261,7 +267,11 @@ class Orchestrator:
             and gen.failing_since is not None
             and now_s - gen.failing_since >= job.spec.fault_tolerance.failure_grace_s
         ):
-            self._recover(blame_exits(gen.failures), now_s)
+            self._recover(gen.drain_verdicts + blame_exits(gen.failures), now_s)
+            return
+        if job.state is JobState.RUNNING and gen is not None and gen.drain_verdicts and now_s > gen.drain_deadline_s:
+            log.warning("drain checkpoint did not commit in time; leaving without it")
+            self._recover(list(gen.drain_verdicts), now_s)
             return
         if job.state is JobState.RUNNING and gen is not None and gen.state is GenState.RUNNING:
             self._check_hang(gen, now_s)
@@ -293,12 +303,44 @@ class Orchestrator:
         self._recover(verdicts, now_s)
 
     def _act(self, verdicts: list[Verdict], now_s: float) -> None:
-        """Carries out verdicts. A drain should checkpoint before the card leaves; until the
-        coordinator can ask for a checkpoint, it leaves at once and the job resumes from the last one."""
-        if not self.job.spec.fault_tolerance.enabled:
+        """Carries out verdicts: an eviction at once; a drain after a checkpoint taken now has
+        committed, so the card leaves without losing a step."""
+        job = self.job
+        if not job.spec.fault_tolerance.enabled:
             self._fail_job("; ".join(f"{v.card}: {v.reason}" for v in verdicts))
             return
-        self._recover(verdicts, now_s)
+        gen = job.generation
+        drains = [v for v in verdicts if v.kind is VerdictKind.DRAIN]
+        if len(drains) < len(verdicts) or not job.spec.checkpoint.enabled or gen.state is not GenState.RUNNING:
+            self._recover(gen.drain_verdicts + verdicts, now_s)
+            return
+        already = {v.card for v in gen.drain_verdicts}
+        fresh = [v for v in drains if v.card not in already]
+        if not fresh:
+            return
+        if not gen.drain_verdicts:
+            gen.drain_after_step = job.step
+            gen.drain_deadline_s = now_s + job.spec.fault_tolerance.drain_timeout_s
+            reason = "; ".join(f"{v.card}: {v.reason}" for v in fresh)
+            log.warning("draining %s: checkpoint first", reason)
+            for node in gen.nodes:
+                self.send(node, pb.CoordinatorCommand(checkpoint_now=pb.CheckpointNow(generation=gen.number, reason=reason)))
+        gen.drain_verdicts.extend(fresh)
+
+    def drain_node(self, node: str, reason: str, now_s: float) -> str:
+        """A planned leave: the node's cards leave after a checkpoint, and are not used again."""
+        job = self.job
+        if node not in self.membership.nodes:
+            raise JobRejected(f"no node {node!r}; known: {', '.join(sorted(self.membership.nodes)) or 'none'}")
+        cards = [CardRef(node, card.index) for card in self.membership.nodes[node].cards]
+        why = f"drained by request: {reason}" if reason else "drained by request"
+        gen = job.generation if job else None
+        if job is None or job.ended or gen is None or gen.ended or node not in gen.nodes:
+            if job is not None:
+                job.evicted.update({card: why for card in cards})
+            return f"node {node} will not be used by this job"
+        self._act([Verdict(VerdictKind.DRAIN, card, why) for card in cards], now_s)
+        return f"draining node {node}: checkpoint, then continue without its {len(cards)} cards"
 
     def _recover(self, verdicts: list[Verdict], now_s: float) -> None:
         """Evicts the cards the verdicts name, ends the generation, starts the next without them."""

@@ -185,6 +185,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         finally:
             self.watchers.discard(queue)
 
+    async def Drain(self, request, context):
+        try:
+            message = self.orchestrator.drain_node(request.node, request.reason, time.monotonic())
+        except JobRejected as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return pb.DrainReply(message=message)
+
     async def Status(self, request, context):
         jobs = [self.orchestrator.event()] if self.orchestrator.job else []
         return pb.StatusReply(jobs=jobs, nodes=self.orchestrator.node_states())

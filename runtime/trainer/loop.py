@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import math
 import time
 from dataclasses import dataclass
@@ -128,6 +129,24 @@ def _all_reduce_sum(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+class DrainRequest:
+    """The coordinator asked for a checkpoint before a card leaves: the next save is waited for
+    (committed, not just staged) before the step is reported, so the drain loses no step."""
+
+    def __init__(self) -> None:
+        self._pending = threading.Event()
+
+    def request(self, checkpointer) -> None:
+        self._pending.set()
+        if checkpointer is not None:
+            checkpointer.request_now()
+
+    def take(self) -> bool:
+        pending = self._pending.is_set()
+        self._pending.clear()
+        return pending
+
+
 class Trainer:
     """One rank's training state (model, optimizer, expert LRs, data) and its step."""
 
@@ -212,7 +231,9 @@ class Trainer:
         self.expert_lrs.maybe_update(step)
 
 
-def train(job: JobSpec, work: RankWork, reporter: Reporter, checkpointer=None) -> MoETransformer:
+def train(
+    job: JobSpec, work: RankWork, reporter: Reporter, checkpointer=None, drain: DrainRequest | None = None
+) -> MoETransformer:
     """Trains this rank from the newest checkpoint (if a checkpointer is given and one exists) to
     the job's last step; returns the (unwrapped) model."""
     trainer = Trainer(job, work, reporter)
@@ -234,6 +255,8 @@ def train(job: JobSpec, work: RankWork, reporter: Reporter, checkpointer=None) -
         trainer.apply_update(step)
         if checkpointer is not None and checkpointer.due(step, time.monotonic()):
             checkpointer.save_async(step, trainer.model, trainer.optimizer, extra=trainer.extra_state(step))
+            if drain is not None and drain.take():
+                checkpointer.wait()
         status = checkpointer.status() if checkpointer is not None else None
         reporter.report(
             StepRecord(

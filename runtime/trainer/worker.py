@@ -38,6 +38,7 @@ class WorkerSpec:
     run_dir: str
     parent_pid: int
     report_fd: int
+    control_fd: int = -1
 
     @classmethod
     def from_env(cls) -> WorkerSpec:
@@ -96,6 +97,24 @@ def build_checkpointer(job, spec: WorkerSpec):
     )  # fmt: skip
 
 
+def listen_for_commands(control_fd: int, on_checkpoint_now) -> None:
+    """Reads the agent's commands (JSON lines) on a background thread."""
+    import threading
+
+    def loop() -> None:
+        with os.fdopen(control_fd, "rb") as pipe:
+            for line in pipe:
+                try:
+                    command = json.loads(line)
+                except ValueError:
+                    continue
+                if command.get("kind") == "checkpoint_now":
+                    logging.info("checkpoint requested by the coordinator")
+                    on_checkpoint_now()
+
+    threading.Thread(target=loop, daemon=True, name="agent-commands").start()
+
+
 def main() -> int:
     spec = WorkerSpec.from_env()
     die_with_parent(spec.parent_pid)  # a SIGKILLed agent leaves no orphan workers
@@ -104,7 +123,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from hyrun.runtime.jobfile import job_from_json
-    from hyrun.runtime.trainer.loop import RankWork, train
+    from hyrun.runtime.trainer.loop import DrainRequest, RankWork, train
     from hyrun.runtime.trainer.reporting import Reporter
 
     # One intra-op thread per worker: several simulated cards share this machine's cores, and
@@ -126,7 +145,11 @@ def main() -> int:
             node=spec.node,
             card_index=spec.card_index,
         )
-        train(job, work, reporter, build_checkpointer(job, spec))
+        checkpointer = build_checkpointer(job, spec)
+        drain = DrainRequest()
+        if spec.control_fd >= 0:
+            listen_for_commands(spec.control_fd, lambda: drain.request(checkpointer))
+        train(job, work, reporter, checkpointer, drain)
         logging.info("finished %d steps", job.training.steps)
         return 0
     except Exception:

@@ -1,0 +1,75 @@
+"""Where a rank's step time goes: computing, waiting on communication, or idle in the pipeline bubble.
+
+Compute is measured (forward hooks on the rank's module) and the backward taken as twice the forward,
+the convention of the trainer loop; explicit collectives (expert all-to-all, context-parallel
+gathers) are timed where they are called. What is left of the step is communication wait without
+a pipeline, and bubble with one (fill, drain and waits on neighbouring stages).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+_BACKWARD_PER_FORWARD = 2.0
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    step_s: float
+    compute_s: float
+    comm_wait_s: float
+    bubble_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class CommTimer:
+    """Context manager summing the wall time of the blocking collectives run inside it."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> "CommTimer":
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.total_s += time.perf_counter() - self._started
+
+
+class StepClock:
+    """Times one step of one rank's module; `finish()` splits it into a `StepTiming`."""
+
+    def __init__(self, module: nn.Module, comm: CommTimer, *, pipelined: bool) -> None:
+        self.comm, self.pipelined = comm, pipelined
+        self._forward_s = 0.0
+        self._forward_started = 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+        self.start()
+
+    def _pre(self, module, args) -> None:
+        self._forward_started = time.perf_counter()
+        self._comm_at_start = self.comm.total_s
+
+    def _post(self, module, args, output) -> None:
+        comm_inside = self.comm.total_s - self._comm_at_start
+        self._forward_s += time.perf_counter() - self._forward_started - comm_inside
+
+    def start(self) -> None:
+        self._forward_s = 0.0
+        self.comm.total_s = 0.0
+        self._step_started = time.perf_counter()
+
+    def finish(self) -> StepTiming:
+        step_s = time.perf_counter() - self._step_started
+        compute_s = min(step_s, self._forward_s * (1.0 + _BACKWARD_PER_FORWARD))
+        rest_s = max(0.0, step_s - compute_s - self.comm.total_s)
+        if self.pipelined:
+            return StepTiming(step_s, compute_s, self.comm.total_s, rest_s)
+        return StepTiming(step_s, compute_s, self.comm.total_s + rest_s, 0.0)
