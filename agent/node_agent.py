@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -38,6 +39,7 @@ class AgentSettings:
     host: str = ""                    # address other nodes reach this one at; default: hostname
     heartbeat_interval_s: float = 1.0
     reconnect_timeout_s: float = 30.0
+    warm_workers: int = -1            # spare worker processes kept ready; -1: one per card
     token: str = ""
     tls: TlsFiles = field(default_factory=TlsFiles)
 
@@ -51,7 +53,9 @@ class NodeAgent:
         self.settings = settings
         self.telemetry = telemetry
         self.outbox: queue.Queue[pb.AgentMessage] = queue.Queue()
-        self.supervisor = Supervisor(settings.node, self.outbox.put, self._observe_step)
+        warm = len(settings.cards) if settings.warm_workers < 0 else settings.warm_workers
+        self.supervisor = Supervisor(settings.node, self.outbox.put, self._observe_step, warm_workers=warm)
+        self._job_ids: set[str] = set()  # jobs whose RAM checkpoint snapshots this node may hold
         self.heartbeat_interval_s = settings.heartbeat_interval_s
         self._stop = threading.Event()
         self._sequence = 0
@@ -133,6 +137,7 @@ class NodeAgent:
         elif kind == "start":
             log.info("starting generation %d: ranks %s", command.start.generation, [r.rank for r in command.start.ranks])
             self._script_simulated_faults(command.start)
+            self._job_ids.add(os.path.basename(command.start.run_dir))
             self.supervisor.start_generation(command.start)
         elif kind == "checkpoint_now":
             log.info("checkpoint now (generation %d): %s", command.checkpoint_now.generation, command.checkpoint_now.reason)
@@ -179,7 +184,17 @@ class NodeAgent:
             return 0
         finally:
             self._stop.set()
-            self.supervisor.stop_all("agent stopping")
+            self.supervisor.close()
+            self._free_snapshots()
+
+    def _free_snapshots(self) -> None:
+        """RAM snapshots outlive workers on purpose (a restart reads them); not the agent."""
+        if not self._job_ids:
+            return
+        from hyrun.runtime.checkpoint import remove_snapshots
+
+        for job_id in self._job_ids:
+            remove_snapshots(Path("/dev/shm"), job_id)
 
     def request_stop(self, *_args) -> None:
         self._stop.set()

@@ -2,7 +2,8 @@
 step time with the exhaustive oracle's (goal: within 3%) and with the naive plan's (uniform split, cards
 in id order, as a homogeneous framework would lay them out).
 
-    python benchmarks/planner_quality.py [--clusters 50] [--seed 0] [--max-cards 8] [--layers 8]
+    python benchmarks/planner_quality.py [--clusters 50] [--seed 0] [--max-cards 8] [--max-nodes 3]
+                                         [--mixed-nodes] [--layers 8]
 
 Prints one line per cluster, then the summary; the last line is the median speedup over naive.
 """
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-cards", type=int, default=8)
     parser.add_argument("--max-nodes", type=int, default=3)
+    parser.add_argument("--mixed-nodes", action="store_true", help="nodes may hold two card types")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--sequences", type=int, default=64, help="global batch in sequences of 4096 tokens")
     args = parser.parse_args()
@@ -35,7 +37,8 @@ def main() -> None:
     print(f"model: {args.layers} layers, 8 experts top-2, hidden 2048; {args.sequences} sequences of 4096 tokens")
     print(f"{'#':>3} {'cluster':<52} {'search s':>9} {'oracle s':>9} {'vs oracle':>10} {'vs naive':>9}  best degrees")
     for index in range(args.clusters):
-        cluster = random_small_cluster(rng, max_cards=args.max_cards, max_nodes=args.max_nodes)
+        cluster = random_small_cluster(rng, max_cards=args.max_cards, max_nodes=args.max_nodes,
+                                       mixed_nodes=args.mixed_nodes)
         start = time.perf_counter()
         result = search(cluster, model, training)
         middle = time.perf_counter()

@@ -73,8 +73,8 @@ def contiguous_owners(counts: Sequence[int]) -> tuple[int, ...]:
     return tuple(owner for owner, count in enumerate(counts) for _ in range(int(count)))
 
 
-# Relative precision of the bisection: splits whose bottleneck differs by less are taken as equal.
-SPLIT_TOLERANCE = 1e-10
+# Relative precision of the bisection: splits whose bottlenecks differ by less are taken as equal.
+SPLIT_TOLERANCE = 1e-7
 
 
 def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, stage_fixed_memory_bytes,
@@ -113,8 +113,8 @@ def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, 
         return max((cost[bounds[s + 1]] - cost[bounds[s]] + extra[s]) / speed[s] for s in range(pp))
 
     best = walk(np.inf)
-    if best is None:
-        return None
+    if best is None or pp == 1:
+        return None if best is None else (num_layers,)
     # Bisect on the target time; every feasible walk snaps the upper end down to the bottleneck its
     # split actually reaches, so the search closes on the optimum in a few steps.
     low = (cost[-1] + sum(extra)) / sum(speed)  # perfectly balanced: nothing can beat it

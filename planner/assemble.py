@@ -9,6 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
+from . import cost
 from .allocate import contiguous_owners
 from .cluster import Card
 from .evaluate import Evaluation, GridContext, _activation_memory, _stage_sums, _static_memory
@@ -19,7 +20,7 @@ from .plan import CardMemory, Plan, StepTimeTerms
 def build_plan(ctx: GridContext, result: Evaluation, cards: Mapping[int, Card], *, label: str) -> Plan:
     """The full Plan for an evaluated layout: ranks, per-card memory and compute, terms."""
     tables, degrees = ctx.tables, ctx.degrees
-    pp, dp, cp, tp, ep = degrees.pp, degrees.dp, degrees.cp, degrees.tp, degrees.ep
+    pp, tp, ep = degrees.pp, degrees.tp, degrees.ep
     g, tokens, mult = degrees.replicas_per_expert_group, ctx.tokens_per_rank, tables.multiplier
     precision = tables.training.precision
     sums = {name: value[0] for name, value in _stage_sums(tables, np.asarray([result.layers_per_stage])).items()}
@@ -38,12 +39,13 @@ def build_plan(ctx: GridContext, result: Evaluation, cards: Mapping[int, Card], 
                                          min(pp - s, int(replica_micro_batches[d])), s == pp - 1)
         memory.append(CardMemory(float(params), float(grads), float(optimizer), float(activations),
                                  card.spec.memory_bytes))
-        flops = card_flops_per_s(card)
-        busy = tokens * mult / tp * (sums["dense_flops"][s] + ep * float(
-            (sums["expert_flops"][s] * experts / counts).sum())) / flops
-        weights = (dense_params + expert_params) * precision.param_bytes * mult / (
-            card.spec.memory_bandwidth_bytes_per_s * card.spec.speed)
-        compute_time.append(float(max(busy, weights) * replica_micro_batches[d]))
+        expert_time = sum(cost.expert_compute_time_s(tokens * mult / tp * sums["expert_flops"][s][k], ep,
+                                                     experts[k] / counts[k], card_flops_per_s(card))
+                          for k in range(len(counts)))
+        weights = (dense_params + expert_params) * precision.param_bytes * mult
+        busy = cost.stage_compute_time_s(tokens * mult / tp * sums["dense_flops"][s], card_flops_per_s(card),
+                                         expert_time, weights, card.spec.memory_bandwidth_bytes_per_s * card.spec.speed)
+        compute_time.append(float(busy * replica_micro_batches[d]))
         rank_to_card.append(card.global_id)
 
     placement = []
@@ -65,10 +67,9 @@ def step_time_terms(result: Evaluation) -> StepTimeTerms:
     (stage, group) cells; bubble averaged over groups; the rest of the step is waiting."""
     m = result.micro_batches_per_group[None, :]
     busy = {name: float((m * part).mean()) for name, part in result.stage_parts.items()}
-    bubble = float(result.bubble_s.mean())
-    accounted = sum(busy.values()) + bubble + result.dp_exposed_s
+    cell_busy = m * sum(result.stage_parts.values()) + result.bubble_s[None, :]  # (pp, G), bubble included
     return StepTimeTerms(
         compute_s=busy["compute"], tp_comm_s=busy["tp_comm"], cp_comm_s=busy["cp_comm"],
         expert_all_to_all_s=busy["expert_all_to_all"], pipeline_p2p_s=busy["pipeline_p2p"],
-        pipeline_bubble_s=bubble, dp_grad_sync_s=result.dp_exposed_s,
-        straggler_wait_s=max(result.step_time_s - accounted, 0.0))
+        pipeline_bubble_s=float(result.bubble_s.mean()), dp_grad_sync_s=result.dp_exposed_s,
+        straggler_wait_s=cost.straggler_wait_time_s(result.step_time_s - result.dp_exposed_s, cell_busy))

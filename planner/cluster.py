@@ -5,11 +5,12 @@ exclusions and calibration all refer to cards by it, and it never changes when o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from .cards import CardSpec, card_spec
+from .cards import GB_PER_S, GIB, CardSpec, card_spec
 
 
 @dataclass(frozen=True)
@@ -61,22 +62,33 @@ class Cluster:
     @property
     def node_names(self) -> tuple[str, ...]:
         """Nodes in the order their first card appears."""
-        return tuple(dict.fromkeys(card.node for card in self.cards))
+        return tuple(self._by_node)
+
+    @functools.cached_property
+    def _by_id(self) -> dict[int, Card]:
+        return {card.global_id: card for card in self.cards}
+
+    @functools.cached_property
+    def _by_node(self) -> dict[str, tuple[Card, ...]]:
+        groups: dict[str, list[Card]] = {}
+        for card in self.cards:
+            groups.setdefault(card.node, []).append(card)
+        return {node: tuple(cards) for node, cards in groups.items()}
 
     def card(self, global_id: int) -> Card:
-        for card in self.cards:
-            if card.global_id == global_id:
-                return card
-        raise ValueError(f"no card with global id {global_id}; ids are {self._id_ranges()}")
+        try:
+            return self._by_id[global_id]
+        except KeyError:
+            raise ValueError(f"no card with global id {global_id}; ids are {self._id_ranges()}") from None
 
     def cards_on_node(self, node: str) -> tuple[Card, ...]:
-        found = tuple(card for card in self.cards if card.node == node)
-        if not found:
+        if node not in self._by_node:
             raise ValueError(f"no node {node!r}; nodes are {', '.join(self.node_names)}")
-        return found
+        return self._by_node[node]
 
     def cards_by_node(self) -> dict[str, tuple[Card, ...]]:
-        return {node: self.cards_on_node(node) for node in self.node_names}
+        """Node → its cards, nodes in the order their first card appears."""
+        return dict(self._by_node)
 
     def cards_by_type(self) -> dict[str, tuple[Card, ...]]:
         """Card type name → its cards, types in order of first appearance."""
@@ -114,3 +126,36 @@ class Cluster:
     def _id_ranges(self) -> str:
         ids = self.card_ids
         return f"{ids[0]}..{ids[-1]} ({len(ids)} cards)" if ids else "(none)"
+
+
+def cluster_from_job(nodes: Sequence[Any], card_types: Mapping[str, Any] | None = None) -> Cluster:
+    """The job file's `cluster` section as the planner sees it, from plain data or the job's own
+    models (read by field name, so the planner needs nothing from the runtime):
+
+    nodes: [{"name": "node0", "cards": [{"type": "H100-SXM", "count": 8, "memory_gb": None, "speed": 1.0}]}]
+    card_types: {"X1": {"peak_tflops": 100, "memory_gb": 24, "memory_bandwidth_gbps": 1000,
+                        "intra_node_bandwidth_gbps": 100, "inter_node_bandwidth_gbps": 12.5}}
+
+    memory_gb counts GiB (as the agent reads it); bandwidths are GB/s.
+    """
+    custom = {name: CardSpec(name, float(_field(t, "peak_tflops")), int(float(_field(t, "memory_gb")) * GIB),
+                             float(_field(t, "memory_bandwidth_gbps", 1000.0)) * GB_PER_S,
+                             float(_field(t, "intra_node_bandwidth_gbps", 100.0)) * GB_PER_S,
+                             float(_field(t, "inter_node_bandwidth_gbps", 12.5)) * GB_PER_S)
+              for name, t in (card_types or {}).items()}
+    by_node: dict[str, list[CardSpec]] = {}
+    for node in nodes:
+        specs = by_node.setdefault(str(_field(node, "name")), [])
+        for group in _field(node, "cards"):
+            memory_gb = _field(group, "memory_gb")
+            spec = card_spec(str(_field(group, "type", "cpu-sim")), custom=custom,
+                             speed=float(_field(group, "speed", 1.0)),
+                             memory_bytes=None if memory_gb is None else int(float(memory_gb) * GIB))
+            specs.extend([spec] * int(_field(group, "count", 1)))
+    return Cluster.from_nodes(by_node)
+
+
+def _field(item: Any, name: str, default: Any = None) -> Any:
+    if isinstance(item, Mapping):
+        return item.get(name, default)
+    return getattr(item, name, default)

@@ -31,6 +31,19 @@ def compute_time_s(flops, flops_per_s, bytes_moved=0.0, memory_bandwidth_bytes_p
     return np.maximum(flops / flops_per_s, bytes_moved / memory_bandwidth_bytes_per_s)
 
 
+def expert_compute_time_s(expert_flops, ep, expert_share, flops_per_s):
+    """Routed-expert work of one rank: its expert group pools ep ranks' tokens, and this rank computes
+    the share of them its experts receive (`expert_share` = its experts / experts in the layer, 1/ep
+    when experts are split evenly). `expert_flops`: what the rank's own tokens would cost alone."""
+    return expert_flops * ep * expert_share / flops_per_s
+
+
+def stage_compute_time_s(dense_flops, flops_per_s, expert_time_s, weight_bytes, memory_bandwidth_bytes_per_s):
+    """One micro-batch's forward and backward through a stage on a card: dense FLOPs at the card's rate
+    plus its routed-expert time, unless streaming the stage's weights takes longer (roofline)."""
+    return np.maximum(dense_flops / flops_per_s + expert_time_s, weight_bytes / memory_bandwidth_bytes_per_s)
+
+
 def ring_all_reduce_time_s(message_bytes, group_size, bandwidth_bytes_per_s):
     """Bandwidth term of a ring all-reduce: every rank sends 2(n-1)/n of the message."""
     n = np.asarray(group_size, dtype=np.float64)

@@ -1,6 +1,6 @@
-"""Costing one layout: a grid of blocks plus a layer split gives a predicted step time, memory per
-card, and (for the plans that are kept) a full `Plan`. Search, naive plan and oracle all go through
-`evaluate`, so they are compared with the same cost model.
+"""Costing one layout: a grid of blocks plus a layer split gives a predicted step time and the memory
+of each stage's fullest card. Search, naive plan and oracle all go through here, so they are compared
+with the same cost model (assemble.py turns the layouts that are kept into Plans).
 
 Expert parallelism borrows ranks from dp × cp (flattened dp-major): an expert group covers
 max(1, ep / cp) whole replicas, which then run their micro-batches in lockstep (the all-to-all in every
@@ -10,6 +10,7 @@ MoE layer is a barrier). The unit that gets micro-batches is therefore such a re
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from . import cost
@@ -30,16 +31,10 @@ class ModelTables:
     micro_batches: int  # per optimizer step, over all replicas
     expert_counts: tuple[int, ...]  # distinct num_experts values ("kinds") over layers
     kind_of_layer: np.ndarray
-    dense_flops: np.ndarray  # (L+1,) prefix sums
-    score_flops: np.ndarray
-    expert_flops: np.ndarray  # (K, L+1)
-    kind_layers: np.ndarray  # (K, L+1)
-    dense_params: np.ndarray
-    top_k: np.ndarray
-    activation: np.ndarray
-    multiplier: int
-    per_layer_prefix: np.ndarray  # the five (L+1,) tables above, stacked for one gather per batch
-    per_kind_prefix: np.ndarray  # expert_flops and kind_layers, stacked: (2, K, L+1)
+    multiplier: int  # training FLOPs per forward FLOP
+    # Prefix sums over layers (index l = total of layers 0..l-1), stacked so one gather serves a batch:
+    per_layer_prefix: np.ndarray  # (5, L+1): dense FLOPs, score FLOPs, dense params, top_k, activation bytes
+    per_kind_prefix: np.ndarray  # (2, K, L+1): routed-expert FLOPs, layer count, per expert kind
 
     @property
     def num_layers(self) -> int:
@@ -56,18 +51,14 @@ def model_tables(shape: ModelShape, training: TrainingConfig) -> ModelTables:
         pad = np.zeros(values.shape[:-1] + (1,))
         return np.concatenate([pad, np.cumsum(values, axis=-1)], axis=-1)
 
-    dense_flops, score_flops = prefix(costs.dense_flops_per_token), prefix(costs.score_flops_per_token)
-    dense_params, top_k = prefix(costs.dense_params), prefix(costs.top_k)
-    activation = prefix(costs.activation_bytes_per_token)
-    expert_flops, kind_layers = prefix(one_hot * costs.expert_flops_per_token), prefix(one_hot)
+    per_layer = (costs.dense_flops_per_token, costs.score_flops_per_token, costs.dense_params, costs.top_k,
+                 costs.activation_bytes_per_token)
     return ModelTables(
         shape=shape, training=training, costs=costs,
-        micro_batches=training.micro_batches_per_step(shape.seq_len),
-        expert_counts=counts, kind_of_layer=kind, dense_flops=dense_flops, score_flops=score_flops,
-        expert_flops=expert_flops, kind_layers=kind_layers, dense_params=dense_params, top_k=top_k,
-        activation=activation, multiplier=training_flops_multiplier(training.recompute),
-        per_layer_prefix=np.stack([dense_flops, score_flops, dense_params, top_k, activation]),
-        per_kind_prefix=np.stack([expert_flops, kind_layers]))
+        micro_batches=training.micro_batches_per_step(shape.seq_len), expert_counts=counts, kind_of_layer=kind,
+        multiplier=training_flops_multiplier(training.recompute),
+        per_layer_prefix=np.stack([prefix(values) for values in per_layer]),
+        per_kind_prefix=np.stack([prefix(one_hot * costs.expert_flops_per_token), prefix(one_hot)]))
 
 
 @dataclass(frozen=True)
@@ -134,6 +125,10 @@ def grid_context(tables: ModelTables, degrees: Degrees, table: BlockTable, grid:
         row_capacity=cost.usable_memory_bytes(table.memory_bytes[grid].min(axis=1)))
 
 
+# Above this many candidate finish times, evaluate_batch allocates split by split instead of listing.
+LISTED_FINISH_TIMES = 1 << 14
+
+
 @dataclass(frozen=True)
 class Evaluation:
     step_time_s: float
@@ -172,16 +167,19 @@ def _stage_costs(ctx: GridContext, splits: np.ndarray) -> dict:
     hidden, act_bytes = shape.hidden_size, precision.activation_bytes
     sums = _stage_sums(tables, splits)
 
-    dense_time = (tokens * mult * sums["dense_flops"] / tp)[..., None] / ctx.slowest_flops
-    expert_time = tokens * mult * ep / tp * (ctx.expert_factor[None] * sums["expert_flops"][:, :, None, :]).sum(-1)
+    dense_flops = (tokens * mult * sums["dense_flops"] / tp)[..., None]
+    # expert_factor already holds max over ep ranks of share / speed, so flops_per_s is 1 here
+    expert_time = cost.expert_compute_time_s(
+        tokens * mult / tp * (ctx.expert_factor[None] * sums["expert_flops"][:, :, None, :]).sum(-1), ep, 1.0, 1.0)
     dense_params = sums["dense_params"] / tp
     expert_params = (ctx.experts_per_position.max(axis=2)[None] * sums["kind_layers"]).sum(-1) \
         * tables.costs.params_per_expert / tp
-    # Roofline: every pass (forward, backward, recompute) streams the stage's weights once.
-    weight_time = ((dense_params + expert_params) * precision.param_bytes * mult)[..., None] / ctx.memory_bandwidth
-    parts = {"compute": np.maximum(dense_time + expert_time, weight_time)}
+    # Every pass (forward, backward, recompute) streams the stage's weights once.
+    weight_bytes = ((dense_params + expert_params) * precision.param_bytes * mult)[..., None]
+    parts = {"compute": cost.stage_compute_time_s(dense_flops, ctx.slowest_flops, expert_time, weight_bytes,
+                                                  ctx.memory_bandwidth)}
     layers = sums["layers"][..., None]
-    zero = np.zeros_like(dense_time)
+    zero = np.zeros_like(parts["compute"])
     parts["tp_comm"] = (cost.tp_collective_time_s(tokens, hidden, act_bytes, tp, ctx.intra_bandwidth, layers,
                                                   recompute) if tp > 1 else zero)
     if cp > 1:
@@ -236,36 +234,25 @@ def evaluate(ctx: GridContext, layers_per_stage, micro_batches_per_group=None) -
 
 def evaluate_batch(ctx: GridContext, splits) -> tuple[np.ndarray, np.ndarray]:
     """(step_time_s, feasible) for many layer splits (S, pp) at once, equal to `evaluate` with its
-    optimal micro-batch split. Each group's finish times b + a*m (m = 1, 2, ...) form a rising
-    sequence; every group runs at least one micro-batch, and the best latest finish is the largest of
-    those forced ones or the extra-th smallest of all the later ones (found by listing them when that is
-    small, by bisection otherwise)."""
+    optimal micro-batch split. Each group's finish times b + a*m (m = 1, 2, ...) rise with m; every
+    group runs at least one micro-batch, so the best latest finish is the largest forced one or the
+    extra-th smallest of all later ones: listed and partitioned when that is small, else allocated."""
     splits = np.asarray(splits, dtype=np.int64)
     costs = _stage_costs(ctx, splits)
     stage_time = sum(costs["parts"].values())
     slowest = stage_time.max(axis=1)  # (S, G)
     bubble = stage_time.sum(axis=1) - slowest
-    extra = ctx.tables.micro_batches // ctx.degrees.replicas_per_expert_group - slowest.shape[1]
-    forced = (slowest + bubble).max(axis=1)
-    pipeline = forced
-    groups = slowest.shape[1]
-    if 0 < extra and len(splits) * groups * extra <= 1 << 20:
-        # Small: list every group's next `extra` finish times and take the extra-th smallest.
+    rounds = ctx.tables.micro_batches // ctx.degrees.replicas_per_expert_group
+    extra = rounds - slowest.shape[1]
+    if extra <= 0:
+        pipeline = (slowest + bubble).max(axis=1)
+    elif slowest.size * extra <= LISTED_FINISH_TIMES:
         later = bubble[..., None] + slowest[..., None] * np.arange(2, extra + 2)
         kth = np.partition(later.reshape(len(splits), -1), extra - 1, axis=1)[:, extra - 1]
-        pipeline = np.maximum(forced, kth)
-    elif extra > 0:
-        low, high = (slowest + bubble).min(axis=1), (bubble + slowest * (1 + extra)).max(axis=1)
-        count = lambda t: np.maximum(np.floor((t[:, None] - bubble) / slowest) - 1, 0).sum(axis=1)  # noqa: E731
-        for _ in range(200):
-            middle = (low + high) / 2
-            enough = count(middle) >= extra
-            high, low = np.where(enough, middle, high), np.where(enough, low, middle)
-            if np.all(high - low <= 1e-13 * high):
-                break
-        taken = np.floor((high[:, None] - bubble) / slowest * (1 + 1e-12))
-        snapped = np.where(taken >= 2, bubble + slowest * taken, -np.inf).max(axis=1)
-        pipeline = np.maximum(forced, snapped)
+        pipeline = np.maximum((slowest + bubble).max(axis=1), kth)
+    else:
+        pipeline = np.array([(allocate_units(rounds, a, b, minimum=1) * a + b).max()
+                             for a, b in zip(slowest, bubble)])
     feasible = (costs["row_memory"] <= ctx.row_capacity[None]).all(axis=1)
     return pipeline + costs["dp_exposed"], feasible
 

@@ -48,9 +48,9 @@ def small_training(sequences: int = 64) -> TrainingConfig:
 
 
 def random_small_cluster(rng: random.Random, *, max_cards: int = 8, max_nodes: int = 3,
-                         types: tuple[str, ...] = MIXED_TYPES) -> Cluster:
-    """2 to `max_nodes` nodes, each of one card type (as real servers are), 1, 2 or 4 cards each, at most
-    `max_cards` in all, at least two types."""
+                         types: tuple[str, ...] = MIXED_TYPES, mixed_nodes: bool = False) -> Cluster:
+    """2 to `max_nodes` nodes of 1, 2 or 4 cards, at most `max_cards` in all, at least two types. Each
+    node holds one card type (as real servers do) unless `mixed_nodes`, where a node may hold two."""
     while True:
         nodes: dict[str, list[str]] = {}
         total = 0
@@ -58,7 +58,8 @@ def random_small_cluster(rng: random.Random, *, max_cards: int = 8, max_nodes: i
             count = min(rng.choice((1, 2, 4)), max_cards - total)
             if count == 0:
                 break
-            nodes[f"node{index}"] = [rng.choice(types)] * count
+            kinds = rng.sample(types, 2 if mixed_nodes and count > 1 else 1)
+            nodes[f"node{index}"] = sorted(rng.choice(kinds) for _ in range(count))
             total += count
         if len({kind for kinds in nodes.values() for kind in kinds}) >= 2:
             return Cluster.from_nodes(nodes)

@@ -87,33 +87,42 @@ class BlockTable:
     intra_bandwidth: np.ndarray
     inter_bandwidth: np.ndarray
     node_index: np.ndarray
+    by_speed: np.ndarray  # block indices, fastest first, then more memory, then node, then first card
+    by_memory: np.ndarray  # most memory first, then fastest, then node, then first card
+    speed_rank: np.ndarray  # position of each block in by_speed
 
     @classmethod
     def of(cls, blocks: list[Block]) -> "BlockTable":
         nodes = {node: i for i, node in enumerate(dict.fromkeys(b.node for b in blocks))}
-        return cls(tuple(blocks),
-                   np.array([b.flops_per_s for b in blocks]), np.array([float(b.memory_bytes) for b in blocks]),
+        flops = np.array([b.flops_per_s for b in blocks])
+        memory = np.array([float(b.memory_bytes) for b in blocks])
+        node_index = np.array([nodes[b.node] for b in blocks], dtype=np.int64)
+        first_card = np.array([b.card_ids[0] for b in blocks], dtype=np.int64)
+        # Equal blocks of one node stay adjacent in both orders, so rows and columns keep to nodes.
+        by_speed = np.lexsort((first_card, node_index, -memory, -flops))
+        by_memory = np.lexsort((first_card, node_index, -flops, -memory))
+        speed_rank = np.empty(len(blocks), dtype=np.int64)
+        speed_rank[by_speed] = np.arange(len(blocks))
+        return cls(tuple(blocks), flops, memory,
                    np.array([b.memory_bandwidth_bytes_per_s for b in blocks]),
                    np.array([b.intra_node_bandwidth_bytes_per_s for b in blocks]),
                    np.array([b.inter_node_bandwidth_bytes_per_s for b in blocks]),
-                   np.array([nodes[b.node] for b in blocks], dtype=np.int64))
+                   node_index, by_speed, by_memory, speed_rank)
 
 
 def speed_order(table: BlockTable, indices) -> list[int]:
-    """Fastest first; then more memory; then node, so equal blocks of one node stay adjacent."""
-    return sorted(indices, key=lambda i: (-table.flops_per_s[i], -table.memory_bytes[i],
-                                          table.node_index[i], table.blocks[i].card_ids[0]))
+    """`indices` fastest first (ties: more memory, then node, so equal blocks of a node stay adjacent)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return indices[np.argsort(table.speed_rank[indices], kind="stable")].tolist()
 
 
 def block_selections(table: BlockTable, count: int) -> list[list[int]]:
     """Which `count` blocks to use when there are more: drop the slowest, or the smallest memory."""
-    everything = range(len(table.blocks))
-    fastest = speed_order(table, everything)[:count]
-    roomiest = sorted(everything, key=lambda i: (-table.memory_bytes[i], -table.flops_per_s[i],
-                                                 table.node_index[i], table.blocks[i].card_ids[0]))[:count]
+    fastest = table.by_speed[:count].tolist()
+    roomiest = speed_order(table, table.by_memory[:count])
     selections = [fastest]
     if sorted(roomiest) != sorted(fastest):
-        selections.append(speed_order(table, roomiest))
+        selections.append(roomiest)
     return selections
 
 

@@ -22,7 +22,7 @@ from .evaluate import evaluate, evaluate_batch, grid_context, model_tables
 from .layout import BlockTable, form_blocks
 from .model_cost import ModelShape
 from .plan import Degrees, Plan
-from .search import DegreeConstraints, cp_options, ep_options, tp_options
+from .space import DegreeConstraints, cp_options, ep_options, tp_options
 from .training import TrainingConfig
 
 

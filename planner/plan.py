@@ -8,6 +8,7 @@ builds its device mesh in: rank = ((p * dp + d) * cp + c) * tp + t. `rank_to_car
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -141,7 +142,7 @@ class Plan:
     def compute_time_by_card_s(self) -> dict[int, float]:
         return dict(zip(self.rank_to_card, self.compute_time_per_rank_s))
 
-    @property
+    @functools.cached_property
     def stage_layer_ranges(self) -> tuple[tuple[int, int], ...]:
         """(first, last + 1) layer of each pipeline stage."""
         ranges, start = [], 0
@@ -166,11 +167,16 @@ class Plan:
     def experts_of_ep_rank(self, layer: int, ep_rank: int) -> tuple[int, ...]:
         return tuple(e for e, owner in enumerate(self.expert_placement[layer]) if owner == ep_rank)
 
+    @functools.cached_property
+    def _experts_per_ep_rank(self) -> tuple[tuple[int, ...], ...]:
+        """[layer][ep rank] → how many experts it holds (computed once: to_dict asks for every rank)."""
+        return tuple(tuple(owners.count(r) for r in range(self.degrees.ep)) for owners in self.expert_placement)
+
     def role_of_rank(self, rank: int) -> dict[str, Any]:
         p, d, c, t = self.degrees.coordinate(rank)
         first, end = self.stage_layer_ranges[p]
         ep_rank = self.degrees.ep_rank(d, c)
-        experts = [len(self.experts_of_ep_rank(layer, ep_rank)) for layer in range(first, end)]
+        experts = [self._experts_per_ep_rank[layer][ep_rank] for layer in range(first, end)]
         return {"rank": rank, "card": self.rank_to_card[rank], "pp": p, "dp": d, "cp": c, "tp": t,
                 "ep_rank": ep_rank, "layers": [first, end], "micro_batches": self.micro_batches_per_replica[d],
                 "experts_per_layer": experts}

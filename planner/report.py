@@ -16,6 +16,8 @@ PER_CARD_ROWS_LIMIT = 64
 
 def _counts(values: tuple[int, ...]) -> str:
     """(32, 32, 32) → '32 × 3'; short uneven lists as they are; long ones as a range."""
+    if len(values) == 1:
+        return str(values[0])
     if len(set(values)) == 1:
         return f"{values[0]} × {len(values)}"
     if len(values) <= 12:
@@ -66,13 +68,14 @@ def _role_rows(plan: Plan, result: SearchResult) -> list[str]:
     if len(roles) <= PER_CARD_ROWS_LIMIT:
         lines = [header]
         lines += [f"{cid:>6} {node:<12.12} {kind:<12.12} {rank:>5} {p:>5} {layers:>9} {d:>7} {ep:>3} {mb:>13} "
-                  f"{f'{used:.2f} / {cap:.0f}':>16}" for cid, node, kind, rank, p, layers, d, ep, mb, used, cap in roles]
+                  f"{f'{used:.2f} / {cap:.0f}':>16}"
+                  for cid, node, kind, rank, p, layers, d, ep, mb, used, cap in roles]
     else:
-        groups = Counter((kind, p, layers, mb, round(used, 2), round(cap)) for _, _, kind, _, p, layers, _, _, mb, used, cap
-                         in roles)
+        groups = Counter((kind, p, layers, mb, round(used, 2), round(cap))
+                         for _, _, kind, _, p, layers, _, _, mb, used, cap in roles)
         lines = [f"{'cards':>6} {'type':<12} {'stage':>5} {'layers':>9} {'micro-batches':>13} {'memory GiB':>16}"]
         lines += [f"{n:>6} {kind:<12.12} {p:>5} {layers:>9} {mb:>13} {f'{used:.2f} / {cap:.0f}':>16}"
-                  for (kind, p, layers, mb, used, cap), n in sorted(groups.items(), key=lambda item: item[0][1:])]
+                  for (kind, p, layers, mb, used, cap), n in sorted(groups.items(), key=lambda kv: kv[0][1:])]
     for card_id in plan.unused_cards:
         lines.append(f"{card_id:>6} {cards[card_id].node:<12.12} {cards[card_id].spec.name:<12.12}  idle")
     return lines

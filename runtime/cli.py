@@ -154,6 +154,7 @@ def agent(
     host: Annotated[str, typer.Option(help="address other nodes reach this one at (default: hostname)")] = "",
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 1.0,
     reconnect_timeout: Annotated[float, typer.Option(help="seconds to keep workers while the coordinator is gone")] = 30.0,
+    warm_workers: Annotated[int, typer.Option(help="spare worker processes kept ready for fast restarts (-1: one per card)")] = -1,
     parent_pid: Annotated[Optional[int], typer.Option(help="exit when this process dies (used by `hyrun launch`)")] = None,
     tls_ca: TlsCa = None,
     token_file: TokenFile = None,
@@ -178,7 +179,7 @@ def agent(
         _fail("no cards: no NVIDIA GPU found by NVML; describe simulated ones with --simulate cpu-sim:2", EXIT_USAGE)
     settings = AgentSettings(
         coordinator=coordinator, node=node, cards=tuple(cards), host=host,
-        heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout,
+        heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout, warm_workers=warm_workers,
         token=_token(token_file), tls=TlsFiles(cert=tls_ca),
     )  # fmt: skip
     install_signal_handlers()

@@ -226,6 +226,9 @@ class RuntimeSection(_Section):
     rendezvous_timeout_s: float = Field(60.0, gt=0, description="how long workers wait for each other")
     node_wait_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the job's nodes")
     run_dir: str = Field("runs", description="logs go to RUN_DIR/JOB/...")
+    warm_workers: int = Field(
+        -1, ge=-1, description="spare worker processes per node kept ready for fast restarts; -1: one per card"
+    )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
     @model_validator(mode="after")

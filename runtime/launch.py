@@ -101,6 +101,7 @@ class EmbeddedCluster:
             "--host", "127.0.0.1",
             "--heartbeat-interval", str(self.job.runtime.heartbeat_interval_s),
             "--parent-pid", str(os.getpid()),
+            "--warm-workers", str(self.job.runtime.warm_workers),
         ]  # fmt: skip
         log_path = self.run_dir / f"agent-{node}.log"
         with open(log_path, "ab") as log_file:

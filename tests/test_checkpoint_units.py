@@ -5,7 +5,11 @@ test_checkpoint_distributed.py."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
+import pickle
+import stat
 import threading
 import time
 import uuid
@@ -25,7 +29,9 @@ from hyrun.runtime.checkpoint import (
 )
 from hyrun.runtime.checkpoint.cli import app
 from hyrun.runtime.checkpoint.manifest import FileEntry, ManifestError
-from hyrun.runtime.checkpoint.snapshot import SharedSnapshot, snapshot_path
+from hyrun.runtime.checkpoint.resume import probe_snapshot
+from hyrun.runtime.checkpoint.rng import capture_rng_state, restore_rng_state
+from hyrun.runtime.checkpoint.snapshot import COMMITTED, SharedSnapshot, SnapshotUnusable, snapshot_path
 
 SHM = Path("/dev/shm")
 # One process saves and loads with no_dist=True on purpose; DCP warns about it every time.
@@ -349,6 +355,211 @@ def test_the_ram_snapshot_is_newer_than_disk_and_is_loaded_unless_half_written(t
     info = ckpt.load_latest(model, optimizer)
     ckpt.close()
     assert (info.step, info.source) == (4, "disk")
+
+
+# ---- the shared-memory snapshot holds data only, and only our own file is loaded -------------------
+
+
+def ram_only_step_4(tmp_path: Path, job: str) -> Path:
+    """Step 2 committed to disk, step 4 only in this rank's RAM snapshot; returns the snapshot's path."""
+    storage = FullDisk(tmp_path)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=storage, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    storage.full = True
+    train(model, optimizer, ckpt, range(3, 5))
+    ckpt.close()
+    path = snapshot_path(SHM, job, 0)
+    assert path.exists()
+    return path
+
+
+def resume(tmp_path: Path, job: str) -> tuple[int, str]:
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job)
+    info = ckpt.load_latest(model, optimizer)
+    ckpt.wait()
+    ckpt.close()
+    return info.step, info.source
+
+
+def description(**changes) -> dict:
+    meta = {
+        "job_id": "unit",
+        "rank": 0,
+        "world_size": 1,
+        "fingerprint": "f" * 64,
+        "model_fingerprint": "m" * 64,
+        "others": {
+            ("optim", "param_groups", 0, "lr"): 1e-3,
+            ("optim", "param_groups", 0, "betas", 1): 0.999,
+            ("optim", "param_groups", 0, "foreach"): None,
+            ("optim", "param_groups", 0, "amsgrad"): False,
+            ("optim", "param_groups", 0, "dampening"): 0,
+            ("optim", "param_groups", 0, "params", 0): "0.weight",
+            ("optim", "param_groups", 0, "max_norm"): float("inf"),
+            ("model", "cast_to"): torch.bfloat16,
+        },
+        "extra": {"data_position": 5, "schedule": {"lr": [1.0, 0.5]}},
+        "rng": capture_rng_state(),
+    }
+    meta.update(changes)
+    return meta
+
+
+def test_a_snapshot_description_round_trips_as_json_data(job):
+    meta = description()
+    blob = SharedSnapshot.describe(meta)
+    assert json.loads(blob)["others"][0] == [["optim", "param_groups", 0, "lr"], 1e-3]
+    snapshot = SharedSnapshot.create(snapshot_path(SHM, job, 0), len(blob), 64)
+    snapshot.begin(7, blob)
+    snapshot.mark_committed()
+    snapshot.close()
+    assert stat.S_IMODE(snapshot_path(SHM, job, 0).stat().st_mode) == 0o600
+
+    snapshot = SharedSnapshot.open_existing(snapshot_path(SHM, job, 0))
+    assert (snapshot.header().state, snapshot.header().step) == (COMMITTED, 7)
+    read = snapshot.read_meta()
+    snapshot.close()
+    assert read == meta
+    assert read["others"][("model", "cast_to")] is torch.bfloat16
+    restore_rng_state(read["rng"])  # what resume does with it
+
+    with pytest.raises(TypeError, match=r"leaf at \('model', 'hook'\) is a object"):
+        SharedSnapshot.describe(description(others={("model", "hook"): object()}))
+    with pytest.raises(ValueError, match="description has fields"):
+        SharedSnapshot.describe({**description(), "code": "anything"})
+
+
+class Planted:
+    """A pickle that creates a file when unpickled: proof that nothing unpickles the snapshot."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def garbage(kind: str, valid: bytes, marker: Path) -> bytes:
+    document = json.loads(valid)
+    if kind == "pickle":
+        return pickle.dumps(Planted(marker))
+    if kind == "binary":
+        return bytes(range(256)) * 4
+    if kind == "not utf-8":
+        return b'{"job_id": "\xff\xfe"}'
+    if kind == "nested too deep":
+        return b"[" * 200_000
+    if kind == "rank as a string":
+        document["rank"] = "0"
+    elif kind == "unknown dtype":
+        document["others"].append([["model", "x"], {"dtype": "float1024"}])
+    elif kind == "object leaf":
+        document["others"].append([["model", "x"], {"__class__": "os.system"}])
+    elif kind == "rng not base64":
+        document["rng"]["torch_cpu"] = "not base64!"
+    elif kind == "missing field":
+        del document["others"]
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "pickle",
+        "binary",
+        "not utf-8",
+        "nested too deep",
+        "rank as a string",
+        "unknown dtype",
+        "object leaf",
+        "rng not base64",
+        "missing field",
+    ],
+)
+def test_a_garbage_description_is_refused_not_a_crash(tmp_path, job, kind, caplog):
+    path = snapshot_path(SHM, job, 0)
+    valid = SharedSnapshot.describe(description(job_id=job))
+    snapshot = SharedSnapshot.create(path, 1 << 20, 64)
+    snapshot.begin(3, garbage(kind, valid, tmp_path / "unpickled"))
+    snapshot.mark_committed()
+    snapshot.close()
+
+    snapshot = SharedSnapshot.open_existing(path)
+    with caplog.at_level(logging.WARNING), pytest.raises(SnapshotUnusable):
+        snapshot.read_meta()
+    snapshot.close()
+    assert f"snapshot {path} refused" in caplog.text
+    step, why = probe_snapshot(path, job, 0, 1, "m" * 64)  # what resume asks first, on every rank
+    assert step == -1 and why.startswith("unreadable snapshot")
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_a_pickle_planted_in_the_snapshot_is_not_loaded_and_resume_uses_disk(tmp_path, job, caplog):
+    path = ram_only_step_4(tmp_path, job)
+    snapshot = SharedSnapshot.open_existing(path)
+    snapshot.begin(4, pickle.dumps(Planted(tmp_path / "unpickled")))
+    snapshot.mark_committed()
+    snapshot.close()
+    with caplog.at_level(logging.WARNING):
+        assert resume(tmp_path, job) == (2, "disk")
+    assert not (tmp_path / "unpickled").exists()
+    assert "the description is not JSON" in caplog.text
+
+
+def test_a_snapshot_file_of_another_user_or_open_to_others_is_refused(tmp_path, job, caplog):
+    path = ram_only_step_4(tmp_path, job)
+    ours = os.geteuid(), os.getegid()
+    for owner, mode, why in [
+        ((12345, 12345), 0o600, "owned by uid 12345, not by this process's uid"),
+        (ours, 0o666, "mode 0666 gives the group or other users access"),
+        (ours, 0o640, "mode 0640 gives the group or other users access"),
+    ]:
+        os.chown(path, *owner)
+        os.chmod(path, mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert SharedSnapshot.open_existing(path) is None
+            assert resume(tmp_path, job) == (2, "disk")
+        assert f"snapshot {path} refused: {why}" in caplog.text
+    # The same bytes, ours and 0600 again: loaded from RAM, so the refusals were the owner and mode.
+    os.chown(path, *ours)
+    os.chmod(path, 0o600)
+    assert resume(tmp_path, job) == (4, "shared_memory")
+
+
+def test_a_file_planted_at_the_snapshot_path_is_neither_written_nor_loaded(tmp_path, job, caplog):
+    """Another user creates /dev/shm/hyrun-<job>-rank0 first: saves go on (to disk), into a private
+    snapshot, and the planted file is left exactly as it was, never opened for writing nor removed."""
+    path = snapshot_path(SHM, job, 0)
+    planted = b"HYRUNSNP" + b"\x00" * 8192
+    path.write_bytes(planted)
+    os.chown(path, 12345, 12345)
+    os.chmod(path, 0o666)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=2)
+    with caplog.at_level(logging.WARNING):
+        train(model, optimizer, ckpt, range(1, 5))
+    status = ckpt.status()
+    ckpt.close()
+    assert (status.last_committed_step, status.saves_failed) == (4, 0)
+    assert "stages into a private file instead" in caplog.text
+    assert path.read_bytes() == planted
+    assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (12345, 0o666)
+    assert resume(tmp_path, job) == (4, "disk")
+
+
+def test_a_symlink_at_the_snapshot_path_is_not_followed(tmp_path, job):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = snapshot_path(SHM, job, 0)
+    path.symlink_to(victim)
+    assert SharedSnapshot.open_existing(path) is None
+    snapshot = SharedSnapshot.create(path, 4096, 64)  # replaces the link (ours: we run as its owner)
+    snapshot.close()
+    assert victim.read_bytes() == b"precious"
+    assert not path.is_symlink()
 
 
 def test_cli_lists_committed_checkpoints(tmp_path, job):

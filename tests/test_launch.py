@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import time
 
@@ -21,23 +23,15 @@ def _summary(tmp_path) -> dict:
     return json.loads(summary.read_text())
 
 
-def _wait_for_workers(launched, count: int, timeout_s: float = 60) -> list:
+def _wait_for_ranks(launched, tmp_path, timeout_s: float = 60) -> dict[int, int]:
+    """Until every rank has joined its process group (training is under way): rank -> pid."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        workers = launched.workers()
-        if len(workers) == count:
-            return workers
-        time.sleep(0.1)
-    raise AssertionError(f"expected {count} workers, found {len(launched.workers())}")
-
-
-def _wait_for_step(tmp_path, timeout_s: float = 60) -> None:
-    """Until every rank has joined its process group (training is under way)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+        launched.descendants()  # remember every process, spares included, for the final check
         logs = list((tmp_path / "runs").glob("*/generation-1/*/rank-*.log"))
-        if len(logs) == 4 and all("joined generation" in log.read_text() for log in logs):
-            return
+        joined = [re.search(r"as rank (\d+) .*\(pid (\d+)\)", log.read_text()) for log in logs]
+        if len(logs) == 4 and all(joined):
+            return {int(m.group(1)): int(m.group(2)) for m in joined}
         time.sleep(0.1)
     raise AssertionError("the ranks never joined their process group")
 
@@ -64,11 +58,9 @@ def test_data_parallel_loss_equals_single_process(write_job, launched, tmp_path)
 def test_without_fault_tolerance_a_sigkilled_worker_fails_the_job_fast_and_leaves_nothing(write_job, launched, tmp_path):
     job = job_dict(training={"steps": 100_000}, fault_tolerance={"enabled": False})
     result = launched("launch", str(write_job(job)), "--no-progress")
-    _wait_for_workers(result, 4)
-    _wait_for_step(tmp_path)
-    victim = next(w for w in result.workers() if '"rank": 3' in w.environ().get("HYRUN_WORKER_SPEC", ""))
+    pids = _wait_for_ranks(result, tmp_path)
     killed_at = time.monotonic()
-    victim.send_signal(signal.SIGKILL)
+    os.kill(pids[3], signal.SIGKILL)
     _, stderr = result.proc.communicate(timeout=30)
     elapsed_s = time.monotonic() - killed_at
     assert result.proc.returncode == 1
@@ -82,7 +74,7 @@ def test_without_fault_tolerance_a_sigkilled_worker_fails_the_job_fast_and_leave
 def test_stopping_the_launcher_leaves_no_process(write_job, launched, tmp_path, how):
     job = job_dict(training={"steps": 100_000})
     result = launched("launch", str(write_job(job)), "--no-progress")
-    _wait_for_workers(result, 4)
+    _wait_for_ranks(result, tmp_path)
     result.proc.send_signal(how)
     result.proc.communicate(timeout=30)
     if how is not signal.SIGKILL:

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from hyrun.planner import CARD_CATALOGUE, GIB, CardSpec, Cluster, card_spec
+from hyrun.planner.cluster import cluster_from_job
 from hyrun.planner.layout import form_blocks, naive_blocks
 
 REQUIRED = ("A100-40GB", "A100-80GB", "H100-SXM", "H800", "H20", "L40S", "V100-32GB", "MI300X", "Ascend-910B",
@@ -19,7 +20,8 @@ def test_catalogue_has_the_required_cards_with_sane_figures():
         assert spec.inter_node_bandwidth_bytes_per_s <= spec.intra_node_bandwidth_bytes_per_s
     assert CARD_CATALOGUE["H100-SXM"].peak_tflops > 3 * CARD_CATALOGUE["A100-80GB"].peak_tflops - 1
     assert CARD_CATALOGUE["H20"].memory_bytes > CARD_CATALOGUE["H100-SXM"].memory_bytes
-    assert CARD_CATALOGUE["H800"].intra_node_bandwidth_bytes_per_s < CARD_CATALOGUE["H100-SXM"].intra_node_bandwidth_bytes_per_s
+    h800, h100 = CARD_CATALOGUE["H800"], CARD_CATALOGUE["H100-SXM"]
+    assert h800.intra_node_bandwidth_bytes_per_s < h100.intra_node_bandwidth_bytes_per_s
     assert CARD_CATALOGUE["cpu-sim"].peak_tflops < 1
 
 
@@ -77,3 +79,18 @@ def test_blocks_are_one_type_on_one_node_and_pair_similar_speeds():
     assert naive_blocks(cluster, 4) is None  # 9 cards
     assert naive_blocks(Cluster.from_nodes({"a": ["H20"] * 3, "b": ["H20"] * 3}), 2) is None  # [2, 3] straddles
     assert len(naive_blocks(Cluster.from_nodes({"a": ["H20"] * 4}), 2)) == 2
+
+
+def test_cluster_from_job_reads_plain_data_and_custom_types():
+    nodes = [{"name": "n0", "cards": [{"type": "cpu-sim", "count": 2, "speed": 0.5},
+                                      {"type": "X1", "count": 1, "memory_gb": 8}]},
+             {"name": "n1", "cards": [{"type": "H100-SXM", "count": 1}]}]
+    card_types = {"X1": {"peak_tflops": 100, "memory_gb": 24, "memory_bandwidth_gbps": 900,
+                         "intra_node_bandwidth_gbps": 64, "inter_node_bandwidth_gbps": 12.5}}
+    cluster = cluster_from_job(nodes, card_types)
+    assert cluster.card_ids == (0, 1, 2, 3)
+    assert [c.spec.name for c in cluster.cards] == ["cpu-sim", "cpu-sim", "X1", "H100-SXM"]
+    assert cluster.card(0).spec.speed == 0.5
+    assert cluster.card(2).spec.memory_bytes == 8 * GIB  # the group's memory_gb wins over the type's
+    assert cluster.card(2).spec.intra_node_bandwidth_bytes_per_s == 64e9
+    assert cluster.card(3).node == "n1"

@@ -31,6 +31,19 @@ def test_compute_time_is_a_roofline():
     assert memory_bound == pytest.approx(10.0)
 
 
+def test_stage_compute_time_follows_flops_card_speed_and_expert_share():
+    t = lambda flops=1e12, speed=1e12, expert=0.0, weights=0.0: float(  # noqa: E731
+        cost.stage_compute_time_s(flops, speed, expert, weights, 1e12))
+    assert increasing([t(flops=f) for f in (1e11, 1e12, 1e13)])
+    assert non_increasing([t(speed=v) for v in (1e11, 1e12, 1e13)])
+    assert t(expert=0.5) == pytest.approx(1.5)
+    assert t(weights=1e13) == pytest.approx(10.0)  # bound by streaming the weights
+    share = [float(cost.expert_compute_time_s(1e12, 4, s, 1e12)) for s in (1 / 8, 1 / 4, 1 / 2)]
+    assert increasing(share)
+    assert float(cost.expert_compute_time_s(1e12, 4, 1 / 4, 1e12)) == pytest.approx(1.0)  # even share: own tokens
+    assert float(cost.expert_compute_time_s(1e12, 4, 1 / 4, 2e12)) == pytest.approx(0.5)
+
+
 def test_ring_collectives_cost_bytes_over_bandwidth_and_grow_with_group_size():
     assert cost.ring_all_reduce_time_s(1e9, 1, 100 * GB) == 0
     assert increasing([cost.ring_all_reduce_time_s(1e9, n, 100 * GB) for n in (2, 4, 8, 64)])

@@ -59,6 +59,13 @@ def test_no_layout_fits_says_what_is_short():
         search(cluster, hunyuan_large_shape(), TrainingConfig(micro_batch_size=1, global_batch_sequences=64))
 
 
+def test_impossible_constraints_say_so():
+    cluster = Cluster.from_nodes({"a": ["H100-SXM"] * 4})
+    with pytest.raises(ValueError, match="no layout is possible with tp=3"):
+        search(cluster, small_moe_shape(), small_training(), constraints=DegreeConstraints(tp=3))
+    assert DegreeConstraints.fixed(dp=0, tp=2, pp=None) == DegreeConstraints(tp=2)
+
+
 def test_infeasible_layouts_are_never_returned():
     # A 40 GiB card cannot hold what an 80 GiB one can: every returned plan fits every card it uses.
     cluster = Cluster.from_nodes({"a": ["A100-40GB"] * 2, "b": ["H100-SXM"] * 2})

@@ -73,7 +73,7 @@ def parallelize(model: MoETransformer, *, dims: ParallelDims, mesh: DeviceMesh,
         apply_fsdp(model, mesh["dp_cp"])
 
     return ParallelModel(model, dims=dims, mesh=mesh, device=device, comm_timer=comm, edp_group=edp_group,
-                         micro_batches=micro_batches[coord["dp"]], total_micro_batches=sum(micro_batches))
+                         micro_batches_per_replica=micro_batches)
 
 
 def _even_split(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -81,8 +81,10 @@ def _even_split(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(base + (1 if s < extra else 0) for s in range(pp))
 
 
-def _check_micro_batches(dims: ParallelDims, counts: Sequence[int] | None) -> tuple[int, ...]:
-    counts = tuple(counts) if counts is not None else (1,) * dims.dp
+def _check_micro_batches(dims: ParallelDims, counts: Sequence[int] | None) -> tuple[int, ...] | None:
+    if counts is None:
+        return None  # uniform: every replica runs as many as it is given
+    counts = tuple(counts)
     if len(counts) != dims.dp or min(counts) < 1:
         raise ValueError(f"micro_batches_per_replica={counts} needs dp={dims.dp} entries >= 1")
     if dims.ep_enabled and dims.ep > dims.cp:

@@ -1,13 +1,16 @@
 """Where a rank's step time goes: computing, waiting on communication, or idle in the pipeline bubble.
 
-Compute is measured (forward hooks on the rank's module) and the backward taken as twice the forward,
-the convention of the trainer loop; explicit collectives (expert all-to-all, context-parallel
-gathers) are timed where they are called. What is left of the step is communication wait without
-a pipeline, and bubble with one (fill, drain and waits on neighbouring stages).
+Forward compute is measured (hooks on the rank's module, minus the explicit collectives inside it);
+the backward is timed where the runner calls it, or, inside a pipeline schedule, taken as twice the
+forward (the trainer loop's convention). Explicit collectives (expert all-to-all, context-parallel
+gathers) are timed where they are called. What is left of the step is communication wait without a
+pipeline (FSDP gathers and reduce-scatters), and bubble with one (fill, drain, waits on neighbours).
+Backward time includes the collectives autograd runs inside it: an upper bound on compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -61,14 +64,23 @@ class StepClock:
         comm_inside = self.comm.total_s - self._comm_at_start
         self._forward_s += time.perf_counter() - self._forward_started - comm_inside
 
+    @contextlib.contextmanager
+    def backward(self):
+        started, comm_before = time.perf_counter(), self.comm.total_s
+        yield
+        self._backward_s = (self._backward_s or 0.0) + time.perf_counter() - started
+        self.comm.total_s = comm_before  # what autograd communicates is inside the backward time
+
     def start(self) -> None:
+        self._backward_s: float | None = None
         self._forward_s = 0.0
         self.comm.total_s = 0.0
         self._step_started = time.perf_counter()
 
     def finish(self) -> StepTiming:
         step_s = time.perf_counter() - self._step_started
-        compute_s = min(step_s, self._forward_s * (1.0 + _BACKWARD_PER_FORWARD))
+        backward_s = self._forward_s * _BACKWARD_PER_FORWARD if self._backward_s is None else self._backward_s
+        compute_s = min(step_s, self._forward_s + backward_s)
         rest_s = max(0.0, step_s - compute_s - self.comm.total_s)
         if self.pipelined:
             return StepTiming(step_s, compute_s, self.comm.total_s, rest_s)

@@ -158,7 +158,8 @@ class Trainer:
         self.stats = LocalGradStats(lambda: reporter.entered_reduce(work.generation, work.rank, self.step_in_progress))
         self.distributed = work.world_size > 1
         if self.distributed:
-            self.wrapped = DistributedDataParallel(self.model, broadcast_buffers=False)
+            # The only buffers are RoPE tables, identical on every rank: nothing to sync per forward.
+            self.wrapped = DistributedDataParallel(self.model, forward_sync_buffers=False)
             self.wrapped.register_comm_hook(self.stats, _stats_then_allreduce)
         else:
             self.wrapped = self.model
@@ -236,13 +237,15 @@ def train(
 ) -> MoETransformer:
     """Trains this rank from the newest checkpoint (if a checkpointer is given and one exists) to
     the job's last step; returns the (unwrapped) model."""
+    log = logging.getLogger("hyrun.trainer")
     trainer = Trainer(job, work, reporter)
+    log.info("model and optimizer built")
     first_step = 1
     if checkpointer is not None:
         info = checkpointer.load_latest(trainer.model, trainer.optimizer)
         if info is not None:
             first_step = trainer.restore_extra(info.extra)
-            logging.getLogger("hyrun.trainer").info(
+            log.info(
                 "resumed from step %d (%s)%s", info.step, info.source,
                 f"; refused newer: {'; '.join(info.refused)}" if info.refused else "",
             )  # fmt: skip
@@ -258,6 +261,8 @@ def train(
             if drain is not None and drain.take():
                 checkpointer.wait()
         status = checkpointer.status() if checkpointer is not None else None
+        if step == first_step:
+            log.info("first step done")
         reporter.report(
             StepRecord(
                 generation=work.generation,

@@ -1,5 +1,6 @@
-"""Worker process entry point (`python -m hyrun.runtime.trainer.worker`), started by an agent with
-its assignment in the HYRUN_WORKER_SPEC environment variable (JSON).
+"""Worker process entry point (`python -m hyrun.runtime.trainer.worker`), started *warm* by an
+agent: it imports torch and hyrun first, then waits on its command pipe for a one-line JSON
+assignment (which generation, rank, card, share of the batch, where to log).
 
 It joins its generation's process group through the coordinator's fresh TCPStore under the
 generation's key prefix, so nothing a dead generation left behind can reach it, trains, and exits
@@ -36,13 +37,7 @@ class WorkerSpec:
     micro_batch_offset: int
     job_path: str
     run_dir: str
-    parent_pid: int
-    report_fd: int
-    control_fd: int = -1
-
-    @classmethod
-    def from_env(cls) -> WorkerSpec:
-        return cls(**json.loads(os.environ["HYRUN_WORKER_SPEC"]))
+    log_path: str
 
 
 def choose_backend(requested: str) -> str:
@@ -97,44 +92,77 @@ def build_checkpointer(job, spec: WorkerSpec):
     )  # fmt: skip
 
 
-def listen_for_commands(control_fd: int, on_checkpoint_now) -> None:
-    """Reads the agent's commands (JSON lines) on a background thread."""
+def wait_for_assignment(commands) -> WorkerSpec | None:
+    """Blocks until the agent assigns this warm worker a rank; None if the agent closed the pipe."""
+    for line in commands:
+        command = json.loads(line)
+        if command.get("kind") == "assign":
+            return WorkerSpec(**command["spec"])
+    return None
+
+
+def listen_for_commands(commands, on_checkpoint_now) -> None:
+    """Reads the agent's later commands (JSON lines) on a background thread."""
     import threading
 
     def loop() -> None:
-        with os.fdopen(control_fd, "rb") as pipe:
-            for line in pipe:
-                try:
-                    command = json.loads(line)
-                except ValueError:
-                    continue
-                if command.get("kind") == "checkpoint_now":
-                    logging.info("checkpoint requested by the coordinator")
-                    on_checkpoint_now()
+        for line in commands:
+            try:
+                command = json.loads(line)
+            except ValueError:
+                continue
+            if command.get("kind") == "checkpoint_now":
+                logging.info("checkpoint requested by the coordinator")
+                on_checkpoint_now()
 
     threading.Thread(target=loop, daemon=True, name="agent-commands").start()
 
 
-def main() -> int:
-    spec = WorkerSpec.from_env()
-    die_with_parent(spec.parent_pid)  # a SIGKILLed agent leaves no orphan workers
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(message)s")
+def log_to(path: str) -> None:
+    """From here on, stdout and stderr (tracebacks, C++ aborts included) go to the rank's log."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def preload() -> None:
+    """Everything a rank needs before its first step that does not depend on its assignment."""
     import torch
+    import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: ~2 s on first use)
+
+    import hyrun.runtime.checkpoint  # noqa: F401
+    import hyrun.runtime.trainer.loop  # noqa: F401
+
+    # One intra-op thread per worker: several simulated cards share this machine's cores, and
+    # oversubscription would make speed factors meaningless.
+    torch.set_num_threads(int(os.environ.get("HYRUN_WORKER_THREADS", "1")))
+
+
+def main() -> int:
+    die_with_parent(int(os.environ["HYRUN_AGENT_PID"]))  # a SIGKILLed agent leaves no orphan workers
+    preload()
+    commands = os.fdopen(int(os.environ["HYRUN_CONTROL_FD"]), "rb")
+    spec = wait_for_assignment(commands)
+    if spec is None:
+        return 0  # a spare the agent no longer needs
+    log_to(spec.log_path)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(message)s")
     import torch.distributed as dist
 
     from hyrun.runtime.jobfile import job_from_json
     from hyrun.runtime.trainer.loop import DrainRequest, RankWork, train
     from hyrun.runtime.trainer.reporting import Reporter
 
-    # One intra-op thread per worker: several simulated cards share this machine's cores, and
-    # oversubscription would make speed factors meaningless.
-    torch.set_num_threads(int(os.environ.get("HYRUN_WORKER_THREADS", "1")))
     with open(spec.job_path) as f:
         job = job_from_json(f.read())
-    reporter = Reporter(spec.report_fd)
+    reporter = Reporter(int(os.environ["HYRUN_REPORT_FD"]))
     try:
         join_process_group(spec, job.runtime.rendezvous_timeout_s)
-        logging.info("joined generation %d as rank %d of %d on %s card %d", spec.generation, spec.rank, spec.world_size, spec.node, spec.card_index)
+        logging.info(
+            "joined generation %d as rank %d of %d on %s card %d (pid %d)",
+            spec.generation, spec.rank, spec.world_size, spec.node, spec.card_index, os.getpid(),
+        )  # fmt: skip
         work = RankWork(
             rank=spec.rank,
             world_size=spec.world_size,
@@ -146,9 +174,9 @@ def main() -> int:
             card_index=spec.card_index,
         )
         checkpointer = build_checkpointer(job, spec)
+        logging.info("checkpointer ready")
         drain = DrainRequest()
-        if spec.control_fd >= 0:
-            listen_for_commands(spec.control_fd, lambda: drain.request(checkpointer))
+        listen_for_commands(commands, lambda: drain.request(checkpointer))
         train(job, work, reporter, checkpointer, drain)
         logging.info("finished %d steps", job.training.steps)
         return 0
