@@ -202,9 +202,11 @@ def _stage_costs(ctx: GridContext, splits: np.ndarray) -> dict:
         expert_rs, expert_ag = cost.dp_grad_sync_time_s(
             expert_params * precision.grad_bytes, expert_params * precision.param_bytes, shards // ep,
             ctx.dp_bandwidth)
-        # The sync cannot finish before the slowest replica group's last backward, so that is what
-        # it hides behind (and the next step's first forward for the all-gather).
-        compute = parts["compute"].max(axis=2)
+        # A gradient bucket is ready once every replica has produced it. Replicas finish together
+        # (that is what the micro-batch split is for), so buckets come out at the pace of the
+        # *fastest* replica's last backward: that is all the reduce-scatter can hide behind (and its
+        # first forward of the next step, for the all-gather). A slow replica does not widen it.
+        compute = parts["compute"].min(axis=2)
         dp_exposed = cost.dp_exposed_time_s(reduce_scatter + expert_rs, all_gather + expert_ag,
                                             compute * (mult - 1) / mult, compute / mult).max(axis=1)
     return dict(parts=parts, dp_exposed=dp_exposed,

@@ -12,6 +12,7 @@ passes: (1) every degree tuple with a few layouts, after pruning tuples that can
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -40,8 +41,12 @@ __all__ = ["DATA_PARALLEL_ONLY", "DegreeConstraints", "SearchResult", "naive_pla
 # there every tuple gets the full search.
 PASS_TWO_LAYOUTS = 300
 PASS_TWO_MIN_TUPLES = 4
-# Finalists whose layer split is refined by local moves in pass 3.
+# Finalists whose layer split is refined by local moves in pass 3, and of those, how many also try
+# single-block swaps (only on grids of at most SWAP_REFINE_MAX_CELLS cells, where one card matters).
 REFINED_FINALISTS = 32
+SWAP_REFINED_FINALISTS = 3
+SWAP_REFINE_MAX_CELLS = 16
+SWAP_REFINE_MAX_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,50 @@ def _refine(candidate: _Candidate, max_sweeps: int = 64) -> _Candidate:
         if trial is None or not trial[0] < candidate.step_time_s * (1 - 1e-12):
             return candidate
         candidate = dataclasses.replace(candidate, step_time_s=trial[0], layers_per_stage=trial[1])
+    return candidate
+
+
+def _block_class(table: BlockTable, index: int) -> tuple:
+    """What the cost model sees of a block: blocks of one class are interchangeable."""
+    b = table.blocks[index]
+    return (b.node, b.spec_name, b.flops_per_s, b.memory_bytes, b.memory_bandwidth_bytes_per_s)
+
+
+def _swap_refine(candidate: _Candidate) -> _Candidate:
+    """Small grids only: move single blocks while that helps (swap two cells, or trade a cell for an
+    unused block), each layout with its own best layer split. The stage/replica layouts tried before
+    are families of regular patterns; one swap away from the best of them is often a better mix (e.g.
+    the card with more memory moved to the stage holding more micro-batches)."""
+    ctx = candidate.ctx
+    grid, table = ctx.grid, ctx.table
+    if grid.size > SWAP_REFINE_MAX_CELLS:
+        return candidate
+    for _ in range(SWAP_REFINE_MAX_ROUNDS):
+        grid = candidate.ctx.grid
+        cells = [(r, c) for r in range(grid.shape[0]) for c in range(grid.shape[1])]
+        unused = [i for i in range(len(table.blocks)) if i not in set(grid.ravel().tolist())]
+        moves, seen = [], set()
+        for a, b in itertools.combinations(cells, 2):
+            moves.append((a, grid[b]) + (b, grid[a]))
+        for a in cells:
+            moves.extend((a, block, None, None) for block in unused)
+        best = candidate
+        for a, block_a, b, block_b in moves:
+            trial = grid.copy()
+            trial[a] = block_a
+            if b is not None:
+                trial[b] = block_b
+            key = tuple(_block_class(table, i) for i in trial.ravel())
+            if key in seen or _block_class(table, grid[a]) == _block_class(table, block_a):
+                continue
+            seen.add(key)
+            trial_ctx = grid_context(ctx.tables, ctx.degrees, table, trial)
+            found = _best_split(trial_ctx)
+            if found is not None and found[0] < best.step_time_s * (1 - 1e-12):
+                best = _refine(_Candidate(found[0], candidate.order, trial_ctx, found[1]))
+        if best is candidate:
+            return candidate
+        candidate = best
     return candidate
 
 
@@ -194,8 +243,9 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
     if not candidates:
         raise _no_fit_error(tables, shortfall, largest, constraints)
     candidates.sort(key=lambda c: c.key)
-    refined = [_refine(candidate) for candidate in candidates[:REFINED_FINALISTS]]
-    return sorted(refined + candidates[REFINED_FINALISTS:], key=lambda c: c.key)
+    refined = sorted([_refine(candidate) for candidate in candidates[:REFINED_FINALISTS]], key=lambda c: c.key)
+    swapped = [_swap_refine(candidate) for candidate in refined[:SWAP_REFINED_FINALISTS]]
+    return sorted(swapped + refined[SWAP_REFINED_FINALISTS:] + candidates[REFINED_FINALISTS:], key=lambda c: c.key)
 
 
 def _no_fit_error(tables: ModelTables, shortfall: _Shortfall, largest_bytes: int,

@@ -304,8 +304,26 @@ class Incident(_message.Message):
     last_step_before_s: float
     def __init__(self, detected_at_s: _Optional[float] = ..., cards: _Optional[_Iterable[str]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., step_at_failure: _Optional[int] = ..., resumed_at_s: _Optional[float] = ..., resumed_step: _Optional[int] = ..., steps_lost: _Optional[int] = ..., last_step_before_s: _Optional[float] = ...) -> None: ...
 
+class RankState(_message.Message):
+    __slots__ = ("rank", "node", "card_index", "micro_batches", "compute_time_s", "step_time_s", "step")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    node: str
+    card_index: int
+    micro_batches: int
+    compute_time_s: float
+    step_time_s: float
+    step: int
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., card_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., compute_time_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents")
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +337,7 @@ class JobEvent(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
     INCIDENTS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     generation: int
@@ -332,7 +351,8 @@ class JobEvent(_message.Message):
     evictions: _containers.RepeatedScalarFieldContainer[str]
     steps_lost: int
     incidents: _containers.RepeatedCompositeFieldContainer[Incident]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankState]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("node", "reason")

@@ -100,6 +100,29 @@ def _print_summary(outcome) -> None:
     console.print("\n".join(lines), highlight=False)
 
 
+@app.command()
+def plan(
+    job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the plans as JSON")] = False,
+    data_parallel_only: Annotated[bool, typer.Option(help="search data-parallel plans only (what the worker runs today)")] = False,
+) -> None:
+    """Print the plan the cost model picks for the job's cards, next to the naive uniform plan."""
+    from hyrun.planner import format_comparison, result_to_json
+    from hyrun.runtime.planning import plan_job
+
+    try:
+        job = load_job(job_file)
+        result = plan_job(job, data_parallel_only=data_parallel_only)
+    except JobFileError as error:
+        _fail(str(error), EXIT_USAGE)
+    except ValueError as error:
+        _fail(f"no plan fits: {error}")
+    if as_json:
+        print(json.dumps(result_to_json(result), indent=2))
+    else:
+        console.print(format_comparison(result), highlight=False, markup=False)
+
+
 @app.command("coordinator")
 def coordinator_cmd(
     host: Annotated[str, typer.Option(help="address to listen on (loopback unless told otherwise)")] = "127.0.0.1",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -263,15 +263,35 @@ class JobSpec(_Section):
             raise ValueError("must be 'memory' or 'etcd://HOST:PORT'")
         return value
 
-    @model_validator(mode="after")
-    def _enough_batch_for_cards(self) -> JobSpec:
-        cards = self.cluster.card_count
-        if self.training.micro_batches_per_step < cards:
+    @field_validator("parallelism")
+    @classmethod
+    def _degrees_fit_the_cards(cls, p, info: ValidationInfo):
+        cluster = info.data.get("cluster")
+        if p == "auto" or cluster is None:
+            return p
+        dp, tp, pp, cp, ep = (max(1, d) for d in (p.dp, p.tp, p.pp, p.cp, p.ep))
+        cards = cluster.card_count
+        if dp * tp * pp * cp != cards:
+            raise ValueError(f"dp×tp×pp×cp = {dp}×{tp}×{pp}×{cp} = {dp * tp * pp * cp}, but the cluster has {cards} cards")
+        if (dp * cp) % ep:
+            raise ValueError(f"ep ({ep}) must divide dp×cp ({dp * cp}): experts borrow those ranks")
+        if (tp, pp, cp, ep) != (1, 1, 1, 1):
             raise ValueError(
-                f"training.global_batch / training.micro_batch = {self.training.micro_batches_per_step} "
-                f"micro-batches per step, fewer than the {cards} cards; every card needs at least one"
+                f"{{tp: {tp}, pp: {pp}, cp: {cp}, ep: {ep}}}: the worker runs data parallelism only in this "
+                "version (hyrun.runtime.parallel has the other dimensions; they are not wired in yet)"
             )
-        return self
+        return p
+
+    @field_validator("training")
+    @classmethod
+    def _enough_batch_for_cards(cls, training, info: ValidationInfo):
+        cluster = info.data.get("cluster")
+        if cluster is not None and training.micro_batches_per_step < cluster.card_count:
+            raise ValueError(
+                f"global_batch / micro_batch = {training.micro_batches_per_step} micro-batches per step, "
+                f"fewer than the {cluster.card_count} cards; every card needs at least one"
+            )
+        return training
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -27,6 +27,8 @@ BAD_JOBS = {
     "batch not divisible": (_bad(training={"global_batch": 7, "micro_batch": 2}), "training"),
     "timeout below interval": (_bad(runtime={"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 1.5}), "runtime"),
     "bad store": (_bad(store="redis://x"), "store"),
+    "degrees do not multiply to cards": (_bad(parallelism={"dp": 2, "tp": 3}), "parallelism"),
+    "too few micro-batches": (_bad(training={"global_batch": 2, "micro_batch": 1}), "training"),
 }
 
 

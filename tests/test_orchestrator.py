@@ -7,6 +7,7 @@ import pytest
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.generation import Generation, GenState, IllegalTransition, RankSlot
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
+from hyrun.runtime.coordinator.policy import CardRef
 from hyrun.runtime.coordinator.orchestrator import JobRejected, JobState, Orchestrator, OrchestratorSettings, assign_ranks
 from hyrun.runtime.coordinator.store import MemoryStore
 from hyrun.runtime.jobfile import parse_job
@@ -305,3 +306,21 @@ def test_operator_drain_of_a_node(harness):
     orch.on_step("node-a", report, 2.0)
     assert {s.node for s in orch.job.generation.ranks} == {"node-a"}
     assert all("night is over" in e for e in orch.event().evictions)
+
+
+def test_auto_parallelism_gives_faster_cards_more_micro_batches():
+    from hyrun.runtime.coordinator.orchestrator import plan_ranks
+
+    membership = Membership(2.0)
+    membership.register(_node("node-a", 2, speed=1.0))
+    membership.register(_node("node-b", 2, speed=0.5))
+    spec = parse_job(job_dict(
+        cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2, "speed": 0.5}]}]},
+        training={"global_batch": 16, "micro_batch": 2},
+    ))  # fmt: skip
+    slots = plan_ranks(spec, membership)
+    by_card = {(s.node, s.card_index): s.micro_batches for s in slots}
+    assert sum(by_card.values()) == 8
+    assert by_card[("node-a", 0)] > by_card[("node-b", 0)]
+    without = plan_ranks(spec, membership, {CardRef("node-a", 0)})
+    assert ("node-a", 0) not in {(s.node, s.card_index) for s in without} and sum(s.micro_batches for s in without) == 8

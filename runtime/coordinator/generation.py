@@ -55,6 +55,7 @@ class Generation:
     last_progress_s: float = 0.0  # any rank's last step or progress report
     # A drain in progress: the verdicts to carry out once a checkpoint newer than
     # `drain_after_step` has committed (or at `drain_deadline_s`, whatever the checkpoint).
+    last_report: dict = field(default_factory=dict)  # rank -> its last StepReport
     drain_verdicts: list = field(default_factory=list)
     drain_after_step: int = 0
     drain_deadline_s: float = 0.0

@@ -117,6 +117,28 @@ def assign_ranks(
     )
 
 
+def plan_ranks(
+    spec: JobSpec, membership: Membership, excluded: frozenset[CardRef] | set[CardRef] = frozenset()
+) -> tuple[RankSlot, ...]:
+    """The ranks of the next generation: the planner's data-parallel plan over the usable cards
+    (micro-batches in proportion to each card's capability), or an even split where the planner
+    finds no plan (it says why in the log)."""
+    even = assign_ranks(spec, membership, excluded)
+    if not even or spec.parallelism != "auto":
+        return even
+    from hyrun.runtime.planning import plan_job, planner_inputs, slots_from_plan
+
+    usable = {CardRef(s.node, s.card_index) for s in even}
+    cluster, _, _ = planner_inputs(spec)
+    unusable = {CardRef(c.node, c.local_index) for c in cluster.cards} - usable
+    try:
+        plan = plan_job(spec, excluded=unusable, data_parallel_only=True).best
+        return slots_from_plan(plan, cluster, {CardRef(s.node, s.card_index): s.speed for s in even})
+    except (ValueError, KeyError) as error:
+        log.warning("planner found no plan (%s); splitting the batch evenly", error)
+        return even
+
+
 def describe_exit(slot: RankSlot, exit_msg: pb.WorkerExit) -> str:
     where = f"rank {slot.rank} on node {slot.node} card {slot.card_index} ({slot.card_type})"
     log_hint = f"; log: {exit_msg.log_path}" if exit_msg.log_path else ""
@@ -176,6 +198,7 @@ class Orchestrator:
         job = self.job
         gen.steps_by_rank[report.rank] = report.step
         gen.last_progress_s = now_s
+        gen.last_report[report.rank] = report
         self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
         if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
@@ -367,7 +390,7 @@ class Orchestrator:
         if job.generations_started >= job.spec.fault_tolerance.max_generations:
             self._fail_job(f"{reason}; gave up after {job.generations_started} generations")
             return
-        slots = assign_ranks(job.spec, self.membership, set(job.evicted))
+        slots = plan_ranks(job.spec, self.membership, set(job.evicted))
         if not slots:
             self._fail_job(f"{reason}; no usable card is left")
             return
@@ -390,7 +413,7 @@ class Orchestrator:
         names = [n.name for n in job.spec.cluster.nodes]
         if not self.membership.alive(names):
             return
-        self._start_generation(job, assign_ranks(job.spec, self.membership))
+        self._start_generation(job, plan_ranks(job.spec, self.membership))
 
     def _start_generation(self, job: JobRecord, slots: tuple[RankSlot, ...]) -> None:
         from hyrun.runtime.coordinator.rendezvous import GenerationStore
@@ -543,7 +566,25 @@ class Orchestrator:
             evictions=[f"{card}: {reason}" for card, reason in job.evicted.items()],
             steps_lost=job.steps_lost,
             incidents=job.incidents,
+            ranks=self._rank_states(),
         )
+
+    def _rank_states(self) -> list[pb.RankState]:
+        gen = self.job.generation if self.job else None
+        if gen is None:
+            return []
+        states = []
+        for slot in gen.ranks:
+            report = gen.last_report.get(slot.rank)
+            states.append(
+                pb.RankState(
+                    rank=slot.rank, node=slot.node, card_index=slot.card_index, micro_batches=slot.micro_batches,
+                    compute_time_s=report.compute_time_s if report else 0.0,
+                    step_time_s=report.step_time_s if report else 0.0,
+                    step=report.step if report else 0,
+                )
+            )  # fmt: skip
+        return states
 
     def _publish(self) -> None:
         if self.job is not None:

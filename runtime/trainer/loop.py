@@ -200,8 +200,8 @@ class Trainer:
                 loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.config.aux_loss_coeff)
                 self.expert_lrs.observe(output.router_stats)
                 forward_s = time.perf_counter() - forward_started
-                compute_s += forward_s / _FORWARD_SHARE_OF_STEP
-                throttle(forward_s / _FORWARD_SHARE_OF_STEP, speed)
+                # A simulated card's slowdown is its compute: it is what a slower card would spend.
+                compute_s += forward_s / _FORWARD_SHARE_OF_STEP + throttle(forward_s / _FORWARD_SHARE_OF_STEP, speed)
                 (loss * self.loss_scale).backward()
             ce_sum += float(ce.detach())
         if not self.distributed:

@@ -1,0 +1,84 @@
+"""The bridge between a job and the planner: the job's cluster, model and batch as the planner's
+plain types, and the search's plan back as the rank slots a generation runs. The planner itself is
+a pure library (`hyrun.planner`) and knows nothing of jobs or processes.
+
+What runs today: data parallelism, with the plan's uneven micro-batch split (cards of different
+speed get work in proportion) — `parallelism: auto` searches only data-parallel plans until the
+worker executes the other dimensions end to end.
+"""
+
+from __future__ import annotations
+
+from hyrun.planner import (
+    DATA_PARALLEL_ONLY,
+    Cluster,
+    ModelShape,
+    Plan,
+    SearchResult,
+    TrainingConfig,
+    cluster_from_job,
+    search,
+)
+from hyrun.runtime.coordinator.generation import RankSlot
+from hyrun.runtime.coordinator.policy import CardRef
+from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.model.config import ModelConfig
+
+
+def model_shape(config: ModelConfig, seq_len: int) -> ModelShape:
+    return ModelShape(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        expert_ffn_size=config.expert_ffn_size,
+        shared_ffn_size=config.shared_ffn_size,
+        num_experts=config.num_experts,
+        top_k=config.top_k,
+        cla_share_every=config.cla_share_every,
+        seq_len=seq_len,
+        qk_norm=config.qk_norm,
+        tie_embeddings=config.tie_embeddings,
+    )
+
+
+def planner_inputs(job: JobSpec) -> tuple[Cluster, ModelShape, TrainingConfig]:
+    cluster = cluster_from_job(job.cluster.nodes, job.cluster.card_types)
+    config = ModelConfig.from_preset(job.model.preset, **job.model.overrides)
+    training = TrainingConfig(micro_batch_size=job.training.micro_batch, global_batch_sequences=job.training.global_batch)
+    return cluster, model_shape(config, job.training.seq_len), training
+
+
+def card_ids(cluster: Cluster) -> dict[CardRef, int]:
+    return {CardRef(card.node, card.local_index): card.global_id for card in cluster.cards}
+
+
+def plan_job(job: JobSpec, *, excluded: set[CardRef] | frozenset[CardRef] = frozenset(), data_parallel_only: bool = False) -> SearchResult:
+    """The planner's search for this job, without the excluded cards. Raises ValueError (with what
+    is short) when no plan fits."""
+    cluster, shape, training = planner_inputs(job)
+    ids = card_ids(cluster)
+    return search(
+        cluster,
+        shape,
+        training,
+        excluded={ids[card] for card in excluded if card in ids},
+        constraints=DATA_PARALLEL_ONLY if data_parallel_only else None,
+    )
+
+
+def slots_from_plan(plan: Plan, cluster: Cluster, speeds: dict[CardRef, float]) -> tuple[RankSlot, ...]:
+    """A data-parallel plan as one rank per card, each with its replica's micro-batches."""
+    if plan.degrees.world_size != plan.degrees.dp:
+        raise ValueError(f"the worker runs data-parallel plans only; this one has degrees {plan.degrees}")
+    by_id = {card.global_id: card for card in cluster.cards}
+    slots = []
+    for rank, card_id in enumerate(plan.rank_to_card):
+        card = by_id[card_id]
+        ref = CardRef(card.node, card.local_index)
+        slots.append(
+            RankSlot(rank, card.node, card.local_index, card.spec.name, speeds.get(ref, card.spec.speed), plan.micro_batches_per_replica[rank])
+        )
+    return tuple(slots)
