@@ -41,12 +41,15 @@ __all__ = ["DATA_PARALLEL_ONLY", "DegreeConstraints", "SearchResult", "naive_pla
 # there every tuple gets the full search.
 PASS_TWO_LAYOUTS = 300
 PASS_TWO_MIN_TUPLES = 4
-# Finalists whose layer split is refined by local moves in pass 3, and of those, how many also try
-# single-block swaps (only on grids of at most SWAP_REFINE_MAX_CELLS cells, where one card matters).
+# Finalists whose layer split is refined by local moves in pass 3. On small clusters, where one card
+# matters, the leading SWAP_REFINED_LAYOUTS of them and the best layout of each of the leading
+# SWAP_REFINED_DEGREES degree tuples then also try single-block moves, and every dp width is tried.
 REFINED_FINALISTS = 32
-SWAP_REFINED_FINALISTS = 3
-SWAP_REFINE_MAX_CELLS = 16
+SWAP_REFINED_LAYOUTS = 12
+SWAP_REFINED_DEGREES = 8
+SMALL_CLUSTER_CARDS = 16
 SWAP_REFINE_MAX_ROUNDS = 4
+SWAP_REFINE_BUDGET = 500  # layouts costed by all block moves together
 
 
 @dataclass(frozen=True)
@@ -128,42 +131,53 @@ def _block_class(table: BlockTable, index: int) -> tuple:
     return (b.node, b.spec_name, b.flops_per_s, b.memory_bytes, b.memory_bandwidth_bytes_per_s)
 
 
-def _swap_refine(candidate: _Candidate) -> _Candidate:
-    """Small grids only: move single blocks while that helps (swap two cells, or trade a cell for an
-    unused block), each layout with its own best layer split. The stage/replica layouts tried before
-    are families of regular patterns; one swap away from the best of them is often a better mix (e.g.
-    the card with more memory moved to the stage holding more micro-batches)."""
-    ctx = candidate.ctx
-    grid, table = ctx.grid, ctx.table
-    if grid.size > SWAP_REFINE_MAX_CELLS:
-        return candidate
-    for _ in range(SWAP_REFINE_MAX_ROUNDS):
-        grid = candidate.ctx.grid
-        cells = [(r, c) for r in range(grid.shape[0]) for c in range(grid.shape[1])]
-        unused = [i for i in range(len(table.blocks)) if i not in set(grid.ravel().tolist())]
-        moves, seen = [], set()
-        for a, b in itertools.combinations(cells, 2):
-            moves.append((a, grid[b]) + (b, grid[a]))
-        for a in cells:
-            moves.extend((a, block, None, None) for block in unused)
-        best = candidate
-        for a, block_a, b, block_b in moves:
+def _neighbours(grid: np.ndarray, table: BlockTable) -> Iterator[np.ndarray]:
+    """Grids one move away: two cells swap blocks, a cell takes an unused block, or two stages swap."""
+    cells = list(np.ndindex(grid.shape))
+    used = set(grid.ravel().tolist())
+    unused = [i for i in range(len(table.blocks)) if i not in used]
+    for a, b in itertools.combinations(cells, 2):
+        if _block_class(table, grid[a]) != _block_class(table, grid[b]):
             trial = grid.copy()
-            trial[a] = block_a
-            if b is not None:
-                trial[b] = block_b
+            trial[a], trial[b] = grid[b], grid[a]
+            yield trial
+    for a in cells:
+        for block in unused:
+            if _block_class(table, grid[a]) != _block_class(table, block):
+                trial = grid.copy()
+                trial[a] = block
+                yield trial
+    for first, second in itertools.combinations(range(grid.shape[0]), 2):
+        order = list(range(grid.shape[0]))
+        order[first], order[second] = second, first
+        yield grid[order]
+
+
+def _swap_refine(candidate: _Candidate, budget: int) -> tuple[_Candidate, int]:
+    """Take the best neighbouring layout (see `_neighbours`, each with its own best
+    layer split) while one is better, costing at most `budget` layouts; returns the result and the
+    layouts costed. The layouts tried before are regular patterns; the best of them is often one move
+    from a better mix (say, the card with more memory moved to the stage that holds more micro-batches).
+    """
+    table, spent = candidate.ctx.table, 0
+    for _ in range(SWAP_REFINE_MAX_ROUNDS):
+        best, seen = candidate, set()
+        for trial in _neighbours(candidate.ctx.grid, table):
             key = tuple(_block_class(table, i) for i in trial.ravel())
-            if key in seen or _block_class(table, grid[a]) == _block_class(table, block_a):
+            if key in seen:
                 continue
+            if spent >= budget:
+                return best, spent
             seen.add(key)
-            trial_ctx = grid_context(ctx.tables, ctx.degrees, table, trial)
-            found = _best_split(trial_ctx)
+            spent += 1
+            ctx = grid_context(candidate.ctx.tables, candidate.ctx.degrees, table, trial)
+            found = _best_split(ctx)
             if found is not None and found[0] < best.step_time_s * (1 - 1e-12):
-                best = _refine(_Candidate(found[0], candidate.order, trial_ctx, found[1]))
+                best = _refine(_Candidate(found[0], candidate.order, ctx, found[1]))
         if best is candidate:
-            return candidate
+            break
         candidate = best
-    return candidate
+    return candidate, spent
 
 
 def _tuples(cluster: Cluster, tables: ModelTables, constraints: DegreeConstraints
@@ -198,13 +212,14 @@ class _Shortfall:
 
 def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: DegreeConstraints) -> list[_Candidate]:
     shortfall, largest = _Shortfall(), max(card.spec.memory_bytes for card in cluster.cards)
+    small = len(cluster) <= SMALL_CLUSTER_CARDS  # one card matters: try every width and block moves
     first_pass: list[tuple[float, int, tuple]] = []
     counter = 0
     for tp, cp, table, pp, ep in _tuples(cluster, tables, constraints):
         g = max(1, ep // cp)
         usable = cost.usable_memory_bytes(float(table.memory_bytes.max()))
         options = []
-        for dp in dp_options(table, pp, g, tables.micro_batches, constraints):
+        for dp in dp_options(table, pp, g, tables.micro_batches, constraints, every_width=small):
             degrees = Degrees(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep)
             need = memory_lower_bound_bytes(tables, degrees)
             shortfall.note(need, degrees)
@@ -244,8 +259,20 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
         raise _no_fit_error(tables, shortfall, largest, constraints)
     candidates.sort(key=lambda c: c.key)
     refined = sorted([_refine(candidate) for candidate in candidates[:REFINED_FINALISTS]], key=lambda c: c.key)
-    swapped = [_swap_refine(candidate) for candidate in refined[:SWAP_REFINED_FINALISTS]]
-    return sorted(swapped + refined[SWAP_REFINED_FINALISTS:] + candidates[REFINED_FINALISTS:], key=lambda c: c.key)
+    # Swaps start from the best layout of each of the leading degree tuples.
+    # Swaps start from the leading layouts, and from the best layout of each leading degree tuple.
+    starts = set(range(min(len(refined), SWAP_REFINED_LAYOUTS)))
+    firsts: dict[Degrees, int] = {}
+    for index, candidate in enumerate(refined):
+        firsts.setdefault(candidate.ctx.degrees, index)
+    starts |= set(list(firsts.values())[:SWAP_REFINED_DEGREES])
+    swapped, budget = [], SWAP_REFINE_BUDGET if small else 0
+    for index, candidate in enumerate(refined):
+        if index in starts and budget > 0:
+            candidate, spent = _swap_refine(candidate, budget)
+            budget -= spent
+        swapped.append(candidate)
+    return sorted(swapped + candidates[REFINED_FINALISTS:], key=lambda c: c.key)
 
 
 def _no_fit_error(tables: ModelTables, shortfall: _Shortfall, largest_bytes: int,

@@ -73,9 +73,11 @@ TIER_DROP = 0.1
 MAX_TIER_EDGES = 4
 
 
-def dp_options(table: BlockTable, pp: int, g: int, micro_batches: int, constraints: DegreeConstraints) -> list[int]:
-    """All blocks, or only the fastest tiers (a slow tier can cost more in memory or sync than it adds).
-    dp is a multiple of the lockstep group g, and every replica needs at least one micro-batch."""
+def dp_options(table: BlockTable, pp: int, g: int, micro_batches: int, constraints: DegreeConstraints, *,
+               every_width: bool = False) -> list[int]:
+    """All blocks, or only the fastest tiers (a slow tier can cost more in memory or sync than it adds);
+    with `every_width` (small clusters), every width. dp is a multiple of the lockstep group g, and
+    every replica needs at least one micro-batch."""
     if micro_batches % g:
         return []
     flops = table.flops_per_s[table.by_speed]
@@ -86,6 +88,8 @@ def dp_options(table: BlockTable, pp: int, g: int, micro_batches: int, constrain
     edges = np.sort(edges[np.argsort(drops[edges - 1], kind="stable")[:MAX_TIER_EDGES]])
     tiers = edges.tolist() + [len(flops)]
     options = set()
+    if every_width:
+        tiers = list(range(pp, len(flops) + 1))
     for blocks in tiers:
         dp = min(blocks // pp, micro_batches)
         dp -= dp % g

@@ -180,6 +180,9 @@ class HealthSection(_Section):
     temperature_horizon_s: float = Field(120.0, gt=0, description="drain if the trend crosses it this soon")
     overflow_strikes: int = Field(3, ge=1, description="lonely non-finite gradients before a drain")
     overflow_window_steps: int = Field(20, ge=1)
+    straggler_ratio: float = Field(1.5, gt=1, description="replan when a card is this much slower than its peers")
+    straggler_window_steps: int = Field(5, ge=1, description="... on every one of this many steps")
+    straggler_drain_ratio: float = Field(4.0, gt=1, description="drain a card this much slower")
 
     @model_validator(mode="after")
     def _window_holds_strikes(self) -> HealthSection:

@@ -9,6 +9,8 @@ worker executes the other dimensions end to end.
 
 from __future__ import annotations
 
+import dataclasses
+
 from hyrun.planner import (
     DATA_PARALLEL_ONLY,
     Cluster,
@@ -55,11 +57,21 @@ def card_ids(cluster: Cluster) -> dict[CardRef, int]:
     return {CardRef(card.node, card.local_index): card.global_id for card in cluster.cards}
 
 
-def plan_job(job: JobSpec, *, excluded: set[CardRef] | frozenset[CardRef] = frozenset(), data_parallel_only: bool = False) -> SearchResult:
-    """The planner's search for this job, without the excluded cards. Raises ValueError (with what
-    is short) when no plan fits."""
+def plan_job(
+    job: JobSpec,
+    *,
+    excluded: set[CardRef] | frozenset[CardRef] = frozenset(),
+    data_parallel_only: bool = False,
+    measured_speed: dict[CardRef, float] | None = None,
+) -> SearchResult:
+    """The planner's search for this job, without the excluded cards and with the speeds measured
+    for stragglers. Raises ValueError (with what is short) when no plan fits."""
     cluster, shape, training = planner_inputs(job)
     ids = card_ids(cluster)
+    if measured_speed:
+        cluster = cluster.with_specs(
+            {ids[card]: dataclasses.replace(cluster.card(ids[card]).spec, speed=speed) for card, speed in measured_speed.items() if card in ids}
+        )
     return search(
         cluster,
         shape,

@@ -26,6 +26,9 @@ TINY_JOB = {
     "model": {"preset": "tiny"},
     "training": {"steps": 4, "global_batch": 8, "micro_batch": 2, "seq_len": 16, "schedule": {"warmup_steps": 1}},
     "runtime": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0},
+    # Four workers share two loaded cores here, so per-card speed is noisy: only the straggler
+    # tests ask for straggler verdicts.
+    "health": {"straggler_ratio": 50.0, "straggler_drain_ratio": 60.0},
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hyrun.runtime.coordinator.policy import CardRef, RankFailure, VerdictKind, blame_exits, lost_node_verdicts
 
 
@@ -95,3 +97,30 @@ def test_repeated_lonely_overflow_is_suspected_corruption():
     assert suspected_corruption(history, 20, settings) == {}  # the strikes left the window
     everyone = {s: {0: True, 1: True} for s in range(1, 9)}  # the model diverged: nobody to blame
     assert suspected_corruption(everyone, 8, settings) == {}
+
+
+def test_a_card_slower_than_its_peers_is_replanned_at_its_measured_speed():
+    from hyrun.runtime.coordinator.policy import HealthSettings, straggler_verdicts
+
+    cards = [CardRef("a", 0), CardRef("a", 1), CardRef("b", 0)]
+    times = {cards[0]: [0.10] * 5, cards[1]: [0.10] * 5, cards[2]: [0.25] * 5}
+    types = {c: "cpu-sim" for c in cards}
+    speeds = {c: 1.0 for c in cards}
+    (verdict,) = straggler_verdicts(times, types, speeds, HealthSettings())
+    assert verdict.kind is VerdictKind.REPLAN and verdict.card == cards[2]
+    assert verdict.speed == pytest.approx(0.4) and "2.5× slower" in verdict.reason
+
+
+def test_a_card_slow_as_believed_is_no_straggler_and_a_far_slower_one_is_drained():
+    from hyrun.runtime.coordinator.policy import HealthSettings, straggler_verdicts
+
+    cards = [CardRef("a", 0), CardRef("a", 1), CardRef("b", 0)]
+    types = {c: "cpu-sim" for c in cards}
+    believed = {cards[0]: 1.0, cards[1]: 1.0, cards[2]: 0.4}
+    as_believed = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [0.25] * 5}
+    assert straggler_verdicts(as_believed, types, believed, HealthSettings()) == []
+    far = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [1.25] * 5}
+    (verdict,) = straggler_verdicts(far, types, believed, HealthSettings())
+    assert verdict.kind is VerdictKind.DRAIN
+    one_slow_step = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [0.1] * 4 + [1.0]}
+    assert straggler_verdicts(one_slow_step, types, {c: 1.0 for c in cards}, HealthSettings()) == []

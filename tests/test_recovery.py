@@ -82,3 +82,20 @@ def test_xid_nan_and_heat_each_evict_the_right_card(write_job, launched, tmp_pat
     assert sorted(map(int, summary["losses"])) == list(range(1, 17))
     drains = [i for i in summary["incidents"] if i["verdict"] == "drain"]
     assert len(drains) == 2 and all(int(i["steps_lost"]) == 0 for i in drains), summary["incidents"]
+
+
+@pytest.mark.timeout(180)
+def test_a_card_slowed_to_a_third_is_replanned_around(write_job, launched, tmp_path):
+    job = job_dict(
+        training={"steps": 14, "global_batch": 16},
+        health={"straggler_window_steps": 3, "straggler_ratio": 1.5, "straggler_drain_ratio": 4.0},
+        faults=[{"kind": "slow", "node": "node-b", "card": 1, "at_step": 3, "speed": 0.3}],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    incident = summary["incidents"][0]
+    assert incident["verdict"] == "replan" and incident["cards"] == ["node-b/card1"]
+    assert "straggler" in incident["reason"] and int(incident["steps_lost"]) == 0
+    # A second replan may refine the speed; it must be about the same card.
+    assert all(i["verdict"] == "replan" and i["cards"] == ["node-b/card1"] for i in summary["incidents"])
+    assert summary["evictions"] == []  # it stays in the job, with less work
+    assert sorted(map(int, summary["losses"])) == list(range(1, 15))

@@ -13,6 +13,7 @@ from hyrun.runtime.coordinator.policy import (
     HealthSettings,
     Verdict,
     hardware_error_verdict,
+    straggler_verdicts,
     suspected_corruption,
     temperature_verdict,
 )
@@ -34,6 +35,7 @@ class HealthBook:
         self.settings = settings
         self.cards: dict[CardRef, CardHealth] = {}
         self.nonfinite_by_step: dict[int, dict[int, bool]] = {}  # current generation only
+        self.seconds_per_micro_batch: dict[CardRef, list[float]] = {}  # current generation only
 
     def ingest_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
         for sample in heartbeat.cards:
@@ -62,6 +64,15 @@ class HealthBook:
         """A card leaves the job: its evidence must not fire again if it is ever readmitted."""
         self.cards.pop(card, None)
 
+    def record_compute(self, card: CardRef, compute_s: float, micro_batches: int) -> None:
+        if compute_s > 0 and micro_batches > 0:
+            window = self.seconds_per_micro_batch.setdefault(card, [])
+            window.append(compute_s / micro_batches)
+            del window[: -self.settings.straggler_window_steps]
+
+    def stragglers(self, card_type: dict[CardRef, str], believed_speed: dict[CardRef, float]) -> list[Verdict]:
+        return straggler_verdicts(self.seconds_per_micro_batch, card_type, believed_speed, self.settings)
+
     def record_step(self, rank: int, step: int, nonfinite_grads: int) -> None:
         self.nonfinite_by_step.setdefault(step, {})[rank] = nonfinite_grads > 0
         for old in [s for s in self.nonfinite_by_step if s <= step - 2 * self.settings.overflow_window_steps]:
@@ -72,3 +83,4 @@ class HealthBook:
 
     def new_generation(self) -> None:
         self.nonfinite_by_step.clear()
+        self.seconds_per_micro_batch.clear()

@@ -84,6 +84,7 @@ class JobRecord:
     message: str = ""
     tallies: dict[int, StepTally] = field(default_factory=dict)
     evicted: dict[CardRef, str] = field(default_factory=dict)  # quarantined for the rest of the job
+    measured_speed: dict[CardRef, float] = field(default_factory=dict)  # stragglers: what the planner now assumes
     steps_lost: int = 0
     step_at_failure: int | None = None  # job.step when the last generation failed
     last_step_s: float = 0.0  # when job.step completed
@@ -118,7 +119,10 @@ def assign_ranks(
 
 
 def plan_ranks(
-    spec: JobSpec, membership: Membership, excluded: frozenset[CardRef] | set[CardRef] = frozenset()
+    spec: JobSpec,
+    membership: Membership,
+    excluded: frozenset[CardRef] | set[CardRef] = frozenset(),
+    measured_speed: dict[CardRef, float] | None = None,
 ) -> tuple[RankSlot, ...]:
     """The ranks of the next generation: the planner's data-parallel plan over the usable cards
     (micro-batches in proportion to each card's capability), or an even split where the planner
@@ -132,7 +136,7 @@ def plan_ranks(
     cluster, _, _ = planner_inputs(spec)
     unusable = {CardRef(c.node, c.local_index) for c in cluster.cards} - usable
     try:
-        plan = plan_job(spec, excluded=unusable, data_parallel_only=True).best
+        plan = plan_job(spec, excluded=unusable, data_parallel_only=True, measured_speed=measured_speed).best
         return slots_from_plan(plan, cluster, {CardRef(s.node, s.card_index): s.speed for s in even})
     except (ValueError, KeyError) as error:
         log.warning("planner found no plan (%s); splitting the batch evenly", error)
@@ -204,6 +208,8 @@ class Orchestrator:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             gen.transition(GenState.RUNNING)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
+        slot = gen.slot(report.rank)
+        self.health.record_compute(CardRef(slot.node, slot.card_index), report.compute_time_s, slot.micro_batches)
         if gen.drain_verdicts and report.checkpoint_step > gen.drain_after_step:
             # Commits are all-ranks: one rank seeing it committed means every rank finished that
             # step and its part is on disk, so nothing up to it will be trained again.
@@ -218,11 +224,13 @@ class Orchestrator:
         if len(tally.ranks) == gen.world_size:
             self._complete_step(report.step, job.tallies.pop(report.step), now_s)
             suspects = self.health.corrupt_ranks(report.step)
-            if suspects:
-                self._act(
-                    [Verdict(VerdictKind.DRAIN, CardRef(gen.slot(r).node, gen.slot(r).card_index), why) for r, why in suspects.items()],
-                    now_s,
-                )
+            verdicts = [
+                Verdict(VerdictKind.DRAIN, CardRef(gen.slot(r).node, gen.slot(r).card_index), why) for r, why in suspects.items()
+            ]
+            if not verdicts and not gen.drain_verdicts:
+                verdicts = self._stragglers(gen)
+            if verdicts:
+                self._act(verdicts, now_s)
 
     def on_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
         if self.health is None:
@@ -325,6 +333,11 @@ class Orchestrator:
             verdicts.append(Verdict(VerdictKind.EVICT, CardRef(slot.node, slot.card_index), reason))
         self._recover(verdicts, now_s)
 
+    def _stragglers(self, gen: Generation) -> list[Verdict]:
+        cards = {CardRef(s.node, s.card_index): s for s in gen.ranks}
+        believed = {card: self.job.measured_speed.get(card, slot.speed) for card, slot in cards.items()}
+        return self.health.stragglers({card: slot.card_type for card, slot in cards.items()}, believed)
+
     def _act(self, verdicts: list[Verdict], now_s: float) -> None:
         """Carries out verdicts: an eviction at once; a drain after a checkpoint taken now has
         committed, so the card leaves without losing a step."""
@@ -333,7 +346,7 @@ class Orchestrator:
             self._fail_job("; ".join(f"{v.card}: {v.reason}" for v in verdicts))
             return
         gen = job.generation
-        drains = [v for v in verdicts if v.kind is VerdictKind.DRAIN]
+        drains = [v for v in verdicts if v.kind in (VerdictKind.DRAIN, VerdictKind.REPLAN)]
         if len(drains) < len(verdicts) or not job.spec.checkpoint.enabled or gen.state is not GenState.RUNNING:
             self._recover(gen.drain_verdicts + verdicts, now_s)
             return
@@ -369,7 +382,10 @@ class Orchestrator:
         """Evicts the cards the verdicts name, ends the generation, starts the next without them."""
         job = self.job
         for verdict in verdicts:
-            job.evicted[verdict.card] = verdict.reason
+            if verdict.kind is VerdictKind.REPLAN:
+                job.measured_speed[verdict.card] = verdict.speed  # stays in the job, planned for
+            else:
+                job.evicted[verdict.card] = verdict.reason
             self.health.forget(verdict.card)
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
@@ -390,7 +406,7 @@ class Orchestrator:
         if job.generations_started >= job.spec.fault_tolerance.max_generations:
             self._fail_job(f"{reason}; gave up after {job.generations_started} generations")
             return
-        slots = plan_ranks(job.spec, self.membership, set(job.evicted))
+        slots = plan_ranks(job.spec, self.membership, set(job.evicted), job.measured_speed)
         if not slots:
             self._fail_job(f"{reason}; no usable card is left")
             return

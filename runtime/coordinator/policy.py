@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+import statistics
 from dataclasses import dataclass, field
 
 # What a rank prints when a *peer* died under it: these ranks are victims, not culprits.
@@ -32,12 +33,16 @@ class HealthSettings:
     temperature_min_samples: int = 5       # a trend needs this many samples
     overflow_strikes: int = 3              # non-finite local grads, peers finite, this many times ...
     overflow_window_steps: int = 20        # ... within this many steps: suspected silent corruption
+    straggler_ratio: float = 1.5           # slower than its type's median by this much, ...
+    straggler_window_steps: int = 5        # ... on every one of this many steps: replan with its speed
+    straggler_drain_ratio: float = 4.0     # this much slower: drain it instead
     fatal_xids: frozenset[int] = field(default=FATAL_XIDS)
 
 
 class VerdictKind(enum.Enum):
     EVICT = "evict"   # the card is bad now: end the generation, continue without it
     DRAIN = "drain"   # the card will be bad soon: checkpoint first, then continue without it
+    REPLAN = "replan"  # the card is slower than believed: checkpoint, then plan with its measured speed
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Verdict:
     kind: VerdictKind
     card: CardRef
     reason: str  # the evidence, in words a user can check against the logs
+    speed: float | None = None  # REPLAN: the card's measured speed, for the planner
 
 
 @dataclass(frozen=True)
@@ -182,3 +188,41 @@ def suspected_corruption(
         for rank, steps in strikes.items()
         if len(steps) >= settings.overflow_strikes
     }
+
+
+def straggler_verdicts(
+    seconds_per_micro_batch: dict[CardRef, list[float]],
+    card_type: dict[CardRef, str],
+    believed_speed: dict[CardRef, float],
+    settings: HealthSettings,
+) -> list[Verdict]:
+    """Cards persistently slower than the planner believes, judged against cards of their own type:
+    each card's recent compute seconds per micro-batch, times the speed the plan assumed for it,
+    should match its peers'. Slower by `straggler_ratio` on every step of the window: replan with
+    its measured speed; by `straggler_drain_ratio`: drain it."""
+    window = settings.straggler_window_steps
+    normalized = {
+        card: [t * believed_speed[card] for t in times[-window:]]
+        for card, times in seconds_per_micro_batch.items()
+        if len(times) >= window
+    }
+    verdicts = []
+    for card, times in normalized.items():
+        peers = [statistics.median(v) for c, v in normalized.items() if c != card and card_type[c] == card_type[card]]
+        if not peers:
+            continue
+        typical = statistics.median(peers)
+        ratios = [t / typical for t in times]
+        if min(ratios) < settings.straggler_ratio:
+            continue
+        ratio = statistics.median(ratios)
+        evidence = (
+            f"{ratio:.1f}× slower than its {card_type[card]} peers for {window} steps "
+            f"({statistics.median(times) / believed_speed[card] * 1e3:.0f} ms per micro-batch)"
+        )
+        if ratio >= settings.straggler_drain_ratio:
+            verdicts.append(Verdict(VerdictKind.DRAIN, card, f"straggler: {evidence}"))
+        else:
+            speed = believed_speed[card] / ratio
+            verdicts.append(Verdict(VerdictKind.REPLAN, card, f"straggler: {evidence}; replanning at speed {speed:.2f}", speed))
+    return verdicts

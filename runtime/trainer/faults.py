@@ -12,7 +12,12 @@ from hyrun.runtime.jobfile import FaultSpec
 
 class FaultInjector:
     def __init__(self, faults: list[FaultSpec], *, node: str, card: int, generation: int) -> None:
-        self.faults = [f for f in faults if f.node == node and f.card == card and f.generation == generation]
+        # A slowed card stays slow in later generations: degraded hardware does not heal on restart.
+        self.generation = generation
+        self.faults = [
+            f for f in faults
+            if f.node == node and f.card == card and (f.generation == generation or (f.kind == "slow" and f.generation < generation))
+        ]  # fmt: skip
 
     def _firing(self, kind: str, step: int) -> FaultSpec | None:
         for fault in self.faults:
@@ -30,5 +35,7 @@ class FaultInjector:
         return self._firing("nan_grad", step) is not None
 
     def speed(self, step: int, declared: float) -> float:
-        slowed = [f.speed for f in self.faults if f.kind == "slow" and step >= f.at_step]
+        slowed = [
+            f.speed for f in self.faults if f.kind == "slow" and (f.generation < self.generation or step >= f.at_step)
+        ]
         return min([declared, *slowed])
