@@ -206,7 +206,13 @@ def agent(
         token=_token(token_file), tls=TlsFiles(cert=tls_ca),
     )  # fmt: skip
     install_signal_handlers()
-    sys.exit(NodeAgent(settings, SimulatedCards([c.index for c in cards])).run())
+    if cards[0].simulated:
+        telemetry = SimulatedCards([c.index for c in cards])
+    else:
+        from hyrun.agent.nvml import NvmlCards
+
+        telemetry = NvmlCards([c.index for c in cards])
+    sys.exit(NodeAgent(settings, telemetry).run())
 
 
 def _parse_simulate(text: str) -> dict:
