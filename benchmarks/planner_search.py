@@ -51,8 +51,9 @@ def main() -> None:
         if goal:
             ratios.append((size, search_cpu / goal))
         speedup = result.speedup_vs_naive
+        goal_text = f"{goal:.0f}" if goal else "-"
         print(f"{size:>6} {name:<14} {search_cpu:>7.2f} [{search_wall:>6.2f}] {replan_cpu:>7.2f} [{replan_wall:>6.2f}] "
-              f"{goal or float('nan'):>7.0f} {result.best.degrees.describe():<28} {result.best.step_time_s:>8.2f} "
+              f"{goal_text:>7} {result.best.degrees.describe():<28} {result.best.step_time_s:>8.2f} "
               f"{'n/a' if speedup is None else f'{speedup:.2f}×':>9}")
     print()
     for size, ratio in ratios:

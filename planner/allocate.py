@@ -96,14 +96,23 @@ def split_layers(layer_cost, stage_extra_cost, stage_speed, layer_memory_bytes, 
     extra = [float(x) for x in stage_extra_cost]
     room = [float(c) - float(f) for c, f in zip(stage_capacity_bytes, stage_fixed_memory_bytes)]
 
+    find = bisect.bisect_right  # the walk runs thousands of times per search: keep it lean
+    stages = list(zip(range(pp), speed, extra, memory, room, [num_layers - (pp - 1 - s) for s in range(pp)]))
+
     def walk(target: float) -> list[int] | None:
+        """Each stage takes as many layers as time and memory allow; None if layers are left over."""
         bounds, start = [0], 0
-        for s in range(pp):
-            last = num_layers - (pp - 1 - s)
-            by_time = bisect.bisect_right(cost, cost[start] + target * speed[s] - extra[s]) - 1
-            by_memory = bisect.bisect_right(memory[s], memory[s][start] + room[s]) - 1
-            end = num_layers if s == pp - 1 else min(by_time, by_memory, last)
-            if end < start + 1 or end > min(by_time, by_memory):
+        for s, v, e, held, r, last in stages:
+            end = find(cost, cost[start] + target * v - e) - 1
+            by_memory = find(held, held[start] + r) - 1
+            if by_memory < end:
+                end = by_memory
+            if s == pp - 1:
+                if end < num_layers:
+                    return None
+            elif end > last:
+                end = last
+            if end <= start:
                 return None
             bounds.append(end)
             start = end

@@ -35,8 +35,8 @@ def build_plan(ctx: GridContext, result: Evaluation, cards: Mapping[int, Card], 
         dense_params = sums["dense_params"][s] / tp
         expert_params = float((experts * sums["kind_layers"][s]).sum()) * tables.costs.params_per_expert / tp
         params, grads, optimizer = _static_memory(tables, degrees, dense_params, expert_params)
-        activations = _activation_memory(tables, degrees, tokens, sums["activation"][s],
-                                         min(pp - s, int(replica_micro_batches[d])), s == pp - 1)
+        in_flight = cost.in_flight_micro_batches(s, pp, int(replica_micro_batches[d]))
+        activations = _activation_memory(tables, degrees, tokens, sums["activation"][s], in_flight, s == pp - 1)
         memory.append(CardMemory(float(params), float(grads), float(optimizer), float(activations),
                                  card.spec.memory_bytes))
         expert_time = sum(cost.expert_compute_time_s(tokens * mult / tp * sums["expert_flops"][s][k], ep,

@@ -80,10 +80,6 @@ class GridContext:
     dp_bandwidth: np.ndarray  # (pp,) ring over a stage's replicas
     row_capacity: np.ndarray  # (pp,) usable bytes of the smallest card in each stage
 
-    @property
-    def groups(self) -> int:
-        return self.grid.shape[1] // self.degrees.replicas_per_expert_group
-
 
 def grid_context(tables: ModelTables, degrees: Degrees, table: BlockTable, grid: np.ndarray,
                  experts_per_position: np.ndarray | None = None) -> GridContext:
@@ -224,7 +220,7 @@ def evaluate(ctx: GridContext, layers_per_stage, micro_batches_per_group=None) -
     bubble = cost.pipeline_bubble_time_s(stage_time, axis=0)
     if micro_batches_per_group is None:
         micro_batches_per_group = allocate_units(ctx.tables.micro_batches // g, slowest_stage, bubble, minimum=1)
-    finish = micro_batches_per_group * slowest_stage + bubble
+    finish = cost.one_f_one_b_time_s(micro_batches_per_group, stage_time, axis=0)
     row_memory = costs["row_memory"][0]
     return Evaluation(
         step_time_s=float(finish.max() + costs["dp_exposed"][0]),

@@ -35,10 +35,10 @@ from .training import TrainingConfig
 
 __all__ = ["DATA_PARALLEL_ONLY", "DegreeConstraints", "SearchResult", "naive_plan", "replan", "search"]
 
-# Pass 2 takes degree tuples in pass-1 order and searches each fully (every dp option, both block
-# selections, every stage order of short pipelines, exact layer splits) until it has costed this many
-# layouts, and at least PASS_TWO_MIN_TUPLES tuples. Small clusters have few layouts per tuple, so
-# there every tuple gets the full search.
+# Pass 2 takes degree tuples in pass-1 order and searches each fully (both block selections, every
+# stage order of short pipelines, exact layer splits) until it has costed this many layouts, and at
+# least PASS_TWO_MIN_TUPLES tuples; then the leading tuples' other dp widths if budget is left. Small
+# clusters (SMALL_CLUSTER_CARDS) have no budget: every tuple and every dp width gets the full search.
 PASS_TWO_LAYOUTS = 300
 PASS_TWO_MIN_TUPLES = 4
 # Finalists whose layer split is refined by local moves in pass 3. On small clusters, where one card
@@ -226,7 +226,7 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
             if need <= usable:
                 options.append(degrees)
         # Pass 1 scores a tuple by its first dp option that fits (all blocks, else fewer tiers).
-        score = math.inf
+        score, scored = math.inf, None
         for degrees in options:
             chosen = block_selections(table, pp * degrees.dp)[0]
             for grid in candidate_grids(table, chosen, pp, degrees.dp, thorough=False):
@@ -234,27 +234,33 @@ def _search_candidates(cluster: Cluster, tables: ModelTables, constraints: Degre
                 if found is not None:
                     score = min(score, found[0])
             if score < math.inf:
+                scored = degrees
                 break
         if options:
             counter += 1
-            first_pass.append((score, counter, (options, table)))
+            first_pass.append((score, counter, scored or options[0], [d for d in options if d != scored], table))
     if not first_pass:
         raise _no_fit_error(tables, shortfall, largest, constraints)
     first_pass.sort(key=lambda item: item[:2])
+    # Pass 2 queue: each tuple's scored option in pass-1 order, then the other dp widths of the
+    # leading tuples (those that drop a slow tier), while the budget lasts.
+    queue = [(degrees, table) for _, _, degrees, _, table in first_pass]
+    leading = first_pass if small else first_pass[:PASS_TWO_MIN_TUPLES]
+    queue += [(degrees, table) for _, _, _, others, table in leading for degrees in others]
+    budget = math.inf if small else PASS_TWO_LAYOUTS
     candidates: list[_Candidate] = []
     layouts = 0
-    for rank, (_, _, (options, table)) in enumerate(first_pass):
-        if (layouts >= PASS_TWO_LAYOUTS and rank >= PASS_TWO_MIN_TUPLES) and candidates:
+    for rank, (degrees, table) in enumerate(queue):
+        if (layouts >= budget and rank >= PASS_TWO_MIN_TUPLES) and candidates:
             break
-        for degrees in options:
-            for chosen in block_selections(table, degrees.pp * degrees.dp):
-                for grid in candidate_grids(table, chosen, degrees.pp, degrees.dp):
-                    ctx = grid_context(tables, degrees, table, grid)
-                    found = _best_split(ctx)
-                    counter += 1
-                    layouts += 1
-                    if found is not None:
-                        candidates.append(_Candidate(found[0], counter, ctx, found[1]))
+        for chosen in block_selections(table, degrees.pp * degrees.dp):
+            for grid in candidate_grids(table, chosen, degrees.pp, degrees.dp):
+                ctx = grid_context(tables, degrees, table, grid)
+                found = _best_split(ctx)
+                counter += 1
+                layouts += 1
+                if found is not None:
+                    candidates.append(_Candidate(found[0], counter, ctx, found[1]))
     if not candidates:
         raise _no_fit_error(tables, shortfall, largest, constraints)
     candidates.sort(key=lambda c: c.key)

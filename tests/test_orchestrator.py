@@ -328,7 +328,7 @@ def test_auto_parallelism_gives_faster_cards_more_micro_batches():
 
 def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(harness):
     orch, _, sent, _ = harness
-    gen = _start(harness, training={"global_batch": 16, "micro_batch": 2})
+    gen = _start(harness, training={"global_batch": 16, "micro_batch": 2}, health={"straggler_ratio": 1.5, "straggler_drain_ratio": 4.0})
     for step in range(1, 6):
         for rank, slot in enumerate(gen.ranks):
             report = _step(gen.number, rank, step)
