@@ -195,13 +195,15 @@ class Trainer:
             # Reduce gradients once per step, on the last micro-batch, not after every one.
             sync = contextlib.nullcontext() if (last or not self.distributed) else self.wrapped.no_sync()
             with sync:
-                forward_started = time.perf_counter()
+                # CPU time, not wall time: on a shared machine a descheduled rank must not read as a
+                # slow card (the straggler policy and the planner's calibration both use this).
+                forward_started = time.thread_time()
                 output = self.wrapped(tokens[:, :-1])
                 loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.config.aux_loss_coeff)
                 self.expert_lrs.observe(output.router_stats)
-                forward_s = time.perf_counter() - forward_started
+                busy_s = (time.thread_time() - forward_started) / _FORWARD_SHARE_OF_STEP
                 # A simulated card's slowdown is its compute: it is what a slower card would spend.
-                compute_s += forward_s / _FORWARD_SHARE_OF_STEP + throttle(forward_s / _FORWARD_SHARE_OF_STEP, speed)
+                compute_s += busy_s + throttle(busy_s, speed)
                 (loss * self.loss_scale).backward()
             ce_sum += float(ce.detach())
         if not self.distributed:
