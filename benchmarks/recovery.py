@@ -41,7 +41,7 @@ def job_dict(run_dir: Path, ckpt_dir: Path, steps: int, interval: int, faults: l
         },
         "model": {"preset": "tiny"},
         "training": {"steps": steps, "global_batch": 8, "micro_batch": 2, "seq_len": 32, "schedule": {"warmup_steps": 1}},
-        "checkpoint": {"directory": str(ckpt_dir), "interval_steps": interval, "keep_last": 2},
+        "checkpoint": {"directory": str(ckpt_dir), "interval_steps": interval, "keep_last": 100},  # the restart needs the old ones
         "runtime": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "run_dir": str(run_dir)},
         "fault_tolerance": {"failure_grace_s": 0.3},
         "faults": faults,

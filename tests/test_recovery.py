@@ -4,6 +4,8 @@ its steps on the remaining cards."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pytest
 import torch
@@ -100,3 +102,24 @@ def test_a_card_slowed_to_a_third_is_replanned_around(write_job, launched, tmp_p
     assert all(i["verdict"] == "replan" and i["cards"] == ["node-b/card1"] for i in summary["incidents"])
     assert summary["evictions"] == []  # it stays in the job, with less work
     assert sorted(map(int, summary["losses"])) == list(range(1, 15))
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_agent_takes_its_node_out_and_the_job_finishes_on_the_other(write_job, launched, tmp_path):
+    job = job_dict(training={"steps": 150})
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        logs = list((tmp_path / "runs").glob("*/generation-1/*/rank-*.log"))
+        if len(logs) == 4 and all("first step done" in log.read_text() for log in logs):
+            break
+        time.sleep(0.2)
+    (agent,) = [p for p in result.descendants() if "agent" in p.cmdline() and "node-b" in p.cmdline()]
+    agent.send_signal(signal.SIGKILL)
+    _, stderr = result.proc.communicate(timeout=150)
+    assert result.proc.returncode == 0, stderr
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    data = json.loads(summary.read_text())
+    assert sorted(e.split(":")[0] for e in data["evictions"]) == ["node-b/card0", "node-b/card1"], data["evictions"]
+    assert max(map(int, data["losses"])) == 150
+    assert result.alive_seen() == []  # the dead agent's workers died with it

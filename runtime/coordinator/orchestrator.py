@@ -104,7 +104,7 @@ def assign_ranks(
     cards = [
         (name, card)
         for name in (n.name for n in spec.cluster.nodes)
-        if name in membership.nodes and membership.nodes[name].alive
+        if name in membership.nodes and membership.nodes[name].alive and membership.nodes[name].connected
         for card in membership.nodes[name].cards
         if CardRef(name, card.index) not in excluded
     ]
@@ -298,7 +298,7 @@ class Orchestrator:
             and gen.failing_since is not None
             and now_s - gen.failing_since >= job.spec.fault_tolerance.failure_grace_s
         ):
-            self._recover(gen.drain_verdicts + blame_exits(gen.failures), now_s)
+            self._recover(gen.drain_verdicts + self._blame(gen, now_s), now_s)
             return
         if job.state is JobState.RUNNING and gen is not None and gen.drain_verdicts and now_s > gen.drain_deadline_s:
             log.warning("drain checkpoint did not commit in time; leaving without it")
@@ -332,6 +332,20 @@ class Orchestrator:
             reason = describe_hang(rank, gen.steps_by_rank.get(rank, 0), silent_s)
             verdicts.append(Verdict(VerdictKind.EVICT, CardRef(slot.node, slot.card_index), reason))
         self._recover(verdicts, now_s)
+
+    def _blame(self, gen: Generation, now_s: float) -> list[Verdict]:
+        """Who failed: a node whose agent's stream closed took its ranks with it (the ranks on other
+        nodes only saw their peers vanish); otherwise the ranks that did not die of a peer's failure."""
+        gone = [n for n in gen.nodes if n in self.membership.nodes and not self.membership.nodes[n].connected]
+        if gone:
+            verdicts = []
+            for name in gone:
+                node = self.membership.nodes[name]
+                node.alive = False  # do not plan on it until its agent registers again
+                reason = f"node {name} lost: its agent's stream closed"
+                verdicts += [Verdict(VerdictKind.EVICT, CardRef(name, c.index), reason) for c in node.cards]
+            return verdicts
+        return blame_exits(gen.failures)
 
     def _stragglers(self, gen: Generation) -> list[Verdict]:
         cards = {CardRef(s.node, s.card_index): s for s in gen.ranks}
