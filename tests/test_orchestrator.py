@@ -345,3 +345,36 @@ def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(har
     shares = {(s.node, s.card_index): s.micro_batches for s in new.ranks}
     assert shares.get(("node-b", 1), 0) < shares[("node-a", 0)]
     assert orch.job.incidents[-1].verdict == "replan"
+
+
+def test_a_lost_node_that_comes_back_joins_at_the_next_checkpoint(harness):
+    orch, membership, sent, _ = harness
+    _start(harness)
+    membership.heartbeat("node-a", 2.5)
+    (lost,) = membership.expire(now_s=2.6)
+    orch.on_node_lost(lost, 2.6)
+    gen = orch.job.generation
+    assert {s.node for s in gen.ranks} == {"node-a"}
+    for slot in gen.ranks:
+        orch.on_step(slot.node, _step(gen.number, slot.rank, 1), 3.0)
+    sent.clear()
+    back = _node("node-b", 2, now=4.0)
+    membership.register(back)
+    orch.on_register(back, 4.0)
+    assert any(cmd.HasField("checkpoint_now") for _, cmd in sent)  # no step lost: checkpoint first
+    report = _step(gen.number, 0, 2)
+    report.checkpoint_step = 2
+    orch.on_step("node-a", report, 5.0)
+    assert {s.node for s in orch.job.generation.ranks} == {"node-a", "node-b"}
+    assert orch.job.evicted == {} and orch.job.incidents[-1].verdict == "join"
+
+
+def test_a_card_evicted_for_a_hardware_fault_stays_out_when_its_node_reconnects(harness):
+    orch, membership, *_ = harness
+    _start(harness, checkpoint={"interval_steps": 0})
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0, xid_events=[79]), 2.0)
+    assert CardRef("node-b", 0) in orch.job.evicted
+    back = _node("node-b", 2, now=3.0)
+    membership.register(back)
+    orch.on_register(back, 3.0)  # node-b/card1 is already in the generation: nothing to do
+    assert CardRef("node-b", 0) in orch.job.evicted

@@ -190,9 +190,28 @@ class Orchestrator:
 
     def on_register(self, node: NodeRecord, now_s: float) -> None:
         self._update_membership_metrics()
-        if self.job is not None:
-            self._try_start(now_s)
-            self._publish()
+        if self.job is None:
+            return
+        self._try_start(now_s)
+        self._grow(node, now_s)
+        self._publish()
+
+    def _grow(self, node: NodeRecord, now_s: float) -> None:
+        """A node of the job that registers while it trains without it (a lost node's agent came
+        back, or a node started late) joins at the next checkpoint: scale up without losing a step.
+        Cards evicted for a hardware fault stay out; cards lost with their node come back."""
+        job, gen = self.job, self.job.generation
+        in_job = node.name in {n.name for n in job.spec.cluster.nodes}
+        if job.state is not JobState.RUNNING or gen is None or gen.ended or node.name in gen.nodes or not in_job:
+            return
+        for card in node.cards:
+            ref = CardRef(node.name, card.index)
+            if job.evicted.get(ref, "").startswith(f"node {node.name} lost"):
+                del job.evicted[ref]
+        usable = [c for c in node.cards if CardRef(node.name, c.index) not in job.evicted]
+        if usable:
+            why = f"node {node.name} joined with {len(usable)} usable cards"
+            self._act([Verdict(VerdictKind.JOIN, CardRef(node.name, usable[0].index), why)], now_s)
 
     def on_step(self, node: str, report: pb.StepReport, now_s: float) -> None:
         gen = self._current_generation(report.generation)
@@ -360,7 +379,7 @@ class Orchestrator:
             self._fail_job("; ".join(f"{v.card}: {v.reason}" for v in verdicts))
             return
         gen = job.generation
-        drains = [v for v in verdicts if v.kind in (VerdictKind.DRAIN, VerdictKind.REPLAN)]
+        drains = [v for v in verdicts if v.kind in (VerdictKind.DRAIN, VerdictKind.REPLAN, VerdictKind.JOIN)]
         if len(drains) < len(verdicts) or not job.spec.checkpoint.enabled or gen.state is not GenState.RUNNING:
             self._recover(gen.drain_verdicts + verdicts, now_s)
             return
@@ -398,7 +417,7 @@ class Orchestrator:
         for verdict in verdicts:
             if verdict.kind is VerdictKind.REPLAN:
                 job.measured_speed[verdict.card] = verdict.speed  # stays in the job, planned for
-            else:
+            elif verdict.kind is not VerdictKind.JOIN:
                 job.evicted[verdict.card] = verdict.reason
             self.health.forget(verdict.card)
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()

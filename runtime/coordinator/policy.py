@@ -43,6 +43,7 @@ class VerdictKind(enum.Enum):
     EVICT = "evict"   # the card is bad now: end the generation, continue without it
     DRAIN = "drain"   # the card will be bad soon: checkpoint first, then continue without it
     REPLAN = "replan"  # the card is slower than believed: checkpoint, then plan with its measured speed
+    JOIN = "join"  # a node (back) in the job: checkpoint, then plan with its cards
 
 
 @dataclass(frozen=True)
