@@ -269,6 +269,12 @@ def status(coordinator: CoordinatorOpt = None, run: RunOpt = None, token_file: T
         )
         for eviction in job.evictions:
             console.print(f"  evicted {eviction}", highlight=False)
+        for rank in job.ranks:
+            console.print(
+                f"  rank {rank.rank}: {rank.node}/card{rank.card_index} {rank.micro_batches} micro-batches, "
+                f"step {rank.step}, compute {rank.compute_time_s * 1e3:.0f} ms of {rank.step_time_s * 1e3:.0f} ms",
+                highlight=False,
+            )
     for node in reply.nodes:
         console.print(f"  node {node.node}: {node.state} ({node.cards} cards)", highlight=False)
 
