@@ -84,3 +84,32 @@ def test_stopping_the_launcher_leaves_no_process(write_job, launched, tmp_path, 
     while result.alive_seen() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert result.alive_seen() == []
+
+
+@pytest.mark.timeout(180)
+def test_status_and_drain_from_the_command_line(write_job, launched, tmp_path):
+    job = job_dict(training={"steps": 100_000})
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _wait_for_ranks(result, tmp_path)
+    (run_dir,) = (tmp_path / "runs").glob("t-*")
+
+    def status() -> str:
+        command = launched("status", "--run", str(run_dir))
+        out, err = command.proc.communicate(timeout=60)
+        assert command.proc.returncode == 0, err
+        return out
+
+    out = status()
+    assert "RUNNING" in out and "rank 3: node-b/card1" in out
+    drain = launched("drain", "node-b", "--reason", "maintenance", "--run", str(run_dir))
+    out, err = drain.proc.communicate(timeout=60)
+    assert drain.proc.returncode == 0 and "draining node node-b" in out, err
+    deadline = time.monotonic() + 90
+    while "evicted node-b/card1" not in (out := status()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "evicted node-b/card0: drained by request: maintenance" in out
+    assert "generation 2" in out and "steps trained again 0" in out
+    assert not [line for line in out.splitlines() if line.strip().startswith("rank") and "node-b" in line]
+    result.proc.send_signal(signal.SIGINT)
+    result.proc.communicate(timeout=60)
+    assert result.proc.returncode == 130
