@@ -205,5 +205,7 @@ def _raise_interrupt(signum, _frame) -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C: `run()` unwinds and stops the node's workers on the way out."""
+    """SIGTERM behaves like Ctrl-C: `run()` unwinds and stops the node's workers on the way out.
+    SIGINT is set too: a process started in the background inherits it ignored."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)

@@ -138,6 +138,7 @@ def coordinator_cmd(
     tls_key: Annotated[Optional[Path], typer.Option(exists=True, help="PEM private key")] = None,
 ) -> None:
     """Run a coordinator for a multi-host cluster (agents connect with `hyrun agent`)."""
+    import signal
     import threading
 
     from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
@@ -158,6 +159,8 @@ def coordinator_cmd(
     except (ValueError, OSError) as error:
         _fail(str(error), EXIT_USAGE)
     console.print(f"coordinator on {service.address}, metrics on :{service.metrics_port}")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # may be inherited ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

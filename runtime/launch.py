@@ -183,7 +183,9 @@ def run_job(
     job_id = new_job_id(job.name)
     run_dir = Path(job.runtime.run_dir).resolve() / job_id
     cluster = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Both set explicitly: a process started in the background inherits SIGINT *ignored*, and
+    # Ctrl-C / SIGTERM must always unwind through the cleanup below.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started_s = time.monotonic()
     outcome = JobOutcome(job_id, "FAILED", "", run_dir, 0.0)
 
@@ -218,7 +220,8 @@ def run_job(
     finally:
         if cluster is not None:
             cluster.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     outcome.wall_time_s = time.monotonic() - started_s
     if run_dir.exists():
         (run_dir / "summary.json").write_text(
