@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+
+from hyrun.proto import hyrun_pb2 as pb
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    generation: int
-    rank: int
-    step: int
-    loss: float
-    tokens: int
-    step_time_s: float
-    compute_time_s: float
-    grad_norm: float
-    nonfinite_grads: int
-    lr: float
-    checkpoint_step: int = -1  # newest committed checkpoint; -1: none yet
-    checkpoint_error: str = ""  # why the last save failed, if it did
+# The wire message itself: one definition of a step report's fields (proto/hyrun.proto).
+StepRecord = pb.StepReport
+
+
+def _fields(record: pb.StepReport) -> dict:
+    """Plain JSON values of every field (the agent rebuilds the message with StepReport(**fields))."""
+    return {field.name: getattr(record, field.name) for field in record.DESCRIPTOR.fields}
 
 
 class Reporter:
@@ -35,7 +29,7 @@ class Reporter:
 
     def report(self, record: StepRecord) -> None:
         self.history.append(record)
-        self._write("step", asdict(record))
+        self._write("step", _fields(record))
 
     def entered_reduce(self, generation: int, rank: int, step: int) -> None:
         """This rank finished its compute for `step` and waits in the gradient all-reduce."""
