@@ -196,8 +196,6 @@ class NodeAgent:
         for job_id in self._job_ids:
             remove_snapshots(Path("/dev/shm"), job_id)
 
-    def request_stop(self, *_args) -> None:
-        self._stop.set()
 
 
 def _raise_interrupt(signum, _frame) -> None:

@@ -246,6 +246,19 @@ def _connect(coordinator: str | None, run: Path | None, token_file: Path | None,
     return pb_grpc.CoordinatorStub(channel), call_metadata(token), channel
 
 
+def _call(coordinator, run, token_file, tls_ca, method: str, request, *, timeout_s: float):
+    """One unary call to the coordinator; an unreachable or refusing one is a user-facing error."""
+    import grpc
+
+    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
+    try:
+        return getattr(stub, method)(request, metadata=metadata, timeout=timeout_s)
+    except grpc.RpcError as error:
+        _fail(f"coordinator: {error.details() or error.code().name}")
+    finally:
+        channel.close()
+
+
 CoordinatorOpt = Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator")]
 RunOpt = Annotated[Optional[Path], typer.Option(help="a run directory of an embedded launch (runs/JOB)")]
 
@@ -253,17 +266,9 @@ RunOpt = Annotated[Optional[Path], typer.Option(help="a run directory of an embe
 @app.command()
 def status(coordinator: CoordinatorOpt = None, run: RunOpt = None, token_file: TokenFile = None, tls_ca: TlsCa = None) -> None:
     """Show a running job: nodes and their health, generation, step, loss, throughput, evictions."""
-    import grpc
-
     from hyrun.proto import hyrun_pb2 as pb
 
-    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
-    try:
-        reply = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=5)
-    except grpc.RpcError as error:
-        _fail(f"coordinator: {error.details() or error.code().name}")
-    finally:
-        channel.close()
+    reply = _call(coordinator, run, token_file, tls_ca, "Status", pb.StatusRequest(), timeout_s=5)
     for job in reply.jobs:
         console.print(
             f"job {job.job_id}: {job.state} generation {job.generation} step {job.step}/{job.total_steps} "
@@ -292,17 +297,9 @@ def drain(
     tls_ca: TlsCa = None,
 ) -> None:
     """Take a node out of the running job without losing work: checkpoint, then continue without it."""
-    import grpc
-
     from hyrun.proto import hyrun_pb2 as pb
 
-    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
-    try:
-        reply = stub.Drain(pb.DrainRequest(node=node, reason=reason), metadata=metadata, timeout=10)
-    except grpc.RpcError as error:
-        _fail(f"coordinator: {error.details() or error.code().name}")
-    finally:
-        channel.close()
+    reply = _call(coordinator, run, token_file, tls_ca, "Drain", pb.DrainRequest(node=node, reason=reason), timeout_s=10)
     console.print(reply.message, highlight=False)
 
 

@@ -77,16 +77,6 @@ class Launched:
         self.seen.update(child.pid for child in children)
         return children
 
-    def workers(self) -> list[psutil.Process]:
-        found = []
-        for child in self.descendants():
-            try:
-                if "hyrun.runtime.trainer.worker" in " ".join(child.cmdline()):
-                    found.append(child)
-            except psutil.NoSuchProcess:
-                pass
-        return found
-
     def alive_seen(self) -> list[int]:
         alive = []
         for pid in self.seen:

@@ -46,19 +46,19 @@ def test_hang_names_the_rank_that_never_entered_the_reduce():
 
     steps_done = {0: 7, 1: 7, 2: 7, 3: 7}
     entered = {0: 8, 1: 8, 3: 8}  # rank 2 stopped in its compute of step 8
-    assert hung_ranks(steps_done, entered, 4, silent_s=10) == [2]
+    assert hung_ranks(steps_done, entered, 4) == [2]
 
 
 def test_hang_names_a_rank_a_whole_step_behind():
     from hyrun.runtime.coordinator.policy import hung_ranks
 
-    assert hung_ranks({0: 7, 1: 6, 2: 7}, {0: 8, 2: 8}, 3, silent_s=10) == [1]
+    assert hung_ranks({0: 7, 1: 6, 2: 7}, {0: 8, 2: 8}, 3) == [1]
 
 
 def test_hang_with_everyone_at_the_same_point_singles_out_nobody():
     from hyrun.runtime.coordinator.policy import hung_ranks
 
-    assert hung_ranks({0: 7, 1: 7}, {0: 8, 1: 8}, 2, silent_s=10) is None
+    assert hung_ranks({0: 7, 1: 7}, {0: 8, 1: 8}, 2) is None
 
 
 def test_hot_card_near_its_threshold_is_drained():

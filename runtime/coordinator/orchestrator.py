@@ -339,7 +339,7 @@ class Orchestrator:
         silent_s = now_s - gen.last_progress_s
         if silent_s <= self.job.spec.fault_tolerance.hang_timeout_s:
             return
-        ranks = hung_ranks(gen.steps_by_rank, gen.reduce_entered, gen.world_size, silent_s)
+        ranks = hung_ranks(gen.steps_by_rank, gen.reduce_entered, gen.world_size)
         if ranks is None:
             # Nobody to single out: restart the generation on the same cards.
             log.warning("generation %d stuck for %.1f s with every rank at the same point", gen.number, silent_s)

@@ -95,9 +95,7 @@ def lost_node_verdicts(node: str, card_indices: list[int], silent_s: float) -> l
     return [Verdict(VerdictKind.EVICT, CardRef(node, index), reason) for index in card_indices]
 
 
-def hung_ranks(
-    steps_done: dict[int, int], reduce_entered: dict[int, int], world_size: int, silent_s: float
-) -> list[int] | None:
+def hung_ranks(steps_done: dict[int, int], reduce_entered: dict[int, int], world_size: int) -> list[int] | None:
     """Which ranks a hung step waits for: those furthest behind, by (last step completed, whether
     they entered the all-reduce of the next one). None when every rank is equally far (nobody to
     single out: the whole generation is stuck)."""
