@@ -210,6 +210,7 @@ class Supervisor:
             "job_path": str(job_path),
             "run_dir": start.run_dir,
             "log_path": str(log_path),
+            "layout_json": start.layout_json,
         }
         worker = self._take()
         worker.generation, worker.rank, worker.card_index, worker.log_path = (

@@ -79,7 +79,7 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., cards: _Optional[_Iterable[_Union[CardTelemetry, _Mapping]]] = ..., host: _Optional[_Union[HostTelemetry, _Mapping]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr", "checkpoint_step", "checkpoint_error")
+    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr", "checkpoint_step", "checkpoint_error", "comm_wait_s", "bubble_s")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class StepReport(_message.Message):
     LR_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMM_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    BUBBLE_S_FIELD_NUMBER: _ClassVar[int]
     generation: int
     rank: int
     step: int
@@ -104,7 +106,9 @@ class StepReport(_message.Message):
     lr: float
     checkpoint_step: int
     checkpoint_error: str
-    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_error: _Optional[str] = ...) -> None: ...
+    comm_wait_s: float
+    bubble_s: float
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_error: _Optional[str] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ...) -> None: ...
 
 class WorkerExit(_message.Message):
     __slots__ = ("generation", "rank", "card_index", "exit_code", "reason", "log_path")
@@ -191,18 +195,20 @@ class RankAssignment(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., card_index: _Optional[int] = ..., speed: _Optional[float] = ..., micro_batches: _Optional[int] = ..., micro_batch_offset: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class StartGeneration(_message.Message):
-    __slots__ = ("generation", "rendezvous", "ranks", "job_json", "run_dir")
+    __slots__ = ("generation", "rendezvous", "ranks", "job_json", "run_dir", "layout_json")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     JOB_JSON_FIELD_NUMBER: _ClassVar[int]
     RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     generation: int
     rendezvous: Rendezvous
     ranks: _containers.RepeatedCompositeFieldContainer[RankAssignment]
     job_json: str
     run_dir: str
-    def __init__(self, generation: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankAssignment, _Mapping]]] = ..., job_json: _Optional[str] = ..., run_dir: _Optional[str] = ...) -> None: ...
+    layout_json: str
+    def __init__(self, generation: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankAssignment, _Mapping]]] = ..., job_json: _Optional[str] = ..., run_dir: _Optional[str] = ..., layout_json: _Optional[str] = ...) -> None: ...
 
 class StopGeneration(_message.Message):
     __slots__ = ("generation", "reason")
@@ -305,7 +311,7 @@ class Incident(_message.Message):
     def __init__(self, detected_at_s: _Optional[float] = ..., cards: _Optional[_Iterable[str]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., step_at_failure: _Optional[int] = ..., resumed_at_s: _Optional[float] = ..., resumed_step: _Optional[int] = ..., steps_lost: _Optional[int] = ..., last_step_before_s: _Optional[float] = ...) -> None: ...
 
 class RankState(_message.Message):
-    __slots__ = ("rank", "node", "card_index", "micro_batches", "compute_time_s", "step_time_s", "step")
+    __slots__ = ("rank", "node", "card_index", "micro_batches", "compute_time_s", "step_time_s", "step", "comm_wait_s", "bubble_s")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +319,8 @@ class RankState(_message.Message):
     COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    COMM_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    BUBBLE_S_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node: str
     card_index: int
@@ -320,7 +328,9 @@ class RankState(_message.Message):
     compute_time_s: float
     step_time_s: float
     step: int
-    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., card_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., compute_time_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+    comm_wait_s: float
+    bubble_s: float
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., card_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., compute_time_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., step: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks")

@@ -147,6 +147,10 @@ class ParallelismSection(_Section):
     cp: int = Field(0, ge=0)
     ep: int = Field(0, ge=0)
 
+    def degrees(self) -> dict[str, int]:
+        """Each degree, 0 meaning "the planner chooses" (a degree left out of the file)."""
+        return {name: getattr(self, name) for name in ("dp", "tp", "pp", "cp", "ep")}
+
 
 class CheckpointSection(_Section):
     directory: str | None = Field(None, description="where checkpoints go; default RUN_DIR/checkpoints")
@@ -272,17 +276,18 @@ class JobSpec(_Section):
         cluster = info.data.get("cluster")
         if p == "auto" or cluster is None:
             return p
-        dp, tp, pp, cp, ep = (max(1, d) for d in (p.dp, p.tp, p.pp, p.cp, p.ep))
         cards = cluster.card_count
-        if dp * tp * pp * cp != cards:
-            raise ValueError(f"dp×tp×pp×cp = {dp}×{tp}×{pp}×{cp} = {dp * tp * pp * cp}, but the cluster has {cards} cards")
-        if (dp * cp) % ep:
-            raise ValueError(f"ep ({ep}) must divide dp×cp ({dp * cp}): experts borrow those ranks")
-        if (tp, pp, cp, ep) != (1, 1, 1, 1):
-            raise ValueError(
-                f"{{tp: {tp}, pp: {pp}, cp: {cp}, ep: {ep}}}: the worker runs data parallelism only in this "
-                "version (hyrun.runtime.parallel has the other dimensions; they are not wired in yet)"
-            )
+        given = {name: value for name, value in p.degrees().items() if value and name != "ep"}
+        product = 1
+        for value in given.values():
+            product *= value
+        shown = "×".join(f"{name}={value}" for name, value in given.items())
+        if len(given) == 4 and product != cards:
+            raise ValueError(f"{shown} = {product} ranks, but the cluster has {cards} cards")
+        if cards % product:
+            raise ValueError(f"{shown} = {product} does not divide the cluster's {cards} cards")
+        if p.ep and p.dp and (p.dp * max(1, p.cp)) % p.ep:
+            raise ValueError(f"ep ({p.ep}) must divide dp×cp ({p.dp * max(1, p.cp)}): experts borrow those ranks")
         return p
 
     @field_validator("training")

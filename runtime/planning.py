@@ -2,9 +2,9 @@
 plain types, and the search's plan back as the rank slots a generation runs. The planner itself is
 a pure library (`hyrun.planner`) and knows nothing of jobs or processes.
 
-What runs today: data parallelism, with the plan's uneven micro-batch split (cards of different
-speed get work in proportion) — `parallelism: auto` searches only data-parallel plans until the
-worker executes the other dimensions end to end.
+The worker runs every plan the search returns (`hyrun.runtime.parallel`): five degrees, uneven
+layer counts per pipeline stage, uneven micro-batch counts per data-parallel replica and the plan's
+expert placement.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 from hyrun.planner import (
     DATA_PARALLEL_ONLY,
     Cluster,
+    DegreeConstraints,
     ModelShape,
     Plan,
     SearchResult,
@@ -21,10 +22,11 @@ from hyrun.planner import (
     cluster_from_job,
     search,
 )
-from hyrun.runtime.coordinator.generation import RankSlot
+from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
 from hyrun.runtime.coordinator.policy import CardRef
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.parallel.layout import ParallelLayout
 
 
 def model_shape(config: ModelConfig, seq_len: int) -> ModelShape:
@@ -65,7 +67,9 @@ def plan_job(
     measured_speed: dict[CardRef, float] | None = None,
 ) -> SearchResult:
     """The planner's search for this job, without the excluded cards and with the speeds measured
-    for stragglers. Raises ValueError (with what is short) when no plan fits."""
+    for stragglers. Explicit degrees in the job constrain it (dp only while every card is usable:
+    after a loss the other degrees stay and dp shrinks to what is left). Raises ValueError (with
+    what is short) when no plan fits."""
     cluster, shape, training = planner_inputs(job)
     ids = card_ids(cluster)
     if measured_speed:
@@ -77,20 +81,30 @@ def plan_job(
         shape,
         training,
         excluded={ids[card] for card in excluded if card in ids},
-        constraints=DATA_PARALLEL_ONLY if data_parallel_only else None,
+        constraints=DATA_PARALLEL_ONLY if data_parallel_only else job_constraints(job, all_cards=not excluded),
     )
 
 
-def slots_from_plan(plan: Plan, cluster: Cluster, speeds: dict[CardRef, float]) -> tuple[RankSlot, ...]:
-    """A data-parallel plan as one rank per card, each with its replica's micro-batches."""
-    if plan.degrees.world_size != plan.degrees.dp:
-        raise ValueError(f"the worker runs data-parallel plans only; this one has degrees {plan.degrees}")
+def job_constraints(job: JobSpec, *, all_cards: bool = True) -> DegreeConstraints | None:
+    """The degrees a job file fixes (None for `parallelism: auto`)."""
+    if job.parallelism == "auto":
+        return None
+    degrees = job.parallelism.degrees()
+    if not all_cards:
+        degrees["dp"] = 0
+    return DegreeConstraints.fixed(**degrees)
+
+
+def rank_plan(plan: Plan, cluster: Cluster, speeds: dict[CardRef, float]) -> RankPlan:
+    """The plan as a generation runs it: a slot per rank (its card, speed and its replica's
+    micro-batches) and the layout every rank builds."""
+    layout = ParallelLayout.from_plan(plan)
     by_id = {card.global_id: card for card in cluster.cards}
     slots = []
     for rank, card_id in enumerate(plan.rank_to_card):
         card = by_id[card_id]
         ref = CardRef(card.node, card.local_index)
         slots.append(
-            RankSlot(rank, card.node, card.local_index, card.spec.name, speeds.get(ref, card.spec.speed), plan.micro_batches_per_replica[rank])
+            RankSlot(rank, card.node, card.local_index, card.spec.name, speeds.get(ref, card.spec.speed), layout.micro_batches(rank))
         )
-    return tuple(slots)
+    return RankPlan(tuple(slots), layout)

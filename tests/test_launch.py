@@ -48,7 +48,7 @@ def test_data_parallel_loss_equals_single_process(write_job, launched, tmp_path)
     # The same model on the same global batch, one process, all 4 micro-batches in turn.
     torch.set_num_threads(1)
     reference = Reporter(None)
-    train(parse_job(job), RankWork(micro_batches=4), reference)
+    train(parse_job(job), RankWork(), reference)
     for record in reference.history:
         assert losses[str(record.step)] == pytest.approx(record.loss, rel=1e-5, abs=1e-6), record.step
     assert losses["4"] < losses["1"]

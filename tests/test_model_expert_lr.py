@@ -94,8 +94,25 @@ def test_expert_adamw_equals_adamw_per_expert():
 def test_expert_adamw_rejects_a_scale_of_the_wrong_length():
     stacked = torch.nn.Parameter(torch.randn(3, 2))
     stacked.grad = torch.ones(3, 2)
-    with pytest.raises(ValueError, match="one scale per local expert"):
+    with pytest.raises(ValueError, match="one scale per expert"):
         ExpertAdamW([dict(params=[stacked], expert_lr_scale=torch.ones(4))]).step()
+
+
+def test_expert_adamw_on_a_slice_of_the_experts_equals_the_whole():
+    """Expert parallelism: a rank holding experts 1 and 3 of 4 steps them as the whole tensor would."""
+    torch.manual_seed(0)
+    whole = torch.nn.Parameter(torch.randn(4, 3))
+    part = torch.nn.Parameter(whole.detach()[[1, 3]].clone())
+    scales = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    full = ExpertAdamW([dict(params=[whole], expert_lr_scale=scales)], lr=1e-2, weight_decay=0.1)
+    sliced = ExpertAdamW([dict(params=[part], expert_lr_scale=scales)], lr=1e-2, weight_decay=0.1,
+                         expert_rows={part: (1, 3)})
+    for _ in range(3):
+        grad = torch.randn(4, 3)
+        whole.grad, part.grad = grad, grad[[1, 3]].clone()
+        full.step()
+        sliced.step()
+    torch.testing.assert_close(part.detach(), whole.detach()[[1, 3]], rtol=1e-6, atol=1e-7)
 
 
 def test_schedule_warmup_decay_and_final_anneal():

@@ -8,6 +8,7 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.generation import Generation, GenState, IllegalTransition, RankSlot
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
 from hyrun.runtime.coordinator.policy import CardRef
+from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.coordinator.orchestrator import JobRejected, JobState, Orchestrator, OrchestratorSettings, assign_ranks
 from hyrun.runtime.coordinator.store import MemoryStore
 from hyrun.runtime.jobfile import parse_job
@@ -131,7 +132,7 @@ def test_killed_worker_is_evicted_not_its_peers_and_the_job_continues_without_it
     new = orch.job.generation
     assert new.number == 2 and gen.state is GenState.FAILED
     assert ("node-b", 1) not in [(s.node, s.card_index) for s in new.ranks]
-    assert sum(s.micro_batches for s in new.ranks) == 4  # the whole global batch, on fewer cards
+    assert sum(new.layout.micro_batches_per_replica) == 4  # the whole global batch, on fewer cards
     assert [str(card) for card in orch.job.evicted] == ["node-b/card1"]
     assert "killed by SIGKILL" in orch.event().evictions[0]
     kinds = [(node, cmd.WhichOneof("body")) for node, cmd in sent]
@@ -196,13 +197,13 @@ def test_uneven_micro_batch_split_covers_the_global_batch():
         cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 1}]}]},
         training={"global_batch": 10, "micro_batch": 2},
     ))  # fmt: skip
-    slots = assign_ranks(spec, membership)
+    slots = assign_ranks(spec, membership).slots
     assert [s.micro_batches for s in slots] == [2, 2, 1]
     assert [(s.node, s.card_index) for s in slots] == [("node-a", 0), ("node-a", 1), ("node-b", 0)]
 
 
 def test_illegal_generation_transition_raises():
-    gen = Generation(1, (RankSlot(0, "n", 0, "cpu-sim", 1.0, 1),))
+    gen = Generation(1, (RankSlot(0, "n", 0, "cpu-sim", 1.0, 1),), ParallelLayout.data_parallel([1]))
     gen.transition(GenState.COMPLETED)
     with pytest.raises(IllegalTransition, match="COMPLETED -> RUNNING"):
         gen.transition(GenState.RUNNING)
@@ -318,12 +319,13 @@ def test_auto_parallelism_gives_faster_cards_more_micro_batches():
         cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2, "speed": 0.5}]}]},
         training={"global_batch": 16, "micro_batch": 2},
     ))  # fmt: skip
-    slots = plan_ranks(spec, membership)
+    slots = plan_ranks(spec, membership).slots
     by_card = {(s.node, s.card_index): s.micro_batches for s in slots}
-    assert sum(by_card.values()) == 8
+    assert sum(plan_ranks(spec, membership).layout.micro_batches_per_replica) == 8
     assert by_card[("node-a", 0)] > by_card[("node-b", 0)]
     without = plan_ranks(spec, membership, {CardRef("node-a", 0)})
-    assert ("node-a", 0) not in {(s.node, s.card_index) for s in without} and sum(s.micro_batches for s in without) == 8
+    assert ("node-a", 0) not in {(s.node, s.card_index) for s in without.slots}
+    assert sum(without.layout.micro_batches_per_replica) == 8
 
 
 def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(harness):

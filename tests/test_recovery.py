@@ -44,7 +44,7 @@ def test_killed_worker_is_evicted_and_the_resumed_run_matches_an_uninterrupted_o
     # training the same global batches: parameters, optimizer, expert LRs and data position came back.
     torch.set_num_threads(1)
     reference = Reporter(None)
-    train(parse_job(job_dict(training={"steps": 8})), RankWork(micro_batches=4), reference)
+    train(parse_job(job_dict(training={"steps": 8})), RankWork(), reference)
     for record in reference.history:
         assert summary["losses"][str(record.step)] == pytest.approx(record.loss, rel=1e-4), record.step
 

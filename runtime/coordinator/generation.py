@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from hyrun.runtime.parallel.layout import ParallelLayout
+
 
 class GenState(enum.Enum):
     STARTING = "STARTING"    # StartGeneration sent; waiting for every worker to report a step
@@ -40,10 +42,19 @@ class RankSlot:
     micro_batches: int
 
 
+@dataclass(frozen=True)
+class RankPlan:
+    """What a generation runs: one slot per rank, and the parallel layout every rank builds."""
+
+    slots: tuple[RankSlot, ...]
+    layout: ParallelLayout | None  # None only when there is nothing to run (no slot)
+
+
 @dataclass
 class Generation:
     number: int
     ranks: tuple[RankSlot, ...]
+    layout: ParallelLayout
     state: GenState = GenState.STARTING
     reason: str = ""
     # rank -> last step reported; rank -> exit code

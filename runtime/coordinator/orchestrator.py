@@ -12,6 +12,7 @@ ends the job with an error naming the node, the card and the reason.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
@@ -20,7 +21,8 @@ from datetime import datetime
 from typing import Callable
 
 from hyrun.proto import hyrun_pb2 as pb
-from hyrun.runtime.coordinator.generation import Generation, GenState, RankSlot
+from hyrun.runtime.coordinator.generation import Generation, GenState, RankPlan, RankSlot
+from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
 from hyrun.runtime.coordinator.policy import (
@@ -98,7 +100,7 @@ class JobRecord:
 
 def assign_ranks(
     spec: JobSpec, membership: Membership, excluded: frozenset[CardRef] | set[CardRef] = frozenset()
-) -> tuple[RankSlot, ...]:
+) -> RankPlan:
     """Plain data parallelism: one rank per usable card (live node, not evicted), nodes in job-file
     order, micro-batches split as evenly as whole numbers allow (the first ranks take the rest)."""
     cards = [
@@ -109,13 +111,14 @@ def assign_ranks(
         if CardRef(name, card.index) not in excluded
     ]
     if not cards:
-        return ()
+        return RankPlan((), None)
     total = spec.training.micro_batches_per_step
     base, extra = divmod(total, len(cards))
-    return tuple(
+    slots = tuple(
         RankSlot(rank, node, card.index, card.type, card.speed, base + (1 if rank < extra else 0))
         for rank, (node, card) in enumerate(cards)
     )
+    return RankPlan(slots, ParallelLayout.data_parallel([slot.micro_batches for slot in slots]))
 
 
 def plan_ranks(
@@ -123,24 +126,30 @@ def plan_ranks(
     membership: Membership,
     excluded: frozenset[CardRef] | set[CardRef] = frozenset(),
     measured_speed: dict[CardRef, float] | None = None,
-) -> tuple[RankSlot, ...]:
-    """The ranks of the next generation: the planner's data-parallel plan over the usable cards
-    (micro-batches in proportion to each card's capability), or an even split where the planner
-    finds no plan (it says why in the log)."""
+) -> RankPlan:
+    """The ranks of the next generation on the usable cards: the planner's plan (`parallelism: auto`:
+    any layout, each card's work in proportion to its capability; explicit degrees: those degrees,
+    with dp shrunk to the cards left after a loss), or, for `auto` where the planner finds none, an
+    even data-parallel split (it says why in the log). Raises ValueError when explicit degrees no
+    longer fit."""
     even = assign_ranks(spec, membership, excluded)
-    if not even or spec.parallelism != "auto":
+    if not even.slots:
         return even
-    from hyrun.runtime.planning import plan_job, planner_inputs, slots_from_plan
+    from hyrun.runtime.planning import plan_job, planner_inputs, rank_plan
 
-    usable = {CardRef(s.node, s.card_index) for s in even}
+    usable = {CardRef(s.node, s.card_index) for s in even.slots}
     cluster, _, _ = planner_inputs(spec)
     unusable = {CardRef(c.node, c.local_index) for c in cluster.cards} - usable
+    speeds = {CardRef(s.node, s.card_index): s.speed for s in even.slots}
     try:
-        plan = plan_job(spec, excluded=unusable, data_parallel_only=True, measured_speed=measured_speed).best
-        return slots_from_plan(plan, cluster, {CardRef(s.node, s.card_index): s.speed for s in even})
+        plan = plan_job(spec, excluded=unusable, measured_speed=measured_speed).best
     except (ValueError, KeyError) as error:
+        if spec.parallelism != "auto":
+            raise ValueError(f"the job's parallelism {spec.parallelism.degrees()} does not fit the "
+                             f"{len(usable)} usable cards: {error}") from None
         log.warning("planner found no plan (%s); splitting the batch evenly", error)
         return even
+    return rank_plan(plan, cluster, speeds)
 
 
 def describe_exit(slot: RankSlot, exit_msg: pb.WorkerExit) -> str:
@@ -439,13 +448,17 @@ class Orchestrator:
         if job.generations_started >= job.spec.fault_tolerance.max_generations:
             self._fail_job(f"{reason}; gave up after {job.generations_started} generations")
             return
-        slots = plan_ranks(job.spec, self.membership, set(job.evicted), job.measured_speed)
-        if not slots:
+        try:
+            ranks = plan_ranks(job.spec, self.membership, set(job.evicted), job.measured_speed)
+        except ValueError as error:
+            self._fail_job(f"{reason}; {error}")
+            return
+        if not ranks.slots:
             self._fail_job(f"{reason}; no usable card is left")
             return
         job.tallies.clear()
         self.health.new_generation()
-        self._start_generation(job, slots)
+        self._start_generation(job, ranks)
         self._publish()
 
     def _current_generation(self, number: int) -> Generation | None:
@@ -462,13 +475,19 @@ class Orchestrator:
         names = [n.name for n in job.spec.cluster.nodes]
         if not self.membership.alive(names):
             return
-        self._start_generation(job, plan_ranks(job.spec, self.membership))
+        try:
+            ranks = plan_ranks(job.spec, self.membership)
+        except ValueError as error:
+            self._fail_job(str(error))
+            return
+        self._start_generation(job, ranks)
 
-    def _start_generation(self, job: JobRecord, slots: tuple[RankSlot, ...]) -> None:
+    def _start_generation(self, job: JobRecord, plan: RankPlan) -> None:
         from hyrun.runtime.coordinator.rendezvous import GenerationStore
 
         job.generations_started += 1
-        gen = Generation(job.generations_started, slots)
+        slots, layout = plan.slots, plan.layout
+        gen = Generation(job.generations_started, slots, layout)
         job.generation = gen
         job.state = JobState.RUNNING
         self._generation_store = GenerationStore(
@@ -491,21 +510,24 @@ class Orchestrator:
                     card_index=s.card_index,
                     speed=s.speed,
                     micro_batches=s.micro_batches,
-                    micro_batch_offset=sum(other.micro_batches for other in slots[: s.rank]),
+                    micro_batch_offset=layout.micro_batch_offset(s.rank),
                     node=s.node,
                 )
                 for s in slots
                 if s.node == node
             ]
             start = pb.StartGeneration(
-                generation=gen.number, rendezvous=rendezvous, ranks=ranks, job_json=job_json, run_dir=job.run_dir
+                generation=gen.number, rendezvous=rendezvous, ranks=ranks, job_json=job_json, run_dir=job.run_dir,
+                layout_json=layout.to_json(),
             )
             self.send(node, pb.CoordinatorCommand(start=start))
         self.metrics.generation.set(gen.number)
-        log.info("generation %d started: %d ranks on %s", gen.number, gen.world_size, ", ".join(gen.nodes))
+        log.info("generation %d started: %d ranks on %s (%s)", gen.number, gen.world_size, ", ".join(gen.nodes),
+                 layout.describe())
         self.store.put(
             f"jobs/{job.job_id}/generations/{gen.number}",
-            {"ranks": [slot.__dict__ for slot in slots], "rendezvous_port": info.port},
+            {"ranks": [slot.__dict__ for slot in slots], "layout": json.loads(layout.to_json()),
+             "rendezvous_port": info.port},
         )
         self._save_job()
 
@@ -631,6 +653,8 @@ class Orchestrator:
                     compute_time_s=report.compute_time_s if report else 0.0,
                     step_time_s=report.step_time_s if report else 0.0,
                     step=report.step if report else 0,
+                    comm_wait_s=report.comm_wait_s if report else 0.0,
+                    bubble_s=report.bubble_s if report else 0.0,
                 )
             )  # fmt: skip
         return states

@@ -2,7 +2,7 @@
 learning rates and the LR schedule. Pure PyTorch; parallelism is applied from outside."""
 
 from .config import ModelConfig
-from .expert_lr import (ExpertLRConfig, ExpertLRController, build_param_groups, effective_expert_lrs,
+from .expert_lr import (ExpertLRConfig, ExpertLRController, build_param_groups, effective_expert_lrs, expert_rows,
                         lr_scale_from_share, token_share)
 from .experts import EXPERT_PATHS, GroupedExperts, SwiGLU, resolve_expert_path
 from .loss import lm_loss
@@ -15,6 +15,6 @@ __all__ = [
     "EXPERT_PATHS", "Block", "BlockOutput", "Dispatch", "ExpertAdamW", "ExpertLRConfig",
     "ExpertLRController", "GroupedExperts", "LRSchedule", "ModelConfig", "ModelOutput",
     "MoETransformer", "Router", "RouterStats", "SwiGLU", "build_param_groups", "capacity_per_expert",
-    "effective_expert_lrs", "lm_loss", "load_balancing_loss", "lr_at", "lr_scale_from_share",
+    "effective_expert_lrs", "expert_rows", "lm_loss", "load_balancing_loss", "lr_at", "lr_scale_from_share",
     "recycle_route", "resolve_expert_path", "token_share",
 ]

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .routing import RouterStats
 from .transformer import MoETransformer
@@ -66,12 +67,21 @@ def build_param_groups(model: MoETransformer, *, base_lr: float, weight_decay: f
         dict(params=no_decay, lr=base_lr, weight_decay=0.0, name="norms"),
     ]
     config = model.config
-    for layer, experts in enumerate(model.experts()):
-        uniform = torch.full((experts.num_experts,), config.top_k_in_layer(layer) / experts.num_experts)
+    for layer, experts in zip(model.layer_indices(), model.experts()):
+        # Scales are per global expert id, also where a rank holds some experts (see expert_rows).
+        num_experts = getattr(experts, "num_global_experts", experts.num_experts)
+        uniform = torch.full((num_experts,), config.top_k_in_layer(layer) / num_experts)
         groups.append(dict(params=list(experts.parameters()), lr=base_lr, weight_decay=weight_decay,
                            expert_lr_scale=lr_scale_from_share(uniform, expert_lr),
                            expert_layer=layer, name=f"blocks.{layer}.moe.experts"))
     return groups
+
+
+def expert_rows(model: nn.Module) -> dict[nn.Parameter, tuple[int, ...]]:
+    """The global expert id of each dim-0 row of every routed-expert parameter that holds only
+    some of its layer's experts (expert parallelism marks such modules with `local_experts`)."""
+    return {param: tuple(module.local_experts) for module in model.modules()
+            if getattr(module, "local_experts", None) is not None for param in module.parameters(recurse=False)}
 
 
 def effective_expert_lrs(group: dict) -> torch.Tensor:
@@ -95,10 +105,15 @@ class ExpertLRController:
         self._tokens_per_expert: dict[int, torch.Tensor] = {}
         self._num_tokens: dict[int, int] = {}
 
-    def observe(self, router_stats: Sequence[RouterStats]) -> None:
-        """Add one step's statistics (ModelOutput.router_stats; layer i is entry i)."""
-        for layer, stats in enumerate(router_stats):
+    def observe(self, router_stats: Sequence[RouterStats], layers: Sequence[int] | None = None) -> None:
+        """Add one forward's statistics (ModelOutput.router_stats). Entry i is layer `layers[i]`
+        (default i: the whole model; a pipeline stage passes its own layer indices)."""
+        for layer, stats in zip(layers if layers is not None else range(len(router_stats)), router_stats):
             counts = stats.tokens_per_expert.detach()
+            if counts.is_meta:
+                continue  # a pipeline schedule's shape inference, not training
+            if layer not in self._groups:
+                continue
             previous = self._tokens_per_expert.get(layer)
             self._tokens_per_expert[layer] = counts.clone() if previous is None else previous + counts
             self._num_tokens[layer] = self._num_tokens.get(layer, 0) + stats.num_tokens

@@ -5,11 +5,19 @@ A param group may carry `expert_lr_scale`, a [num_experts] tensor: expert e (row
 parameter in the group) then steps with lr × scale[e], both for the Adam update and for the decoupled
 weight decay. That is exactly AdamW run on each expert separately with its own LR. (Scaling gradients
 instead would not do: Adam divides the gradient's scale back out.)
+
+The update is elementwise, so it runs on each rank's local shard of a DTensor (FSDP, TP) as it is;
+the scale rows a shard needs are found from its offset, or, for a rank holding some of the experts
+(expert parallelism), from `expert_rows`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 class ExpertAdamW(torch.optim.Optimizer):
@@ -21,12 +29,18 @@ class ExpertAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.1) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.1,
+                 expert_rows: Mapping[torch.Tensor, Sequence[int]] | None = None) -> None:
+        """`expert_rows[param]`: the global expert id of each dim-0 row of a parameter that holds only
+        some of its layer's experts (`hyrun.runtime.model.expert_rows(model)`)."""
         if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
             raise ValueError(f"invalid AdamW settings lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}: need lr>=0, eps>0, 0<=beta<1, weight_decay>=0")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       expert_lr_scale=None))
+        # By identity, and outside the param groups: a checkpoint restores groups, and rows belong
+        # to this rank's layout, not to the saved one.
+        self._rows = {id(param): torch.tensor(list(rows), dtype=torch.long) for param, rows in (expert_rows or {}).items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -40,7 +54,6 @@ class ExpertAdamW(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                lr = self._lr_for(param, group["lr"], scale)
                 state = self.state[param]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -48,22 +61,34 @@ class ExpertAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
                 step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                param.mul_(1 - lr * group["weight_decay"])
-                exp_avg.lerp_(param.grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                value, grad, exp_avg, exp_avg_sq = (
+                    _local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
+                lr = group["lr"] if scale is None else self._expert_lrs(param, group["lr"], scale)
+                value.mul_(1 - lr * group["weight_decay"])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 bias_correction1 = 1 - beta1 ** step
                 bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-                param.sub_(lr / bias_correction1 * exp_avg / denom)
+                value.sub_(lr / bias_correction1 * exp_avg / denom)
         return loss
 
-    @staticmethod
-    def _lr_for(param: torch.Tensor, lr: float, scale: torch.Tensor | None):
-        """A float, or for expert groups a tensor broadcasting lr × scale[e] along dim 0."""
-        if scale is None:
-            return lr
-        if scale.shape != (param.shape[0],):
+    def _expert_lrs(self, param: torch.Tensor, lr: float, scale: torch.Tensor) -> torch.Tensor:
+        """lr × scale[e] for each dim-0 row of this rank's part of `param`, shaped to broadcast."""
+        rows = self._rows.get(id(param))
+        if rows is not None:
+            scale = scale[rows]
+        elif isinstance(param, DTensor):
+            local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                        param.placements)
+            scale = scale[offset[0]:offset[0] + local_shape[0]] if local_shape[0] else scale[:0]
+        local = _local(param)
+        if scale.shape != (local.shape[0],):
             raise ValueError(f"expert_lr_scale has shape {tuple(scale.shape)} but the parameter holds "
-                             f"{param.shape[0]} experts on dim 0; give one scale per local expert")
-        return (lr * scale.to(param.device, param.dtype)).view(-1, *([1] * (param.dim() - 1)))
+                             f"{local.shape[0]} experts on dim 0; give one scale per expert")
+        return (lr * scale.to(local.device, local.dtype)).view(-1, *([1] * (local.dim() - 1)))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard (a view: updating it updates the DTensor)."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor

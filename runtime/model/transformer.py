@@ -123,6 +123,10 @@ class MoETransformer(nn.Module):
         """Each layer's stacked routed experts (shard dim 0 for expert parallelism)."""
         return [block.moe.experts for block in self.blocks]
 
+    def layer_indices(self) -> list[int]:
+        """The model-wide index of each layer this module holds (all of them; a pipeline stage some)."""
+        return list(range(len(self.blocks)))
+
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Fully qualified module name → "colwise" | "rowwise" for every dense projection.
 

@@ -43,6 +43,25 @@ class ParallelModel:
         self.clock = StepClock(module, comm_timer, pipelined=dims.pp_enabled)
         self._schedules: dict[int, object] = {}
         self._ce: list[torch.Tensor] = []
+        # Local numerics: forwards of this rank that turned finite inputs into non-finite outputs —
+        # where a bad card shows itself before any collective spreads its NaNs to its peers.
+        self.nonfinite_origins = 0
+        self.corrupt = False  # fault injection: this rank's stage outputs become NaN
+        module.register_forward_hook(self._check_numerics)
+        self.pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
+
+    def _check_numerics(self, module, args, output) -> None:
+        hidden = output[0]
+        if self.corrupt:
+            poison = torch.zeros_like(hidden)
+            poison.view(-1)[0] = float("nan")
+            hidden = hidden + poison
+            output = (hidden, *output[1:])
+        inputs = args[0]
+        finite_in = not inputs.is_floating_point() or bool(torch.isfinite(inputs).all())
+        if finite_in and not bool(torch.isfinite(hidden).all()):
+            self.nonfinite_origins += 1
+        return output
 
     @property
     def replica(self) -> int:
@@ -60,6 +79,7 @@ class ParallelModel:
         scale = self.dims.dp / total
         self.clock.start()
         self._ce = []
+        self.nonfinite_origins = 0
         cp_rank, cp = self.mesh["cp"].get_local_rank(), self.dims.cp
         # (inputs, targets) of each micro-batch, cut to this rank's chunks of the sequence.
         pairs = [tuple(shard_sequence(part, cp_rank, cp) for part in (t[:, :-1], t[:, 1:]))

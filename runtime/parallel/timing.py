@@ -6,6 +6,10 @@ forward (the trainer loop's convention). Explicit collectives (expert all-to-all
 gathers) are timed where they are called. What is left of the step is communication wait without a
 pipeline (FSDP gathers and reduce-scatters), and bubble with one (fill, drain, waits on neighbours).
 Backward time includes the collectives autograd runs inside it: an upper bound on compute.
+
+A simulated card slower than this machine (`speed` < 1) sleeps after each forward for the extra
+time its whole forward + backward would take; that sleep counts as compute (it is what the slower
+card would spend computing).
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 _BACKWARD_PER_FORWARD = 2.0
+# A forward is about a third of a micro-batch's compute (the backward costs twice as much).
+FORWARD_SHARE_OF_COMPUTE = 1 / (1 + _BACKWARD_PER_FORWARD)
+
+
+def throttle(compute_s: float, speed: float) -> float:
+    """Sleeps so that work that took `compute_s` takes compute_s / speed; returns the time slept."""
+    if speed >= 1.0:
+        return 0.0
+    extra_s = compute_s * (1.0 / speed - 1.0)
+    time.sleep(extra_s)
+    return extra_s
 
 
 @dataclass(frozen=True)
@@ -50,19 +65,25 @@ class StepClock:
 
     def __init__(self, module: nn.Module, comm: CommTimer, *, pipelined: bool) -> None:
         self.comm, self.pipelined = comm, pipelined
+        self.speed = 1.0  # a simulated card's speed this step (see the module docstring)
         self._forward_s = 0.0
         self._forward_started = 0.0
+        self._forward_cpu_started = 0.0
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
         self.start()
 
     def _pre(self, module, args) -> None:
         self._forward_started = time.perf_counter()
+        self._forward_cpu_started = time.thread_time()
         self._comm_at_start = self.comm.total_s
 
     def _post(self, module, args, output) -> None:
         comm_inside = self.comm.total_s - self._comm_at_start
         self._forward_s += time.perf_counter() - self._forward_started - comm_inside
+        # CPU time, not wall: on a shared machine a descheduled rank must not slow itself further.
+        busy_s = (time.thread_time() - self._forward_cpu_started) / FORWARD_SHARE_OF_COMPUTE
+        self._slowdown_s += throttle(busy_s, self.speed)
 
     @contextlib.contextmanager
     def backward(self):
@@ -74,13 +95,14 @@ class StepClock:
     def start(self) -> None:
         self._backward_s: float | None = None
         self._forward_s = 0.0
+        self._slowdown_s = 0.0
         self.comm.total_s = 0.0
         self._step_started = time.perf_counter()
 
     def finish(self) -> StepTiming:
         step_s = time.perf_counter() - self._step_started
         backward_s = self._forward_s * _BACKWARD_PER_FORWARD if self._backward_s is None else self._backward_s
-        compute_s = min(step_s, self._forward_s + backward_s)
+        compute_s = min(step_s, self._forward_s + backward_s + self._slowdown_s)
         rest_s = max(0.0, step_s - compute_s - self.comm.total_s)
         if self.pipelined:
             return StepTiming(step_s, compute_s, self.comm.total_s, rest_s)

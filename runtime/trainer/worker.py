@@ -38,6 +38,7 @@ class WorkerSpec:
     job_path: str
     run_dir: str
     log_path: str
+    layout_json: str = ""  # the generation's ParallelLayout; empty: plain data parallelism
 
 
 def choose_backend(requested: str) -> str:
@@ -88,7 +89,7 @@ def build_checkpointer(job, spec: WorkerSpec):
     )
     return Checkpointer(
         settings, rank=spec.rank, world_size=spec.world_size, job_id=Path(spec.run_dir).name,
-        layout={"world_size": spec.world_size, "dp": spec.world_size},
+        layout={"world_size": spec.world_size, **(json.loads(spec.layout_json) if spec.layout_json else {})},
     )  # fmt: skip
 
 
@@ -151,6 +152,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from hyrun.runtime.jobfile import job_from_json
+    from hyrun.runtime.parallel.layout import ParallelLayout
     from hyrun.runtime.trainer.loop import DrainRequest, RankWork, train
     from hyrun.runtime.trainer.reporting import Reporter
 
@@ -160,15 +162,15 @@ def main() -> int:
     try:
         join_process_group(spec, job.runtime.rendezvous_timeout_s)
         logging.info(
-            "joined generation %d as rank %d of %d on %s card %d (pid %d)",
+            "joined generation %d as rank %d of %d on %s card %d (pid %d)%s",
             spec.generation, spec.rank, spec.world_size, spec.node, spec.card_index, os.getpid(),
+            f", layout {spec.layout_json}" if spec.layout_json else "",
         )  # fmt: skip
         work = RankWork(
             rank=spec.rank,
             world_size=spec.world_size,
             generation=spec.generation,
-            micro_batches=spec.micro_batches,
-            micro_batch_offset=spec.micro_batch_offset,
+            layout=ParallelLayout.from_json(spec.layout_json) if spec.layout_json else None,
             speed=spec.speed,
             node=spec.node,
             card_index=spec.card_index,
