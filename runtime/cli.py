@@ -61,6 +61,7 @@ def launch(
 
     try:
         job = load_job(job_file)
+        _check_explicit_degrees(job)
     except JobFileError as error:
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
@@ -101,10 +102,23 @@ def _print_summary(outcome) -> None:
 
 
 @app.command()
+def _check_explicit_degrees(job) -> None:
+    """Explicit degrees must give the planner a layout that fits, before any process starts."""
+    if job.parallelism == "auto":
+        return
+    from hyrun.runtime.planning import plan_job
+
+    try:
+        plan_job(job)
+    except ValueError as error:
+        given = ", ".join(f"{k}={v}" for k, v in job.parallelism.degrees().items() if v)
+        raise JobFileError(f"parallelism {{{given}}} does not fit this cluster and model: {error}") from None
+
+
 def plan(
     job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
     as_json: Annotated[bool, typer.Option("--json", help="print the plans as JSON")] = False,
-    data_parallel_only: Annotated[bool, typer.Option(help="search data-parallel plans only (what the worker runs today)")] = False,
+    data_parallel_only: Annotated[bool, typer.Option(help="search data-parallel plans only")] = False,
 ) -> None:
     """Print the plan the cost model picks for the job's cards, next to the naive uniform plan."""
     from hyrun.planner import format_comparison, result_to_json

@@ -24,6 +24,9 @@ TINY_JOB = {
         ]
     },
     "model": {"preset": "tiny"},
+    # Plain data parallelism (dp left to the planner): the fault tests are about faults; the 5D
+    # layouts have their own launches in test_parallel_launch.py.
+    "parallelism": {"tp": 1, "pp": 1, "cp": 1, "ep": 1},
     "training": {"steps": 4, "global_batch": 8, "micro_batch": 2, "seq_len": 16, "schedule": {"warmup_steps": 1}},
     "runtime": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0},
     # Four workers share two loaded cores here, so per-card speed is noisy: only the straggler

@@ -189,6 +189,9 @@ CASES = {
     "pp2_dp2_3_1": (4, {"dims": _dims(dp=2, pp=2), "layers_per_stage": [3, 1], "micro_batches": [2, 2],
                         "model": {"cla_share_every": 3}}),
     "cp2": (2, {"dims": _dims(cp=2)}),
+    # Sub-world groups: cp and ep over 2 of 4 ranks (torch.distributed.nn's all_gather backward fails there).
+    "cp2_dp2": (4, {"dims": _dims(dp=2, cp=2)}),
+    "ep2_dp4": (4, {"dims": _dims(dp=4, ep=2)}),
     "pp2_tp2": (4, {"dims": _dims(pp=2, tp=2), "micro_batches": [2]}),
 }
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from . import commit, resume
 from .group import PendingMax, RankGroup
@@ -24,6 +23,7 @@ from .resume import ResumeInfo
 from .rng import capture_rng_state
 from .settings import CheckpointSettings
 from .snapshot import SharedSnapshot, snapshot_path
+from .state import live_state
 from .staging import StagingCopy, staged_state_dict
 from .storage import CheckpointStorage, LocalDirectoryStorage, step_name
 from .writer import BackgroundWriter
@@ -287,8 +287,7 @@ class Checkpointer:
         return by_time or self._requested.is_set()
 
     def _stage(self, step, model, optimizer, extra_json, rng):
-        model_state, optim_state = get_state_dict(model, optimizer)
-        live = {"model": model_state, "optim": optim_state}
+        live = live_state(model, optimizer).saved
         tensors, others = flatten_state(live)
         layout = plan_layout(tensors)
         sources = [local_part(tensor) for _, tensor in tensors]
@@ -343,8 +342,7 @@ class Checkpointer:
     def _persist_snapshot_in_ram(self, info: ResumeInfo, model, optimizer) -> None:
         snapshot = SharedSnapshot.open_existing(self._snapshot_file)
         meta = snapshot.read_meta()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        live = {"model": model_state, "optim": optim_state}
+        live = live_state(model, optimizer).saved
         tensors, _ = flatten_state(live)
         layout = plan_layout(tensors)
         views = snapshot.views(layout)

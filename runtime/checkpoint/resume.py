@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 from .commit import IO_FAILURES, describe_error
 from .group import RankGroup
@@ -21,6 +20,7 @@ from .layout import fingerprint_of, flatten_state, local_part, plan_layout, rebu
 from .manifest import Manifest
 from .rng import restore_rng_state
 from .snapshot import COMMITTED, SharedSnapshot
+from .state import apply_state, live_state, saved_model_state
 from .storage import CheckpointStorage, step_name
 from .verify import find_damage
 
@@ -52,7 +52,7 @@ class _Loaded:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Fingerprint of the model's local shards; read before the optimizer is touched, because
     building an optimizer state dict initializes a fresh optimizer's state."""
-    tensors, _ = flatten_state({"model": get_model_state_dict(model)})
+    tensors, _ = flatten_state(saved_model_state(model))
     return fingerprint_of(tensors)
 
 
@@ -164,16 +164,15 @@ def _try_load(
 
 def _load_from_disk(step, model, optimizer, storage, group) -> _Loaded:
     manifest = Manifest.from_json(storage.read_manifest(step))
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    live = live_state(model, optimizer)
     # DCP reads each rank's slices of every tensor, whatever mesh wrote them: this is the resharding.
     dcp.load(
-        state,
+        live.saved,
         storage_reader=storage.dcp_reader(step),
         process_group=group.process_group,
         no_dist=not group.distributed,
     )
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    apply_state(model, optimizer, live)
     return _Loaded(manifest.extra, manifest.rng_by_rank)
 
 
@@ -183,19 +182,18 @@ def _load_from_snapshot(step, model, optimizer, snapshot_file) -> _Loaded:
         raise FileNotFoundError(snapshot_file)
     try:
         meta = snapshot.read_meta()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        live = {"model": model_state, "optim": optim_state}
-        tensors, _ = flatten_state(live)
+        live = live_state(model, optimizer)
+        tensors, _ = flatten_state(live.saved)
         layout = plan_layout(tensors)
         if layout.fingerprint != meta["fingerprint"] or snapshot.header().step != step:
             raise ValueError("snapshot does not match this model and optimizer")
         for (_, tensor), view in zip(tensors, snapshot.views(layout), strict=True):
             local_part(tensor).copy_(view)
         others = meta["others"]
-        state = rebuild_state(
-            live, lambda path, leaf: leaf if isinstance(leaf, torch.Tensor) else others[path]
+        live.saved = rebuild_state(
+            live.saved, lambda path, leaf: leaf if isinstance(leaf, torch.Tensor) else others[path]
         )
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        apply_state(model, optimizer, live)
         return _Loaded(meta["extra"], {meta["rank"]: meta["rng"]})
     finally:
         snapshot.close()

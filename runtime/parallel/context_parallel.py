@@ -31,15 +31,36 @@ def apply_context_parallel(model: StageTransformer, cp_group: dist.ProcessGroup,
         block.moe.router.cp_group = cp_group
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather with a backward that sums each part's gradient over the ranks that used it.
+
+    Written here because torch.distributed.nn's all_gather backward (an all-to-all built from
+    scatters) names group ranks as global ranks and fails on any group that is not the world
+    (e.g. cp = 2 inside dp = 2): torch 2.13, gloo.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup):
+        ctx.group = group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = torch.stack([g if g is not None else torch.zeros_like(grads[0]) for g in grads]).contiguous()
+        dist.all_reduce(stacked, group=ctx.group)
+        return stacked[dist.get_rank(ctx.group)], None
+
+
 def _gather_sequence(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, h, local_seq, d] from every cp rank → [b, h, seq, d] in sequence order."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    parts = dist_nn.all_gather(t.contiguous(), group=group)
+    size = dist.get_world_size(group)
+    parts = _AllGather.apply(t.contiguous(), group)
     chunks: list[torch.Tensor | None] = [None] * (2 * size)
     for r, part in enumerate(parts):
         first, second = part.chunk(2, dim=2)
         chunks[r], chunks[2 * size - 1 - r] = first, second
-    del rank
     return torch.cat(chunks, dim=2)
 
 
