@@ -20,6 +20,10 @@ class CoordinatorMetrics:
         self.rank_step_time_seconds = Gauge(
             "hyrun_rank_step_time_seconds", "Last step time per rank", ["rank", "node"], registry=r
         )
+        self.rank_time_seconds = Gauge(
+            "hyrun_rank_time_seconds", "Where a rank's last step went: compute, comm_wait or bubble",
+            ["rank", "node", "part"], registry=r,
+        )
         self.heartbeats_total = Counter("hyrun_heartbeats_total", "Agent heartbeats received", registry=r)
         self.worker_exits_total = Counter(
             "hyrun_worker_exits_total", "Worker exits by outcome", ["outcome"], registry=r

@@ -232,6 +232,8 @@ class Orchestrator:
         gen.last_progress_s = now_s
         gen.last_report[report.rank] = report
         self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
+        for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
+            self.metrics.rank_time_seconds.labels(rank=str(report.rank), node=node, part=part).set(seconds)
         if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             gen.transition(GenState.RUNNING)
