@@ -32,6 +32,9 @@ class CardSpec:
     intra_node_bandwidth_bytes_per_s: float
     inter_node_bandwidth_bytes_per_s: float
     speed: float = 1.0
+    # Fixed cost of one collective whatever its size (launch, synchronisation, a network round trip):
+    # what makes many small messages (tp, cp, ep inside every layer) dearer than their bytes say.
+    collective_latency_s: float = 20e-6
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -41,6 +44,9 @@ class CardSpec:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"card {self.name!r}: {field}={value!r} must be a finite number > 0")
+        if not (isinstance(self.collective_latency_s, (int, float)) and math.isfinite(self.collective_latency_s)
+                and self.collective_latency_s >= 0):
+            raise ValueError(f"card {self.name!r}: collective_latency_s={self.collective_latency_s!r} must be >= 0")
         if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
             raise ValueError(f"card {self.name!r}: memory_bytes={self.memory_bytes!r} must be a positive int")
 
@@ -61,6 +67,10 @@ CPU_SIM_MEMORY_BYTES = 16 * GIB
 CPU_SIM_MEMORY_BANDWIDTH_BYTES_PER_S = 20 * GB_PER_S
 CPU_SIM_INTRA_NODE_BANDWIDTH_BYTES_PER_S = 2 * GB_PER_S
 CPU_SIM_INTER_NODE_BANDWIDTH_BYTES_PER_S = 1 * GB_PER_S
+# Measured, not assumed (`python benchmarks/layouts.py`): the step time tp, cp and ep layouts add over
+# dp=4, divided by the collectives they add, is 3-10 ms per collective on the CPU testbed (gloo on
+# loopback plus DTensor dispatch, four workers sharing two cores). GPUs with NCCL: ~20 us (default).
+CPU_SIM_COLLECTIVE_LATENCY_S = 3e-3
 
 CARD_CATALOGUE: Mapping[str, CardSpec] = {spec.name: spec for spec in (
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4): BF16 312 TFLOPS dense (624 with sparsity),
@@ -90,7 +100,8 @@ CARD_CATALOGUE: Mapping[str, CardSpec] = {spec.name: spec for spec in (
     # 200 Gb/s RoCE per NPU.
     _nvidia("Ascend-910B", 313, 64, 1600, 196, 25),
     CardSpec("cpu-sim", CPU_SIM_PEAK_TFLOPS, CPU_SIM_MEMORY_BYTES, CPU_SIM_MEMORY_BANDWIDTH_BYTES_PER_S,
-             CPU_SIM_INTRA_NODE_BANDWIDTH_BYTES_PER_S, CPU_SIM_INTER_NODE_BANDWIDTH_BYTES_PER_S),
+             CPU_SIM_INTRA_NODE_BANDWIDTH_BYTES_PER_S, CPU_SIM_INTER_NODE_BANDWIDTH_BYTES_PER_S,
+             collective_latency_s=CPU_SIM_COLLECTIVE_LATENCY_S),
 )}
 
 

@@ -24,6 +24,9 @@ USABLE_MEMORY_FRACTION = 0.9
 TP_COLLECTIVES_PER_LAYER = 4
 # Dispatch and combine in forward, their mirror images in backward.
 ALL_TO_ALLS_PER_MOE_LAYER = 4
+# What a layer's context-parallel attention waits on: K and V gathered in forward, their gradients
+# reduced in backward.
+CP_COLLECTIVES_PER_LAYER = 4
 
 
 def compute_time_s(flops, flops_per_s, bytes_moved=0.0, memory_bandwidth_bytes_per_s=np.inf):
@@ -60,12 +63,12 @@ ring_all_gather_time_s = ring_reduce_scatter_time_s
 
 
 def tp_collective_time_s(tokens, hidden_size, activation_bytes, tp, bandwidth_bytes_per_s, num_layers,
-                         recompute):
+                         recompute, latency_s=0.0):
     """Tensor-parallel all-reduces of the layer outputs for one micro-batch over `num_layers` layers;
-    recomputation replays the two forward ones."""
+    recomputation replays the two forward ones. Each costs its bytes plus a fixed `latency_s`."""
     per_layer = TP_COLLECTIVES_PER_LAYER + (2 if recompute else 0)
     message = tokens * hidden_size * activation_bytes
-    return num_layers * per_layer * ring_all_reduce_time_s(message, tp, bandwidth_bytes_per_s)
+    return num_layers * per_layer * (ring_all_reduce_time_s(message, tp, bandwidth_bytes_per_s) + latency_s)
 
 
 def cp_ring_exchange_time_s(tokens_per_rank, kv_bytes_per_token, cp, bandwidth_bytes_per_s, num_layers,
@@ -78,20 +81,26 @@ def cp_ring_exchange_time_s(tokens_per_rank, kv_bytes_per_token, cp, bandwidth_b
     return num_layers * passes * hops * chunk / bandwidth_bytes_per_s
 
 
+def collectives_latency_time_s(collectives, latency_s):
+    """The fixed part of `collectives` collectives: not hidden behind compute (each waits on its peers)."""
+    return collectives * latency_s
+
+
 def exposed_time_s(communication_s, overlapping_compute_s):
     """What of a transfer is left on the critical path after hiding it behind independent compute."""
     return np.maximum(communication_s - overlapping_compute_s, 0.0)
 
 
 def expert_all_to_all_time_s(tokens, top_k_total, hidden_size, activation_bytes, ep, bandwidth_bytes_per_s,
-                             recompute):
+                             recompute, moe_layers=0.0, latency_s=0.0):
     """Token dispatch and combine over `ep` ranks. `top_k_total` sums top_k over the MoE layers in
     question: each routed copy of a token is one hidden vector, and (ep-1)/ep of the copies leave the
     rank when routing is balanced."""
     ep = np.asarray(ep, dtype=np.float64)
     per_layer = ALL_TO_ALLS_PER_MOE_LAYER + (2 if recompute else 0)
     leaving = (ep - 1) / np.maximum(ep, 1)
-    return per_layer * tokens * top_k_total * hidden_size * activation_bytes * leaving / bandwidth_bytes_per_s
+    volume_s = per_layer * tokens * top_k_total * hidden_size * activation_bytes * leaving / bandwidth_bytes_per_s
+    return volume_s + np.where(ep > 1, per_layer * moe_layers * latency_s, 0.0)
 
 
 def pipeline_p2p_time_s(tokens, hidden_size, activation_bytes, tp, bandwidth_bytes_per_s, messages):

@@ -77,6 +77,7 @@ class GridContext:
     intra_bandwidth: np.ndarray  # (pp, G)
     all_to_all_bandwidth: np.ndarray  # (pp, G)
     p2p_time: np.ndarray  # (pp, G) activation + gradient sends per micro-batch
+    latency: np.ndarray  # (pp, G) fixed cost of one collective: the slowest member of the replica group
     dp_bandwidth: np.ndarray  # (pp,) ring over a stage's replicas
     row_capacity: np.ndarray  # (pp,) usable bytes of the smallest card in each stage
 
@@ -107,8 +108,14 @@ def grid_context(tables: ModelTables, degrees: Degrees, table: BlockTable, grid:
     infinite = np.full((1, dp), np.inf)
     tokens = tables.training.micro_batch_size * tables.shape.seq_len / degrees.cp
     sizes = (tokens, tables.shape.hidden_size, tables.training.precision.activation_bytes, degrees.tp)
+    latency = table.collective_latency[grid]  # (pp, dp)
+    neighbours = np.zeros((pp, 1))
+    neighbours[:-1] += 1
+    neighbours[1:] += 1
+    # Each stage sends one message to each neighbour per micro-batch (activations or their gradients).
     p2p = (cost.pipeline_p2p_time_s(*sizes, np.concatenate([link, infinite]), 1)
-           + cost.pipeline_p2p_time_s(*sizes, np.concatenate([infinite, link]), 1))
+           + cost.pipeline_p2p_time_s(*sizes, np.concatenate([infinite, link]), 1)
+           + cost.collectives_latency_time_s(neighbours, latency))
     row_same_node = (nodes == nodes[:, :1]).all(axis=1)
     return GridContext(
         tables=tables, degrees=degrees, table=table, grid=grid, experts_per_position=experts_per_position,
@@ -117,6 +124,7 @@ def grid_context(tables: ModelTables, degrees: Degrees, table: BlockTable, grid:
         memory_bandwidth=group_min(table.memory_bandwidth[grid]), intra_bandwidth=group_min(intra),
         all_to_all_bandwidth=all_to_all,
         p2p_time=p2p.reshape(pp, groups, g).max(axis=2),
+        latency=latency.reshape(pp, groups, g).max(axis=2),
         dp_bandwidth=np.where(row_same_node, intra.min(axis=1), inter.min(axis=1)),
         row_capacity=cost.usable_memory_bytes(table.memory_bytes[grid].min(axis=1)))
 
@@ -177,16 +185,18 @@ def _stage_costs(ctx: GridContext, splits: np.ndarray) -> dict:
     layers = sums["layers"][..., None]
     zero = np.zeros_like(parts["compute"])
     parts["tp_comm"] = (cost.tp_collective_time_s(tokens, hidden, act_bytes, tp, ctx.intra_bandwidth, layers,
-                                                  recompute) if tp > 1 else zero)
+                                                  recompute, ctx.latency) if tp > 1 else zero)
     if cp > 1:
         ring = cost.cp_ring_exchange_time_s(tokens, kv_bytes_per_token(shape, act_bytes), cp, ctx.intra_bandwidth,
                                             layers, recompute)
         scores = (tokens * mult * sums["score_flops"] / tp)[..., None] / ctx.slowest_flops
-        parts["cp_comm"] = cost.exposed_time_s(ring, scores)
+        parts["cp_comm"] = (cost.exposed_time_s(ring, scores)
+                            + cost.collectives_latency_time_s(layers * cost.CP_COLLECTIVES_PER_LAYER, ctx.latency))
     else:
         parts["cp_comm"] = zero
     parts["expert_all_to_all"] = (cost.expert_all_to_all_time_s(
-        tokens / tp, sums["top_k"][..., None], hidden, act_bytes, ep, ctx.all_to_all_bandwidth, recompute)
+        tokens / tp, sums["top_k"][..., None], hidden, act_bytes, ep, ctx.all_to_all_bandwidth, recompute,
+        sums["kind_layers"].sum(-1)[..., None], ctx.latency)
         if ep > 1 else zero)
     parts["pipeline_p2p"] = np.broadcast_to(ctx.p2p_time, zero.shape)
 

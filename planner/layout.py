@@ -28,6 +28,7 @@ class Block:
     memory_bandwidth_bytes_per_s: float
     intra_node_bandwidth_bytes_per_s: float
     inter_node_bandwidth_bytes_per_s: float
+    collective_latency_s: float  # the largest member's
 
 
 def card_flops_per_s(card: Card) -> float:
@@ -43,7 +44,8 @@ def make_block(cards: list[Card]) -> Block:
         memory_bytes=min(s.memory_bytes for s in specs),
         memory_bandwidth_bytes_per_s=min(s.memory_bandwidth_bytes_per_s * s.speed for s in specs),
         intra_node_bandwidth_bytes_per_s=min(s.intra_node_bandwidth_bytes_per_s for s in specs),
-        inter_node_bandwidth_bytes_per_s=min(s.inter_node_bandwidth_bytes_per_s for s in specs))
+        inter_node_bandwidth_bytes_per_s=min(s.inter_node_bandwidth_bytes_per_s for s in specs),
+        collective_latency_s=max(s.collective_latency_s for s in specs))
 
 
 def form_blocks(cluster: Cluster, block_size: int) -> list[Block]:
@@ -87,6 +89,7 @@ class BlockTable:
     intra_bandwidth: np.ndarray
     inter_bandwidth: np.ndarray
     node_index: np.ndarray
+    collective_latency: np.ndarray
     by_speed: np.ndarray  # block indices, fastest first, then more memory, then node, then first card
     by_memory: np.ndarray  # most memory first, then fastest, then node, then first card
     speed_rank: np.ndarray  # position of each block in by_speed
@@ -107,7 +110,7 @@ class BlockTable:
                    np.array([b.memory_bandwidth_bytes_per_s for b in blocks]),
                    np.array([b.intra_node_bandwidth_bytes_per_s for b in blocks]),
                    np.array([b.inter_node_bandwidth_bytes_per_s for b in blocks]),
-                   node_index, by_speed, by_memory, speed_rank)
+                   node_index, np.array([b.collective_latency_s for b in blocks]), by_speed, by_memory, speed_rank)
 
 
 def speed_order(table: BlockTable, indices) -> list[int]:

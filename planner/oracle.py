@@ -28,7 +28,8 @@ from .training import TrainingConfig
 
 def _block_classes(table: BlockTable) -> list[int]:
     keys = [(b.node, b.spec_name, b.flops_per_s, b.memory_bytes, b.memory_bandwidth_bytes_per_s,
-             b.intra_node_bandwidth_bytes_per_s, b.inter_node_bandwidth_bytes_per_s) for b in table.blocks]
+             b.intra_node_bandwidth_bytes_per_s, b.inter_node_bandwidth_bytes_per_s, b.collective_latency_s)
+            for b in table.blocks]
     index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     return [index[key] for key in keys]
 

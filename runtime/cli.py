@@ -101,7 +101,6 @@ def _print_summary(outcome) -> None:
     console.print("\n".join(lines), highlight=False)
 
 
-@app.command()
 def _check_explicit_degrees(job) -> None:
     """Explicit degrees must give the planner a layout that fits, before any process starts."""
     if job.parallelism == "auto":
@@ -115,6 +114,7 @@ def _check_explicit_degrees(job) -> None:
         raise JobFileError(f"parallelism {{{given}}} does not fit this cluster and model: {error}") from None
 
 
+@app.command()
 def plan(
     job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
     as_json: Annotated[bool, typer.Option("--json", help="print the plans as JSON")] = False,

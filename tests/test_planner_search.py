@@ -164,3 +164,28 @@ def test_batched_evaluation_agrees_with_single_evaluation():
                 single = evaluate(ctx, split)
                 assert single.step_time_s == pytest.approx(time_s, rel=1e-9) and single.feasible == fits
                 assert np.all(single.micro_batches_per_group >= 1)
+
+
+def test_collective_latency_decides_between_layouts_that_talk_inside_each_layer_and_data_parallelism():
+    """On the CPU testbed a collective costs milliseconds (measured by benchmarks/layouts.py), so the
+    search keeps to data parallelism; with GPU-class latency the same cluster would use ep."""
+    training = TrainingConfig(micro_batch_size=2, global_batch_sequences=8)
+    shape = dataclasses.replace(tiny_shape(), seq_len=16)  # short sequences: expert compute dominates
+
+    def best(latency_s: float) -> Degrees:
+        spec = dataclasses.replace(card_spec("cpu-sim"), collective_latency_s=latency_s)
+        return search(Cluster.from_nodes({n: [spec, spec] for n in ("n0", "n1")}), shape, training).best.degrees
+
+    assert best(card_spec("cpu-sim").collective_latency_s) == Degrees(dp=4)
+    assert best(0.0).ep > 1
+
+
+def test_every_collective_pays_its_latency():
+    from hyrun.planner import cost
+
+    no_latency = cost.tp_collective_time_s(1024, 512, 2, 2, 1e9, 4, False)
+    assert cost.tp_collective_time_s(1024, 512, 2, 2, 1e9, 4, False, 1e-3) == pytest.approx(
+        no_latency + 4 * cost.TP_COLLECTIVES_PER_LAYER * 1e-3)
+    a2a = lambda latency: cost.expert_all_to_all_time_s(1024, 2, 512, 2, 4, 1e9, False, 4, latency)  # noqa: E731
+    assert a2a(1e-3) == pytest.approx(a2a(0.0) + 4 * cost.ALL_TO_ALLS_PER_MOE_LAYER * 1e-3)
+    assert cost.expert_all_to_all_time_s(1024, 2, 512, 2, 1, 1e9, False, 4, 1e-3) == 0.0  # no ep, no messages
