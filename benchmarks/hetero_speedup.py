@@ -1,7 +1,8 @@
 """Mixed cards: the planner's plan vs the naive uniform plan, measured on this machine in one run.
 
 A 4-card simulated cluster (two cards at speed 1.0, two at 0.4) trains the same job twice: once
-with the global batch split evenly (what a homogeneous framework does: `parallelism: {dp: 4}`), once
+with the global batch split evenly (what a homogeneous framework does: `parallelism: {dp: 4, split:
+even}`), once
 with `parallelism: auto`, where the planner gives each card micro-batches in proportion to what it
 can do. Then the planner is calibrated on the naive run alone (each card's speed from its measured
 busy compute, and the per-step time the cost model does not see: data, Python, all-reduce latency),
@@ -98,7 +99,7 @@ def main() -> int:
 
     naive_runs, planned_runs = [], []
     with tempfile.TemporaryDirectory(prefix="hyrun-hetero-") as tmp:
-        naive_job = job_dict(Path(tmp), args, {"dp": 4})
+        naive_job = job_dict(Path(tmp), args, {"dp": 4, "tp": 1, "pp": 1, "cp": 1, "ep": 1, "split": "even"})
         planned_job = job_dict(Path(tmp), args, "auto")
         # Alternate the two so that load from anything else on the machine falls on both alike.
         for round_number in range(1, args.rounds + 1):

@@ -105,10 +105,10 @@ def _check_explicit_degrees(job) -> None:
     """Explicit degrees must give the planner a layout that fits, before any process starts."""
     if job.parallelism == "auto":
         return
-    from hyrun.runtime.planning import plan_job
+    from hyrun.runtime.planning import plan_for_run
 
     try:
-        plan_job(job)
+        plan_for_run(job)
     except ValueError as error:
         given = ", ".join(f"{k}={v}" for k, v in job.parallelism.degrees().items() if v)
         raise JobFileError(f"parallelism {{{given}}} does not fit this cluster and model: {error}") from None

@@ -146,6 +146,11 @@ class ParallelismSection(_Section):
     pp: int = Field(0, ge=0)
     cp: int = Field(0, ge=0)
     ep: int = Field(0, ge=0)
+    split: Literal["planned", "even"] = Field(
+        "planned",
+        description="planned: micro-batches, layers and experts in proportion to each card's capability; "
+        "even: the same for every card, as a framework that assumes identical cards does (a baseline)",
+    )
 
     def degrees(self) -> dict[str, int]:
         """Each degree, 0 meaning "the planner chooses" (a degree left out of the file)."""

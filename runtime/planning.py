@@ -15,6 +15,7 @@ from hyrun.planner import (
     DATA_PARALLEL_ONLY,
     Cluster,
     DegreeConstraints,
+    naive_plan,
     ModelShape,
     Plan,
     SearchResult,
@@ -83,6 +84,25 @@ def plan_job(
         excluded={ids[card] for card in excluded if card in ids},
         constraints=DATA_PARALLEL_ONLY if data_parallel_only else job_constraints(job, all_cards=not excluded),
     )
+
+
+def plan_for_run(
+    job: JobSpec,
+    *,
+    excluded: set[CardRef] | frozenset[CardRef] = frozenset(),
+    measured_speed: dict[CardRef, float] | None = None,
+) -> Plan:
+    """The plan a generation runs: the search's best, or with `parallelism.split: even` the uniform
+    plan of the job's degrees. Raises ValueError (with what is short) when none fits."""
+    if job.parallelism == "auto" or job.parallelism.split == "planned":
+        return plan_job(job, excluded=excluded, measured_speed=measured_speed).best
+    cluster, shape, training = planner_inputs(job)
+    ids = card_ids(cluster)
+    plan = naive_plan(cluster, shape, training, excluded={ids[card] for card in excluded if card in ids},
+                      constraints=job_constraints(job, all_cards=not excluded))
+    if plan is None:
+        raise ValueError("no even layout of these degrees fits the cards")
+    return plan
 
 
 def job_constraints(job: JobSpec, *, all_cards: bool = True) -> DegreeConstraints | None:

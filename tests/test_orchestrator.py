@@ -328,6 +328,20 @@ def test_auto_parallelism_gives_faster_cards_more_micro_batches():
     assert sum(without.layout.micro_batches_per_replica) == 8
 
 
+def test_an_even_split_ignores_card_speed():
+    from hyrun.runtime.coordinator.orchestrator import plan_ranks
+
+    membership = Membership(2.0)
+    membership.register(_node("node-a", 2, speed=1.0))
+    membership.register(_node("node-b", 2, speed=0.5))
+    spec = parse_job(job_dict(
+        cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2, "speed": 0.5}]}]},
+        training={"global_batch": 16, "micro_batch": 2},
+        parallelism={"dp": 4, "split": "even"},
+    ))  # fmt: skip
+    assert plan_ranks(spec, membership).layout.micro_batches_per_replica == (2, 2, 2, 2)
+
+
 def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(harness):
     orch, _, sent, _ = harness
     gen = _start(harness, training={"global_batch": 16, "micro_batch": 2}, health={"straggler_ratio": 1.5, "straggler_drain_ratio": 4.0})

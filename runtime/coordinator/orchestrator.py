@@ -135,14 +135,14 @@ def plan_ranks(
     even = assign_ranks(spec, membership, excluded)
     if not even.slots:
         return even
-    from hyrun.runtime.planning import plan_job, planner_inputs, rank_plan
+    from hyrun.runtime.planning import plan_for_run, planner_inputs, rank_plan
 
     usable = {CardRef(s.node, s.card_index) for s in even.slots}
     cluster, _, _ = planner_inputs(spec)
     unusable = {CardRef(c.node, c.local_index) for c in cluster.cards} - usable
     speeds = {CardRef(s.node, s.card_index): s.speed for s in even.slots}
     try:
-        plan = plan_job(spec, excluded=unusable, measured_speed=measured_speed).best
+        plan = plan_for_run(spec, excluded=unusable, measured_speed=measured_speed)
     except (ValueError, KeyError) as error:
         if spec.parallelism != "auto":
             raise ValueError(f"the job's parallelism {spec.parallelism.degrees()} does not fit the "
