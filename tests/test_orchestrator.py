@@ -309,19 +309,25 @@ def test_operator_drain_of_a_node(harness):
     assert all("night is over" in e for e in orch.event().evictions)
 
 
-def test_auto_parallelism_gives_faster_cards_more_micro_batches():
-    from hyrun.runtime.coordinator.orchestrator import plan_ranks
-
+def _half_speed_node_b(**job):
+    """Membership and job of node-a (2 cards at 1.0) and node-b (2 at 0.5), 8 micro-batches a step."""
     membership = Membership(2.0)
     membership.register(_node("node-a", 2, speed=1.0))
     membership.register(_node("node-b", 2, speed=0.5))
     spec = parse_job(job_dict(
         cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2, "speed": 0.5}]}]},
-        training={"global_batch": 16, "micro_batch": 2},
+        training={"global_batch": 16, "micro_batch": 2}, **job,
     ))  # fmt: skip
-    slots = plan_ranks(spec, membership).slots
-    by_card = {(s.node, s.card_index): s.micro_batches for s in slots}
-    assert sum(plan_ranks(spec, membership).layout.micro_batches_per_replica) == 8
+    return membership, spec
+
+
+def test_auto_parallelism_gives_faster_cards_more_micro_batches():
+    from hyrun.runtime.coordinator.orchestrator import plan_ranks
+
+    membership, spec = _half_speed_node_b(parallelism="auto")
+    planned = plan_ranks(spec, membership)
+    by_card = {(s.node, s.card_index): s.micro_batches for s in planned.slots}
+    assert sum(planned.layout.micro_batches_per_replica) == 8
     assert by_card[("node-a", 0)] > by_card[("node-b", 0)]
     without = plan_ranks(spec, membership, {CardRef("node-a", 0)})
     assert ("node-a", 0) not in {(s.node, s.card_index) for s in without.slots}
@@ -331,14 +337,7 @@ def test_auto_parallelism_gives_faster_cards_more_micro_batches():
 def test_an_even_split_ignores_card_speed():
     from hyrun.runtime.coordinator.orchestrator import plan_ranks
 
-    membership = Membership(2.0)
-    membership.register(_node("node-a", 2, speed=1.0))
-    membership.register(_node("node-b", 2, speed=0.5))
-    spec = parse_job(job_dict(
-        cluster={"nodes": [{"name": "node-a", "cards": [{"count": 2}]}, {"name": "node-b", "cards": [{"count": 2, "speed": 0.5}]}]},
-        training={"global_batch": 16, "micro_batch": 2},
-        parallelism={"dp": 4, "split": "even"},
-    ))  # fmt: skip
+    membership, spec = _half_speed_node_b(parallelism={"dp": 4, "split": "even"})
     assert plan_ranks(spec, membership).layout.micro_batches_per_replica == (2, 2, 2, 2)
 
 
