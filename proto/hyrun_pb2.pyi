@@ -333,7 +333,7 @@ class RankState(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., card_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., compute_time_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., step: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks")
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks", "layout")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,7 @@ class JobEvent(_message.Message):
     STEPS_LOST_FIELD_NUMBER: _ClassVar[int]
     INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     generation: int
@@ -362,7 +363,8 @@ class JobEvent(_message.Message):
     steps_lost: int
     incidents: _containers.RepeatedCompositeFieldContainer[Incident]
     ranks: _containers.RepeatedCompositeFieldContainer[RankState]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ...) -> None: ...
+    layout: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("node", "reason")

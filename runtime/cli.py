@@ -289,12 +289,15 @@ def status(coordinator: CoordinatorOpt = None, run: RunOpt = None, token_file: T
             f"loss {job.loss:.4f} {job.tokens_per_s:,.0f} tok/s, steps trained again {job.steps_lost} {job.message}",
             highlight=False,
         )
+        if job.layout:
+            console.print(f"  layout {job.layout}", highlight=False)
         for eviction in job.evictions:
             console.print(f"  evicted {eviction}", highlight=False)
         for rank in job.ranks:
             console.print(
                 f"  rank {rank.rank}: {rank.node}/card{rank.card_index} {rank.micro_batches} micro-batches, "
-                f"step {rank.step}, compute {rank.compute_time_s * 1e3:.0f} ms of {rank.step_time_s * 1e3:.0f} ms",
+                f"step {rank.step}, compute {rank.compute_time_s * 1e3:.0f} ms, comm wait {rank.comm_wait_s * 1e3:.0f} ms, "
+                f"bubble {rank.bubble_s * 1e3:.0f} ms of {rank.step_time_s * 1e3:.0f} ms",
                 highlight=False,
             )
     for node in reply.nodes:

@@ -58,7 +58,7 @@ class ProgressView:
             completed=event.step,
             loss=_fmt_loss(event.loss),
             tps=f"{event.tokens_per_s:,.0f}",
-            gen=str(event.generation or "-"),
+            gen=f"{event.generation} ({event.layout})" if event.layout else str(event.generation or "-"),
         )
         table = Table(box=None, show_header=True, header_style="dim")
         for column in ("node", "cards", "state"):
@@ -76,4 +76,5 @@ class ProgressView:
             self.console.print(
                 f"step {event.step}/{event.total_steps}  loss {_fmt_loss(event.loss)}  "
                 f"{event.tokens_per_s:,.0f} tok/s  generation {event.generation}"
+                + (f" ({event.layout})" if event.layout else "")
             )

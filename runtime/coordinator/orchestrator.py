@@ -640,6 +640,7 @@ class Orchestrator:
             steps_lost=job.steps_lost,
             incidents=job.incidents,
             ranks=self._rank_states(),
+            layout=job.generation.layout.describe() if job.generation else "",
         )
 
     def _rank_states(self) -> list[pb.RankState]:
