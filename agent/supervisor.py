@@ -80,8 +80,11 @@ def last_error_line(log_path: Path, max_bytes: int = 4096) -> str:
             lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
+    # The worker's own summary ("error: ...") wins over what a crashing teardown prints after it
+    # (e.g. "terminate called without an active exception").
+    summaries = [line for line in lines if line.startswith("error: ")]
     errors = [line for line in lines if _ERROR_LINE.search(line)]
-    return (errors or lines or [""])[-1][:300]
+    return (summaries or errors or lines or [""])[-1][:300]
 
 
 class Spawner:

@@ -21,14 +21,19 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
+def _device(module: nn.Module) -> torch.device:
+    return _local(next(module.parameters())).device
+
+
 def _grads(module: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in module.parameters() if p.grad is not None]
 
 
 def grads_finite_everywhere(module: nn.Module) -> bool:
     """Collective over the world: False if any rank holds a non-finite gradient element."""
-    local = all(bool(torch.isfinite(_local(g)).all()) for g in _grads(module))
-    flag = torch.tensor([0.0 if local else 1.0])
+    grads = _grads(module)
+    local = all(bool(torch.isfinite(_local(g)).all()) for g in grads)
+    flag = torch.tensor([0.0 if local else 1.0], device=_device(module))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
 
@@ -42,12 +47,14 @@ def global_grad_norm(module: nn.Module, dims: ParallelDims, *, pp_group, ep_grou
             by_layout.setdefault((grad.device_mesh, grad.placements), []).append(grad)
         else:
             plain.append(grad)
-    squares = torch.zeros((), dtype=torch.float64)
+    device = _device(module)  # collectives need tensors where the backend works (NCCL: the GPU)
+    squares = torch.zeros((), dtype=torch.float64, device=device)
     for grads in by_layout.values():
         # A DTensor norm reduces over its own mesh (shards summed, replicas counted once).
         norm = torch.nn.utils.get_total_norm(grads, foreach=False)
-        squares += norm.full_tensor().double().cpu() ** 2
-    plain_squares = sum((g.double().pow(2).sum().cpu() for g in plain), torch.zeros((), dtype=torch.float64))
+        squares += norm.full_tensor().double().to(device) ** 2
+    plain_squares = sum((g.double().pow(2).sum().to(device) for g in plain),
+                        torch.zeros((), dtype=torch.float64, device=device))
     if dims.ep_enabled and plain:
         # The plain gradients are routed experts here: each ep rank holds different ones.
         dist.all_reduce(plain_squares, group=ep_group)

@@ -23,6 +23,7 @@ from hyrun.runtime.model import (
 )
 from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.parallel.layout import ParallelLayout
+from hyrun.runtime.trainer.engine import build_engine
 from hyrun.runtime.trainer.data import SyntheticTokens
 from hyrun.runtime.trainer.faults import FaultInjector
 from hyrun.runtime.trainer.reporting import Reporter, StepRecord
@@ -39,6 +40,7 @@ class RankWork:
     speed: float = 1.0
     node: str = "local"
     card_index: int = 0
+    device: str = "cpu"  # "cuda:N" where the backend is NCCL
 
     def resolved_layout(self, micro_batches_per_step: int) -> ParallelLayout:
         if self.layout is not None:
@@ -64,18 +66,6 @@ def build_optimizer(model: MoETransformer, job: JobSpec) -> ExpertAdamW:
     groups = build_param_groups(model, base_lr=opt.lr, weight_decay=opt.weight_decay, expert_lr=expert_lr_config(job))
     return ExpertAdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                        expert_rows=expert_rows(model))
-
-
-def build_engine(model: MoETransformer, job: JobSpec, work: RankWork, layout: ParallelLayout, on_enter_reduce):
-    """DDP for plain data parallelism (its comm hook sees local gradients), the 5D engine otherwise."""
-    if layout.data_parallel_only:
-        from hyrun.runtime.trainer.replicated import ReplicatedEngine
-
-        return ReplicatedEngine(model, world_size=work.world_size, micro_batches_per_step=job.training.micro_batches_per_step,
-                                on_enter_reduce=on_enter_reduce)
-    from hyrun.runtime.trainer.planned import PlannedEngine
-
-    return PlannedEngine(model, layout, device="cpu", on_enter_reduce=on_enter_reduce)
 
 
 class DrainRequest:
@@ -109,9 +99,11 @@ class Trainer:
                              f"the generation {work.world_size}")
         self.faults = FaultInjector(job.faults, node=work.node, card=work.card_index, generation=work.generation)
         self.step_in_progress = 0
+        self.device = torch.device(work.device)
         self.engine = build_engine(
-            model, job, work, self.layout,
-            lambda: reporter.entered_reduce(work.generation, work.rank, self.step_in_progress),
+            model.to(self.device), self.layout, world_size=work.world_size,
+            micro_batches_per_step=training.micro_batches_per_step, device=self.device,
+            on_enter_reduce=lambda: reporter.entered_reduce(work.generation, work.rank, self.step_in_progress),
         )  # fmt: skip
         self.model = self.engine.module  # this rank's part: what the optimizer steps and checkpoints hold
         self.optimizer = build_optimizer(self.model, job)
@@ -147,7 +139,7 @@ class Trainer:
 
     def forward_backward(self, step: int):
         """This rank's micro-batches of `step` through its engine; returns its StepWork."""
-        batches = [self.data.micro_batch(step, self.micro_batch_offset + i, self.job.training.micro_batch)
+        batches = [self.data.micro_batch(step, self.micro_batch_offset + i, self.job.training.micro_batch).to(self.device)
                    for i in range(self.micro_batches)]
         return self.engine.forward_backward(batches, speed=self.faults.speed(step, self.work.speed),
                                             observe=self.expert_lrs.observe)

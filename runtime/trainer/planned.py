@@ -24,11 +24,11 @@ from .engine import StepWork
 
 
 class PlannedEngine:
-    def __init__(self, model: MoETransformer, layout: ParallelLayout, *, device: str = "cpu",
+    def __init__(self, model: MoETransformer, layout: ParallelLayout, *, device: torch.device,
                  on_enter_reduce: Callable[[], None]) -> None:
         self.layout = layout
         self.dims: ParallelDims = layout.dims
-        self.mesh = self.dims.build_mesh(device)
+        self.mesh = self.dims.build_mesh(device.type)
         self.parallel = parallelize(
             model, dims=self.dims, mesh=self.mesh, layers_per_stage=layout.layers_per_stage or None,
             micro_batches_per_replica=layout.micro_batches_per_replica, expert_placement=layout.expert_placement,

@@ -72,7 +72,7 @@ class ReplicatedEngine:
     """One whole model per rank, DDP across ranks (or alone when world_size is 1)."""
 
     def __init__(self, model: MoETransformer, *, world_size: int, micro_batches_per_step: int,
-                 on_enter_reduce: Callable[[], None]) -> None:
+                 device: torch.device, on_enter_reduce: Callable[[], None]) -> None:
         self.model = self.module = model
         self.layers = model.layer_indices()
         self.stats = LocalGradStats(on_enter_reduce)
@@ -80,7 +80,8 @@ class ReplicatedEngine:
         self.loss_scale = world_size / micro_batches_per_step
         if self.distributed:
             # The only buffers are RoPE tables, identical on every rank: nothing to sync per forward.
-            self.wrapped = DistributedDataParallel(model, forward_sync_buffers=False)
+            self.wrapped = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
             self.wrapped.register_comm_hook(self.stats, _stats_then_allreduce)
         else:
             self.wrapped = model

@@ -49,6 +49,16 @@ def choose_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def rank_device(backend: str, card_index: int) -> str:
+    """Where the rank computes: its GPU (the agent's card index is the NVML index) under NCCL, else the CPU."""
+    if backend != "nccl":
+        return "cpu"
+    import torch
+
+    torch.cuda.set_device(card_index)  # NCCL and init_device_mesh use the current device
+    return f"cuda:{card_index}"
+
+
 def join_process_group(spec: WorkerSpec, timeout_s: float) -> None:
     import torch.distributed as dist
 
@@ -160,6 +170,7 @@ def main() -> int:
         job = job_from_json(f.read())
     reporter = Reporter(int(os.environ["HYRUN_REPORT_FD"]))
     try:
+        device = rank_device(choose_backend(spec.backend), spec.card_index)  # before NCCL is set up
         join_process_group(spec, job.runtime.rendezvous_timeout_s)
         logging.info(
             "joined generation %d as rank %d of %d on %s card %d (pid %d)%s",
@@ -174,6 +185,7 @@ def main() -> int:
             speed=spec.speed,
             node=spec.node,
             card_index=spec.card_index,
+            device=device,
         )
         checkpointer = build_checkpointer(job, spec)
         logging.info("checkpointer ready")
@@ -182,9 +194,11 @@ def main() -> int:
         train(job, work, reporter, checkpointer, drain)
         logging.info("finished %d steps", job.training.steps)
         return 0
-    except Exception:
+    except Exception as error:
         traceback.print_exc()
-        print(f"error: {traceback.format_exc().strip().splitlines()[-1]}", flush=True)
+        # The exception's own first line: C++ errors append "At:" and frame lines after the message.
+        message = (str(error).strip().splitlines() or [""])[0]
+        print(f"error: {type(error).__name__}: {message}"[:500], flush=True)
         return 1
     finally:
         reporter.close()
