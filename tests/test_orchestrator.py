@@ -393,3 +393,11 @@ def test_a_card_evicted_for_a_hardware_fault_stays_out_when_its_node_reconnects(
     membership.register(back)
     orch.on_register(back, 3.0)  # node-b/card1 is already in the generation: nothing to do
     assert CardRef("node-b", 0) in orch.job.evicted
+
+
+def test_a_pipeline_stage_is_measured_per_layer_it_holds():
+    """Stage 0 holds 3 of 4 layers: three times the compute of stage 1 per micro-batch is its share
+    of the work, not a slow card."""
+    layout = ParallelLayout(dp=1, pp=2, layers_per_stage=(3, 1), micro_batches_per_replica=(4,))
+    assert layout.stage_share(0) == 0.75 and layout.stage_share(1) == 0.25
+    assert ParallelLayout.data_parallel([2, 2]).stage_share(1) == 1.0

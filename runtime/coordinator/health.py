@@ -64,7 +64,9 @@ class HealthBook:
         """A card leaves the job: its evidence must not fire again if it is ever readmitted."""
         self.cards.pop(card, None)
 
-    def record_compute(self, card: CardRef, compute_s: float, micro_batches: int) -> None:
+    def record_compute(self, card: CardRef, compute_s: float, micro_batches: float) -> None:
+        """`micro_batches`: the work the rank did in whole-model micro-batches (a pipeline stage
+        holding a quarter of the layers did a quarter of one per micro-batch)."""
         if compute_s > 0 and micro_batches > 0:
             window = self.seconds_per_micro_batch.setdefault(card, [])
             window.append(compute_s / micro_batches)

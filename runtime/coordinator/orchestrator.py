@@ -239,7 +239,9 @@ class Orchestrator:
             gen.transition(GenState.RUNNING)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
         slot = gen.slot(report.rank)
-        self.health.record_compute(CardRef(slot.node, slot.card_index), report.compute_time_s, slot.micro_batches)
+        # Per unit of work, so a stage given more layers by design does not read as a slow card.
+        work = slot.micro_batches * gen.layout.stage_share(report.rank)
+        self.health.record_compute(CardRef(slot.node, slot.card_index), report.compute_time_s, work)
         if gen.drain_verdicts and report.checkpoint_step > gen.drain_after_step:
             # Commits are all-ranks: one rank seeing it committed means every rank finished that
             # step and its part is on disk, so nothing up to it will be trained again.

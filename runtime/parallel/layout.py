@@ -69,6 +69,15 @@ class ParallelLayout:
         """Index of the rank's replica's first micro-batch in the step's global batch."""
         return sum(self.micro_batches_per_replica[: self.replica(rank)])
 
+    def stage_share(self, rank: int) -> float:
+        """The fraction of the model's layers the rank's pipeline stage holds (1.0 without a pipeline;
+        1/pp for an even split given as no counts)."""
+        if self.pp == 1:
+            return 1.0
+        if not self.layers_per_stage:
+            return 1.0 / self.pp
+        return self.layers_per_stage[self.dims.coordinate(rank)["pp"]] / sum(self.layers_per_stage)
+
     def describe(self) -> str:
         degrees = " × ".join(f"{name}={getattr(self, name)}" for name in ("pp", "dp", "cp", "tp") if getattr(self, name) > 1)
         extra = [f"ep={self.ep}"] if self.ep > 1 else []
