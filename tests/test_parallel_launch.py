@@ -63,3 +63,27 @@ def test_degrees_that_do_not_fit_are_refused_before_anything_starts(write_job, l
     _, stderr = result.proc.communicate(timeout=60)
     assert result.proc.returncode == 2
     assert "does not fit this cluster and model" in stderr and "tp=4" in stderr and "relax the fixed degrees" in stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault, evidence", [
+    ({"kind": "nan_grad", "node": "node-a", "card": 1, "at_step": 2, "repeat_steps": 3}, "silent data corruption"),
+    ({"kind": "hang", "node": "node-b", "card": 0, "at_step": 3}, "hung"),
+])
+def test_the_5d_engine_locates_a_bad_card_without_ddp_hooks(write_job, launched, tmp_path, fault, evidence):
+    """Under tp=2 × dp=2 (FSDP reduces inside the backward, no hook sees local gradients) a card
+    producing NaN is named by the forward that turned finite inputs into NaN, and a hung card by
+    never reporting that it entered the step."""
+    job = job_dict(
+        model=MODEL, parallelism={"dp": 2, "tp": 2}, training={"steps": 8},
+        fault_tolerance={"hang_timeout_s": 3.0}, faults=[fault],
+    )  # fmt: skip
+    result = launched("launch", str(write_job(job)), "--no-progress")
+    _, stderr = result.proc.communicate(timeout=200)
+    assert result.proc.returncode == 0, stderr
+    (summary_path,) = (tmp_path / "runs").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    card = f"{fault['node']}/card{fault['card']}"
+    assert [e.split(":")[0] for e in summary["evictions"]] == [card], summary["evictions"]
+    assert evidence in summary["evictions"][0]
+    assert sorted(map(int, summary["losses"])) == list(range(1, 9))
