@@ -40,7 +40,7 @@ class ParallelModel:
         self.module, self.dims, self.mesh, self.device = module, dims, mesh, device
         self.edp_group = edp_group
         self.micro_batches_per_replica = micro_batches_per_replica
-        self.clock = StepClock(module, comm_timer, pipelined=dims.pp_enabled)
+        self.clock = StepClock(module, comm_timer, pipelined=dims.pp_enabled, cpu=torch.device(device).type == "cpu")
         self._schedules: dict[int, object] = {}
         self._ce: list[torch.Tensor] = []
         # Local numerics: forwards of this rank that turned finite inputs into non-finite outputs —
