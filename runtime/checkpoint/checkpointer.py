@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from . import commit, resume
 from .group import PendingMax, RankGroup
-from .layout import StateLayout, fingerprint_of, flatten_state, local_part, plan_layout
+from hyrun.runtime.tensors import local_part
+
+from .layout import StateLayout, fingerprint_of, flatten_state, plan_layout
 from .resume import ResumeInfo
 from .rng import capture_rng_state
 from .settings import CheckpointSettings

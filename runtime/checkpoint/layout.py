@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from hyrun.runtime.tensors import local_part
+
 KeyPath = tuple[Any, ...]  # dict keys and list indices from the root of the state dict
 _ALIGN_BYTES = 64  # every slot starts on a cache line, which also satisfies any dtype's alignment
 
@@ -59,11 +61,6 @@ def flatten_state(
     else:
         others[path] = copy.deepcopy(state)
     return tensors, others
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """The bytes this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
 def fingerprint_of(tensors: list[tuple[KeyPath, torch.Tensor]]) -> str:

@@ -16,7 +16,9 @@ import torch.distributed.checkpoint as dcp
 
 from .commit import IO_FAILURES, describe_error
 from .group import RankGroup
-from .layout import fingerprint_of, flatten_state, local_part, plan_layout, rebuild_state
+from hyrun.runtime.tensors import local_part
+
+from .layout import fingerprint_of, flatten_state, plan_layout, rebuild_state
 from .manifest import Manifest
 from .rng import restore_rng_state
 from .snapshot import COMMITTED, SharedSnapshot

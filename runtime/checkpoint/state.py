@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hyrun.runtime.model.experts import GroupedExperts
+from hyrun.runtime.tensors import local_part, local_rows
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _OPTIM_STATE_PREFIX = "state."
@@ -83,9 +83,9 @@ def _local_rows(value: torch.Tensor, rows: tuple[int, ...]) -> tuple[torch.Tenso
     if not isinstance(value, DTensor):
         return value, rows
     if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in value.placements):
-        return value._local_tensor, ()  # not a row split (no such layout today): left to DCP as a whole
-    shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
-    return value._local_tensor, rows[offset[0]:offset[0] + shape[0]]
+        return local_part(value), ()  # not a row split (no such layout today): left to DCP as a whole
+    held = local_rows(value)
+    return local_part(value), rows[held.start:held.stop]
 
 
 def _param_name(key: str, rows_by_name: dict[str, tuple[int, ...]], *, optimizer: bool) -> str | None:

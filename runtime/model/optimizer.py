@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from hyrun.runtime.tensors import local_part, local_rows
 
 
 class ExpertAdamW(torch.optim.Optimizer):
@@ -62,7 +63,7 @@ class ExpertAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = state["step"].item()
                 value, grad, exp_avg, exp_avg_sq = (
-                    _local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
+                    local_part(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]))
                 lr = group["lr"] if scale is None else self._expert_lrs(param, group["lr"], scale)
                 value.mul_(1 - lr * group["weight_decay"])
                 exp_avg.lerp_(grad, 1 - beta1)
@@ -79,16 +80,11 @@ class ExpertAdamW(torch.optim.Optimizer):
         if rows is not None:
             scale = scale[rows]
         elif isinstance(param, DTensor):
-            local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                                        param.placements)
-            scale = scale[offset[0]:offset[0] + local_shape[0]] if local_shape[0] else scale[:0]
-        local = _local(param)
+            held = local_rows(param)  # an FSDP shard holds a block of the experts
+            scale = scale[held.start:held.stop]
+        local = local_part(param)
         if scale.shape != (local.shape[0],):
             raise ValueError(f"expert_lr_scale has shape {tuple(scale.shape)} but the parameter holds "
                              f"{local.shape[0]} experts on dim 0; give one scale per expert")
         return (lr * scale.to(local.device, local.dtype)).view(-1, *([1] * (local.dim() - 1)))
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard (a view: updating it updates the DTensor)."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor

@@ -14,15 +14,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from hyrun.runtime.tensors import local_part
+
 from .dims import ParallelDims
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
 def _device(module: nn.Module) -> torch.device:
-    return _local(next(module.parameters())).device
+    return local_part(next(module.parameters())).device
 
 
 def _grads(module: nn.Module) -> list[torch.Tensor]:
@@ -32,7 +30,7 @@ def _grads(module: nn.Module) -> list[torch.Tensor]:
 def grads_finite_everywhere(module: nn.Module) -> bool:
     """Collective over the world: False if any rank holds a non-finite gradient element."""
     grads = _grads(module)
-    local = all(bool(torch.isfinite(_local(g)).all()) for g in grads)
+    local = all(bool(torch.isfinite(local_part(g)).all()) for g in grads)
     flag = torch.tensor([0.0 if local else 1.0], device=_device(module))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
@@ -70,4 +68,4 @@ def clip_grads_(module: nn.Module, max_norm: float, total_norm: float) -> None:
     coefficient = min(1.0, max_norm / (total_norm + 1e-6))
     if coefficient < 1.0:
         for grad in _grads(module):
-            _local(grad).mul_(coefficient)
+            local_part(grad).mul_(coefficient)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 from .dims import ParallelDims
 
@@ -50,7 +51,7 @@ class ParallelLayout:
     def world_size(self) -> int:
         return self.pp * self.dp * self.cp * self.tp
 
-    @property
+    @cached_property  # asked for every rank and every step report; the layout never changes
     def dims(self) -> ParallelDims:
         return ParallelDims(dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, world_size=self.world_size)
 

@@ -56,23 +56,23 @@ def parallelize(model: MoETransformer, *, dims: ParallelDims, mesh: DeviceMesh,
         apply_context_parallel(model, mesh["cp"].get_group(), comm)
 
     # 4. Expert parallel: routed experts split over ep (borrowed from dp × cp), all-to-all dispatch.
-    edp_group = None
+    ep_group = edp_group = None
     if dims.ep_enabled:
         expert_mesh = dims.build_expert_mesh(device.type)
-        edp_group = expert_mesh["edp"].get_group()
+        ep_group, edp_group = expert_mesh["ep"].get_group(), expert_mesh["edp"].get_group()
         for key, block in model.blocks.items():
             experts = block.moe.experts
             placement = (expert_placement[int(key)] if expert_placement is not None
                          else contiguous_placement(experts.num_experts, dims.ep))
             apply_expert_parallel(experts, placement=placement, ep_rank=expert_mesh["ep"].get_local_rank(),
-                                  ep_group=expert_mesh["ep"].get_group(),
+                                  ep_group=ep_group,
                                   grad_divide_factor=dims.gradient_divide_factor, comm_timer=comm)
 
     # 5. FSDP last, over dp × cp: every dense gradient becomes the mean over those ranks.
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh["dp_cp"])
 
-    return ParallelModel(model, dims=dims, mesh=mesh, device=device, comm_timer=comm, edp_group=edp_group,
+    return ParallelModel(model, dims=dims, mesh=mesh, device=device, comm_timer=comm, ep_group=ep_group, edp_group=edp_group,
                          micro_batches_per_replica=micro_batches)
 
 

@@ -36,9 +36,9 @@ class ParallelModel:
     optimizer); `forward_backward(micro_batches)` leaves reduced gradients on them."""
 
     def __init__(self, module: StageTransformer, *, dims: ParallelDims, mesh: DeviceMesh, device: torch.device,
-                 comm_timer: CommTimer, edp_group, micro_batches_per_replica: tuple[int, ...] | None) -> None:
+                 comm_timer: CommTimer, ep_group, edp_group, micro_batches_per_replica: tuple[int, ...] | None) -> None:
         self.module, self.dims, self.mesh, self.device = module, dims, mesh, device
-        self.edp_group = edp_group
+        self.ep_group, self.edp_group = ep_group, edp_group  # None without expert parallelism
         self.micro_batches_per_replica = micro_batches_per_replica
         self.clock = StepClock(module, comm_timer, pipelined=dims.pp_enabled, cpu=torch.device(device).type == "cpu")
         self._schedules: dict[int, object] = {}
@@ -123,7 +123,7 @@ class ParallelModel:
         loss = torch.stack(self._ce[-count:]).sum() / count if self._ce else torch.zeros(())
         loss = loss.to(self.device)
         if self.dims.pp_enabled:
-            dist.all_reduce(loss, group=self.mesh["pp"].get_group())
+            dist.all_reduce(loss, group=self.pp_group)
         if self.dims.cp_enabled:
             dist.all_reduce(loss, group=self.mesh["cp"].get_group())
             loss = loss / self.dims.cp

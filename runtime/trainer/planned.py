@@ -34,13 +34,9 @@ class PlannedEngine:
             micro_batches_per_replica=layout.micro_batches_per_replica, expert_placement=layout.expert_placement,
             device=device,
         )  # fmt: skip
-        self.model = self.module = self.parallel.module
+        self.module = self.parallel.module
         self.layers = self.module.layer_indices()
         self.on_enter_reduce = on_enter_reduce
-        self.pp_group = self.mesh["pp"].get_group() if self.dims.pp_enabled else None
-        self.ep_group = None
-        if self.dims.ep_enabled:
-            self.ep_group = next(m.ep_group for m in self.module.modules() if hasattr(m, "ep_group"))
         # Expert-LR token counts: summed over the ranks of this pipeline stage (shares are ratios,
         # so ranks that saw the same tokens — tp — counting them twice changes nothing).
         stage = self.mesh["dp", "cp", "tp"]._flatten("dp_cp_tp") if self.dims.world_size > self.dims.pp else None
@@ -71,7 +67,8 @@ class PlannedEngine:
             self._observe = None
         timing = result.timing
         # The global norm (FSDP reduced the local gradients inside the backward); clipping reuses it.
-        self._norm = float(global_grad_norm(self.module, self.dims, pp_group=self.pp_group, ep_group=self.ep_group))
+        self._norm = float(global_grad_norm(self.module, self.dims, pp_group=self.parallel.pp_group,
+                                            ep_group=self.parallel.ep_group))
         return StepWork(ce=result.loss, compute_s=timing.compute_s, comm_wait_s=timing.comm_wait_s,
                         bubble_s=timing.bubble_s, grad_norm=self._norm, nonfinite=self.parallel.nonfinite_origins)
 

@@ -73,7 +73,7 @@ class ReplicatedEngine:
 
     def __init__(self, model: MoETransformer, *, world_size: int, micro_batches_per_step: int,
                  device: torch.device, on_enter_reduce: Callable[[], None]) -> None:
-        self.model = self.module = model
+        self.module = model
         self.layers = model.layer_indices()
         self.stats = LocalGradStats(on_enter_reduce)
         self.distributed = world_size > 1
@@ -91,7 +91,7 @@ class ReplicatedEngine:
     def begin_step(self, step: int, *, corrupt: bool) -> None:
         self.stats.corrupt = corrupt
         self.stats.reset()
-        self.model.set_routing_step(step)  # recycle routing draws the same way on every rank and on resume
+        self.module.set_routing_step(step)  # recycle routing draws the same way on every rank and on resume
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], *, speed: float, observe) -> StepWork:
         ce_sum, compute_s = 0.0, 0.0
@@ -105,7 +105,7 @@ class ReplicatedEngine:
                 # slow card (the straggler policy and the planner's calibration both use this).
                 forward_started = time.thread_time()
                 output = self.wrapped(tokens[:, :-1])
-                loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.model.config.aux_loss_coeff)
+                loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.module.config.aux_loss_coeff)
                 observe(output.router_stats, self.layers)
                 busy_s = (time.thread_time() - forward_started) / FORWARD_SHARE_OF_COMPUTE
                 # A simulated card's slowdown is its compute: it is what a slower card would spend.
@@ -114,7 +114,7 @@ class ReplicatedEngine:
             ce_sum += float(ce.detach())
         if not self.distributed:
             self.stats.on_enter_reduce()
-            for p in self.model.parameters():
+            for p in self.module.parameters():
                 if p.grad is not None:
                     self.stats.add(p.grad)
         step_s = time.perf_counter() - started
@@ -124,7 +124,7 @@ class ReplicatedEngine:
 
     def grads_finite(self) -> bool:
         # One rank's NaN reaches every rank through the reduce: all see the same answer.
-        return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
 
     def clip_grad_norm(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
