@@ -32,7 +32,7 @@ from hyrun.planner.layout import BlockTable, naive_blocks
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.launch import run_job
 from hyrun.runtime.planning import card_ids, planner_inputs
-from hyrun.runtime.coordinator.policy import CardRef
+from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.runtime.security import TlsFiles
 
 WARMUP_STEPS = 4

@@ -24,7 +24,7 @@ from hyrun.planner import (
     search,
 )
 from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
-from hyrun.runtime.coordinator.policy import CardRef
+from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.parallel.layout import ParallelLayout

@@ -10,6 +10,8 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
+from hyrun.runtime.coordinator.actions import CardRef
+
 # What a rank prints when a *peer* died under it: these ranks are victims, not culprits.
 _PEER_FAILURE = re.compile(
     r"connection (closed|reset)|broken pipe|connectFullMesh|timed out|timeout|"
@@ -44,15 +46,6 @@ class VerdictKind(enum.Enum):
     DRAIN = "drain"   # the card will be bad soon: checkpoint first, then continue without it
     REPLAN = "replan"  # the card is slower than believed: checkpoint, then plan with its measured speed
     JOIN = "join"  # a node (back) in the job: checkpoint, then plan with its cards
-
-
-@dataclass(frozen=True)
-class CardRef:
-    node: str
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.node}/card{self.index}"
 
 
 @dataclass(frozen=True)
