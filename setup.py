@@ -1,9 +1,9 @@
-"""Lists hyrun's packages: every package under runtime/, agent/, planner/ and proto/, named as a
+"""Lists hyrun's packages: every package under runtime/, agent/, planner/, proto/ and common/, named as a
 subpackage of `hyrun` (pyproject.toml maps hyrun.runtime -> runtime/ and so on)."""
 
 from setuptools import find_packages, setup
 
-TOP_FOLDERS = ("runtime", "agent", "planner", "proto")
+TOP_FOLDERS = ("runtime", "agent", "planner", "proto", "common")
 
 packages = []
 for folder in TOP_FOLDERS:

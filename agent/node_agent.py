@@ -26,7 +26,7 @@ from hyrun.agent.supervisor import Supervisor
 from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
-from hyrun.runtime.security import TlsFiles, call_metadata, open_channel
+from hyrun.common.security import TlsFiles, call_metadata, open_channel
 
 log = logging.getLogger("hyrun.agent")
 

@@ -33,7 +33,7 @@ from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.launch import run_job
 from hyrun.runtime.planning import card_ids, planner_inputs
 from hyrun.runtime.coordinator.actions import CardRef
-from hyrun.runtime.security import TlsFiles
+from hyrun.common.security import TlsFiles
 
 WARMUP_STEPS = 4
 

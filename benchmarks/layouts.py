@@ -23,7 +23,7 @@ import torch  # noqa: F401  (the first import is slow; keep it out of the timing
 
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.launch import run_job
-from hyrun.runtime.security import TlsFiles
+from hyrun.common.security import TlsFiles
 
 WARMUP_STEPS = 3
 LAYOUTS = {

@@ -27,7 +27,7 @@ import torch  # noqa: F401  (imported before the launcher: the first import is s
 
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.launch import run_job
-from hyrun.runtime.security import TlsFiles
+from hyrun.common.security import TlsFiles
 
 
 def job_dict(run_dir: Path, ckpt_dir: Path, steps: int, interval: int, faults: list[dict]) -> dict:

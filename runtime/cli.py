@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from hyrun.runtime.jobfile import JobFileError, load_job
-from hyrun.runtime.security import TOKEN_ENV, TlsFiles
+from hyrun.common.security import TOKEN_ENV, TlsFiles
 
 app = typer.Typer(
     help="hyrun: keep a Mixture-of-Experts job training on mixed, failing GPUs.",
@@ -205,7 +205,7 @@ def agent(
     from hyrun.agent.cards import nvml_cards, simulated_cards
     from hyrun.agent.node_agent import AgentSettings, NodeAgent, install_signal_handlers
     from hyrun.agent.telemetry import SimulatedCards
-    from hyrun.runtime.process import die_with_parent
+    from hyrun.common.process import die_with_parent
 
     if parent_pid is not None:
         die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: we still stop our workers first
@@ -245,7 +245,7 @@ def _parse_simulate(text: str) -> dict:
 def _connect(coordinator: str | None, run: Path | None, token_file: Path | None, tls_ca: Path | None):
     """(stub, metadata, channel) for a coordinator named by address or by an embedded run's directory."""
     from hyrun.proto import hyrun_pb2_grpc as pb_grpc
-    from hyrun.runtime.security import call_metadata, open_channel
+    from hyrun.common.security import call_metadata, open_channel
 
     token = _token(token_file)
     if run is not None:

@@ -28,8 +28,8 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
 from hyrun.runtime.jobfile import JobSpec
-from hyrun.runtime.process import kill_group
-from hyrun.runtime.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
+from hyrun.common.process import kill_group
+from hyrun.common.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
 
 log = logging.getLogger("hyrun.launch")
 

@@ -10,7 +10,7 @@ import pytest
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
-from hyrun.runtime.security import call_metadata
+from hyrun.common.security import call_metadata
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, Or
 from hyrun.runtime.coordinator.store import open_store
 from hyrun.runtime.jobfile import JobFileError, load_job_text
 from hyrun.runtime.metrics import CoordinatorMetrics
-from hyrun.runtime.security import TlsFiles, TokenInterceptor, add_port
+from hyrun.common.security import TlsFiles, TokenInterceptor, add_port
 
 log = logging.getLogger("hyrun.coordinator")
 

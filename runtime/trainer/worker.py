@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from hyrun.runtime.process import die_with_parent
+from hyrun.common.process import die_with_parent
 
 @dataclass(frozen=True)
 class WorkerSpec:
