@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hyrun.runtime.model import ModelConfig, resolve_expert_path
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.experts import resolve_expert_path
 from hyrun.runtime.model.moe import MoEFeedForward
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0

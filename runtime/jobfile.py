@@ -13,6 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from hyrun.runtime.coordinator.policy import HealthSettings
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.schedule import LRSchedule
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
@@ -73,8 +77,6 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _known_preset_and_fields(self) -> ModelSection:
         # Build the config once here so a bad preset or override is refused before launch.
-        from hyrun.runtime.model.config import ModelConfig
-
         ModelConfig.from_preset(self.preset, **self.overrides)
         return self
 
@@ -107,9 +109,7 @@ class TrainingSection(_Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
 
-    def lr_schedule(self):
-        from hyrun.runtime.model.schedule import LRSchedule
-
+    def lr_schedule(self) -> LRSchedule:
         return LRSchedule(
             peak_lr=self.optimizer.lr,
             total_steps=self.steps,
@@ -202,9 +202,7 @@ class HealthSection(_Section):
             )
         return self
 
-    def settings(self):
-        from hyrun.runtime.coordinator.policy import HealthSettings
-
+    def settings(self) -> HealthSettings:
         return HealthSettings(**self.model_dump())
 
 

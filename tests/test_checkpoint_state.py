@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from hyrun.runtime.checkpoint.state import live_state
-from hyrun.runtime.model import ExpertAdamW, ModelConfig, MoETransformer, build_param_groups, expert_rows
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.expert_lr import build_param_groups, expert_rows
+from hyrun.runtime.model.optimizer import ExpertAdamW
+from hyrun.runtime.model.transformer import MoETransformer
 
 
 def _model_and_optimizer(local_experts=None):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hyrun.runtime.model import ModelConfig, MoETransformer
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.transformer import MoETransformer
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,12 @@ import math
 import pytest
 import torch
 
-from hyrun.runtime.model import (ExpertAdamW, ExpertLRConfig, ExpertLRController, LRSchedule, ModelConfig,
-                                 MoETransformer, RouterStats, build_param_groups, effective_expert_lrs,
-                                 lr_at)
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.expert_lr import ExpertLRConfig, ExpertLRController, build_param_groups, effective_expert_lrs
+from hyrun.runtime.model.optimizer import ExpertAdamW
+from hyrun.runtime.model.routing import RouterStats
+from hyrun.runtime.model.schedule import LRSchedule, lr_at
+from hyrun.runtime.model.transformer import MoETransformer
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyrun.runtime.model import GroupedExperts, capacity_per_expert, recycle_route
+from hyrun.runtime.model.experts import GroupedExperts
+from hyrun.runtime.model.routing import capacity_per_expert, recycle_route
 
 torch.set_num_threads(1)
 

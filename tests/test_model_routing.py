@@ -2,7 +2,7 @@
 
 import torch
 
-from hyrun.runtime.model import capacity_per_expert, load_balancing_loss, recycle_route
+from hyrun.runtime.model.routing import capacity_per_expert, load_balancing_loss, recycle_route
 
 torch.set_num_threads(1)
 

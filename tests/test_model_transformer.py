@@ -5,7 +5,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hyrun.runtime.model import ExpertAdamW, ModelConfig, MoETransformer, build_param_groups, lm_loss
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.expert_lr import build_param_groups
+from hyrun.runtime.model.loss import lm_loss
+from hyrun.runtime.model.optimizer import ExpertAdamW
+from hyrun.runtime.model.transformer import MoETransformer
 
 torch.set_num_threads(1)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hyrun.runtime.model import ModelConfig, MoETransformer
-from hyrun.runtime.parallel import ParallelDims
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.transformer import MoETransformer
+from hyrun.runtime.parallel.dims import ParallelDims
 from hyrun.runtime.parallel.expert_parallel import contiguous_placement
 from hyrun.runtime.parallel.parallelize import _check_micro_batches
 from hyrun.runtime.parallel.pipeline import stage_layers

@@ -39,7 +39,7 @@ def micro_batch(step: int, index: int, vocab: int) -> torch.Tensor:
 
 
 def build(config):
-    from hyrun.runtime.model import MoETransformer
+    from hyrun.runtime.model.transformer import MoETransformer
 
     torch.manual_seed(0)
     return MoETransformer(config)
@@ -51,7 +51,7 @@ def optimizer_for(params):
 
 def reference(config, counts: list[int]) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
     """Single process: every step's micro-batches accumulated with weight 1/M; CE per micro-batch."""
-    from hyrun.runtime.model import lm_loss
+    from hyrun.runtime.model.loss import lm_loss
 
     model = build(config)
     optimizer = optimizer_for(model.parameters())
@@ -74,8 +74,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from hyrun.runtime.model import ModelConfig
-    from hyrun.runtime.parallel import ParallelDims, parallelize
+    from hyrun.runtime.model.config import ModelConfig
+    from hyrun.runtime.parallel.dims import ParallelDims
+    from hyrun.runtime.parallel.parallelize import parallelize
     from hyrun.runtime.parallel.expert_parallel import ExpertParallelExperts
 
     torch.set_num_threads(1)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from hyrun.runtime.model import Dispatch, GroupedExperts
+from hyrun.runtime.model.experts import GroupedExperts
+from hyrun.runtime.model.routing import Dispatch
 from hyrun.runtime.model.routing import count_per_expert
 
 from .timing import CommTimer

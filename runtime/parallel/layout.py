@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-from .dims import ParallelDims
+from hyrun.runtime.parallel.degrees import ParallelDegrees
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ParallelLayout:
     expert_placement: tuple[tuple[int, ...], ...] | None = None  # [layer][expert] → ep rank; None: even blocks
 
     def __post_init__(self) -> None:
-        self.dims  # degrees are checked by ParallelDims
+        self.dims  # degrees are checked by ParallelDegrees
         if len(self.micro_batches_per_replica) != self.dp or min(self.micro_batches_per_replica) < 1:
             raise ValueError(f"micro_batches_per_replica={self.micro_batches_per_replica} needs dp={self.dp} "
                              "entries >= 1")
@@ -52,8 +52,8 @@ class ParallelLayout:
         return self.pp * self.dp * self.cp * self.tp
 
     @cached_property  # asked for every rank and every step report; the layout never changes
-    def dims(self) -> ParallelDims:
-        return ParallelDims(dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, world_size=self.world_size)
+    def dims(self) -> ParallelDegrees:
+        return ParallelDegrees(dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, world_size=self.world_size)
 
     @property
     def data_parallel_only(self) -> bool:

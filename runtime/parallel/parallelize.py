@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from hyrun.runtime.model import MoETransformer
+from hyrun.runtime.model.transformer import MoETransformer
 
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hyrun.runtime.model import MoETransformer
+from hyrun.runtime.model.transformer import MoETransformer
 
 
 class StageTransformer(MoETransformer):

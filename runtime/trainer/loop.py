@@ -12,15 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from hyrun.runtime.jobfile import JobSpec
-from hyrun.runtime.model import (
-    ExpertAdamW,
-    ExpertLRConfig,
-    ExpertLRController,
-    ModelConfig,
-    MoETransformer,
-    build_param_groups,
-    expert_rows,
-)
+from hyrun.runtime.model.config import ModelConfig
+from hyrun.runtime.model.expert_lr import ExpertLRConfig, ExpertLRController, build_param_groups, expert_rows
+from hyrun.runtime.model.optimizer import ExpertAdamW
+from hyrun.runtime.model.transformer import MoETransformer
 from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.trainer.engine import build_engine

@@ -15,19 +15,20 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from hyrun.runtime.model import MoETransformer
-from hyrun.runtime.parallel import ParallelDims, parallelize
+from hyrun.runtime.model.transformer import MoETransformer
+from hyrun.runtime.parallel.dims import ParallelDims
+from hyrun.runtime.parallel.parallelize import parallelize
 from hyrun.runtime.parallel.grads import clip_grads_, global_grad_norm, grads_finite_everywhere
 from hyrun.runtime.parallel.layout import ParallelLayout
 
-from .engine import StepWork
+from hyrun.runtime.trainer.step import StepWork
 
 
 class PlannedEngine:
     def __init__(self, model: MoETransformer, layout: ParallelLayout, *, device: torch.device,
                  on_enter_reduce: Callable[[], None]) -> None:
         self.layout = layout
-        self.dims: ParallelDims = layout.dims
+        self.dims = ParallelDims.from_degrees(layout)
         self.mesh = self.dims.build_mesh(device.type)
         self.parallel = parallelize(
             model, dims=self.dims, mesh=self.mesh, layers_per_stage=layout.layers_per_stage or None,

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hyrun.runtime.model import MoETransformer, lm_loss
+from hyrun.runtime.model.loss import lm_loss
+from hyrun.runtime.model.transformer import MoETransformer
 from hyrun.runtime.parallel.timing import FORWARD_SHARE_OF_COMPUTE, throttle
 
-from .engine import StepWork
+from hyrun.runtime.trainer.step import StepWork
 
 
 class LocalGradStats:
