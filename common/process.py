@@ -1,5 +1,6 @@
 """Process-lifetime helpers shared by the launcher, agents and workers: nothing hyrun starts may
-outlive the process that started it."""
+outlive the process that started it, and a record naming a process (pid and start time) can tell
+whether that very process still runs."""
 
 from __future__ import annotations
 
@@ -27,3 +28,23 @@ def kill_group(pgid: int, sig: signal.Signals) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat, field 22); None if there
+    is no such live process (a zombie counts as gone). The pair (pid, start ticks) names one process:
+    the kernel may hand a dead process's pid to a new one, which then has a later start time."""
+    try:
+        text = open(f"/proc/{pid}/stat").read()
+    except OSError:  # FileNotFoundError: no such pid; ProcessLookupError on some kernels
+        return None
+    # comm (field 2) may hold spaces and parentheses: the fields that follow start after the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def is_same_process(pid: int, start_ticks: int) -> bool:
+    """True if `pid` is alive and is the very process that had `start_ticks` (not a reuse of its pid)."""
+    return pid > 0 and process_start_ticks(pid) == start_ticks

@@ -29,7 +29,8 @@ The worker's loop; every call is made on every rank, in this order::
 - load_latest raises CheckpointsUnusable if checkpoints exist but every one is refused (damaged, or
   not this model): starting over would silently train over them.
 - Each rank's snapshot is /dev/shm/hyrun-<job_id>-rank<r> (the size of its state); close() frees it
-  once it is on disk, and the agent calls remove_snapshots(shm_dir, job_id) when a job ends.
+  once it is on disk. The agent records who owns it and frees what no running job owns
+  (hyrun.common.snapshots); remove_snapshots(shm_dir, job_id) frees one ended job's.
 
 On disk: DIR/step-000000123/{__<rank>_<n>.distcp, .metadata, manifest.json} (storage.py); `hyrun ckpt
 ls DIR` and `hyrun ckpt verify DIR` (cli.py) list and re-hash them.

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from hyrun.common.snapshots import remove_snapshots, snapshot_path  # noqa: F401  (re-exported)
+
 from .layout import StateLayout, TensorSlot
 
 log = logging.getLogger(__name__)
@@ -57,24 +59,6 @@ class SnapshotHeader:
     meta_capacity_bytes: int
     meta_nbytes: int
     data_nbytes: int
-
-
-def snapshot_path(shm_dir: Path, job_id: str, rank: int) -> Path:
-    return Path(shm_dir) / f"hyrun-{job_id}-rank{rank}"
-
-
-def remove_snapshots(shm_dir: Path, job_id: str) -> list[Path]:
-    """Frees the RAM of every rank's snapshot of a job on this node (for the agent, at job end). A
-    file we may not remove (another user's, in the sticky /dev/shm) is logged and left."""
-    removed = []
-    for path in sorted(Path(shm_dir).glob(f"hyrun-{job_id}-rank*")):
-        try:
-            path.unlink(missing_ok=True)
-        except PermissionError as exc:
-            log.warning("snapshot %s not removed: %s", path, exc.strerror)
-            continue
-        removed.append(path)
-    return removed
 
 
 # ---- the description: JSON, data only ----------------------------------------------------------

@@ -20,6 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from hyrun.common.process import die_with_parent
+from hyrun.common.snapshots import shared_memory_dir
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -96,6 +98,7 @@ def build_checkpointer(job, spec: WorkerSpec):
         interval_steps=job.checkpoint.interval_steps,
         interval_s=job.checkpoint.interval_s,
         keep_last=job.checkpoint.keep_last,
+        shared_memory_dir=shared_memory_dir(),  # the agent's: it frees what the job leaves there
     )
     return Checkpointer(
         settings, rank=spec.rank, world_size=spec.world_size, job_id=Path(spec.run_dir).name,
