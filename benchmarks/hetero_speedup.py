@@ -31,7 +31,7 @@ from hyrun.planner.evaluate import evaluate, grid_context, model_tables, uniform
 from hyrun.planner.layout import BlockTable, naive_blocks
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.launch import run_job
-from hyrun.runtime.planning import card_ids, planner_inputs
+from hyrun.runtime.coordinator.planning import card_ids, planner_inputs
 from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.common.security import TlsFiles
 

@@ -105,7 +105,7 @@ def _check_explicit_degrees(job) -> None:
     """Explicit degrees must give the planner a layout that fits, before any process starts."""
     if job.parallelism == "auto":
         return
-    from hyrun.runtime.planning import plan_for_run
+    from hyrun.runtime.coordinator.planning import plan_for_run
 
     try:
         plan_for_run(job)
@@ -122,7 +122,7 @@ def plan(
 ) -> None:
     """Print the plan the cost model picks for the job's cards, next to the naive uniform plan."""
     from hyrun.planner import format_comparison, result_to_json
-    from hyrun.runtime.planning import plan_job
+    from hyrun.runtime.coordinator.planning import plan_job
 
     try:
         job = load_job(job_file)

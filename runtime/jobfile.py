@@ -77,8 +77,12 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _known_preset_and_fields(self) -> ModelSection:
         # Build the config once here so a bad preset or override is refused before launch.
-        ModelConfig.from_preset(self.preset, **self.overrides)
+        self.config()
         return self
+
+    def config(self) -> ModelConfig:
+        """The model's shape: the preset with the overrides applied."""
+        return ModelConfig.from_preset(self.preset, **self.overrides)
 
 
 class OptimizerSection(_Section):

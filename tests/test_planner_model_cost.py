@@ -2,39 +2,31 @@
 attention scores, activations shrink under recomputation, per-layer shapes are honoured."""
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 
 from hyrun.planner import model_cost as mc
 from hyrun.planner.examples import hunyuan_large_shape, small_moe_shape, tiny_shape
 from hyrun.planner.training import Precision, TrainingConfig
+from hyrun.runtime.coordinator.planning import planner_inputs
+from hyrun.runtime.jobfile import parse_job
+from hyrun.runtime.model.config import ModelConfig
 
 
 def test_hunyuan_large_has_389b_parameters():
     assert mc.total_params(hunyuan_large_shape()) == pytest.approx(389e9, rel=0.01)
 
 
-def _runtime_model_config():
-    """runtime/model/config.py loaded on its own: the package's __init__ imports torch, which this
-    pure-arithmetic comparison does not need (and would take seconds to load)."""
-    runtime = importlib.util.find_spec("hyrun.runtime")
-    path = pathlib.Path(next(iter(runtime.submodule_search_locations))) / "model" / "config.py"
-    if not path.exists():
-        pytest.skip("runtime model config not present")
-    spec = importlib.util.spec_from_file_location("_planner_test_model_config", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_parameters_match_the_runtime_model_config():
-    config_module = _runtime_model_config()
+def test_the_runtime_plans_with_from_config_and_its_parameters_match_the_model():
+    # `ModelShape.from_config` is the one ModelConfig -> ModelShape converter: the coordinator's planner
+    # inputs come from it, and its parameter count is the model's own closed form.
+    job = parse_job({"cluster": {"nodes": [{"name": "n0", "cards": [{"count": 2}]}]},
+                     "model": {"preset": "tiny", "overrides": {"hidden_size": 96}}, "training": {"seq_len": 32}})
+    shape = planner_inputs(job)[1]
+    assert (shape.hidden_size, shape.seq_len) == (96, 32)
+    assert mc.total_params(shape) == job.model.config().param_count()
     for preset in ("tiny", "small", "hunyuan-large"):
-        config = config_module.ModelConfig.from_preset(preset)
+        config = ModelConfig.from_preset(preset)
         shape = mc.ModelShape.from_config(config, seq_len=64)
         assert mc.total_params(shape) == config.param_count(), preset
         for layer in range(config.num_layers):

@@ -46,7 +46,7 @@ class RankWork:
 
 def build_model(job: JobSpec) -> tuple[ModelConfig, MoETransformer]:
     torch.manual_seed(job.training.seed)  # every rank builds identical initial weights
-    config = ModelConfig.from_preset(job.model.preset, **job.model.overrides)
+    config = job.model.config()
     return config, MoETransformer(config)
 
 

@@ -26,34 +26,13 @@ from hyrun.planner import (
 from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
 from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.runtime.jobfile import JobSpec
-from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.parallel.layout import ParallelLayout
-
-
-def model_shape(config: ModelConfig, seq_len: int) -> ModelShape:
-    return ModelShape(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        expert_ffn_size=config.expert_ffn_size,
-        shared_ffn_size=config.shared_ffn_size,
-        num_experts=config.num_experts,
-        top_k=config.top_k,
-        cla_share_every=config.cla_share_every,
-        seq_len=seq_len,
-        qk_norm=config.qk_norm,
-        tie_embeddings=config.tie_embeddings,
-    )
 
 
 def planner_inputs(job: JobSpec) -> tuple[Cluster, ModelShape, TrainingConfig]:
     cluster = cluster_from_job(job.cluster.nodes, job.cluster.card_types)
-    config = ModelConfig.from_preset(job.model.preset, **job.model.overrides)
     training = TrainingConfig(micro_batch_size=job.training.micro_batch, global_batch_sequences=job.training.global_batch)
-    return cluster, model_shape(config, job.training.seq_len), training
+    return cluster, ModelShape.from_config(job.model.config(), seq_len=job.training.seq_len), training
 
 
 def card_ids(cluster: Cluster) -> dict[CardRef, int]:
