@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from hyrun.runtime.jobfile import JobFileError, load_job
+from hyrun.agent.cli import agent as agent_command
 from hyrun.common.security import TOKEN_ENV, TlsFiles
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: rendering it with rich costs a third of a second per call
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -56,12 +57,14 @@ def launch(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="live view (default: on a terminal)")] = None,
 ) -> None:
     """Train a job: by default on an embedded cluster of this machine (coordinator + one agent per node of the job file)."""
+    from hyrun.runtime.coordinator.planning import check_job
+    from hyrun.runtime.jobfile import JobFileError, load_job
     from hyrun.runtime.launch import run_job
     from hyrun.runtime.progress import ProgressView
 
     try:
         job = load_job(job_file)
-        _check_explicit_degrees(job)
+        check_job(job)
     except JobFileError as error:
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
@@ -101,19 +104,6 @@ def _print_summary(outcome) -> None:
     console.print("\n".join(lines), highlight=False)
 
 
-def _check_explicit_degrees(job) -> None:
-    """Explicit degrees must give the planner a layout that fits, before any process starts."""
-    if job.parallelism == "auto":
-        return
-    from hyrun.runtime.coordinator.planning import plan_for_run
-
-    try:
-        plan_for_run(job)
-    except ValueError as error:
-        given = ", ".join(f"{k}={v}" for k, v in job.parallelism.degrees().items() if v)
-        raise JobFileError(f"parallelism {{{given}}} does not fit this cluster and model: {error}") from None
-
-
 @app.command()
 def plan(
     job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
@@ -122,15 +112,17 @@ def plan(
 ) -> None:
     """Print the plan the cost model picks for the job's cards, next to the naive uniform plan."""
     from hyrun.planner import format_comparison, result_to_json
-    from hyrun.runtime.coordinator.planning import plan_job
+    from hyrun.runtime.coordinator.planning import check_job, plan_job
+    from hyrun.runtime.jobfile import JobFileError, load_job
 
     try:
         job = load_job(job_file)
+        check_job(job)
         result = plan_job(job, data_parallel_only=data_parallel_only)
     except JobFileError as error:
         _fail(str(error), EXIT_USAGE)
-    except ValueError as error:
-        _fail(f"no plan fits: {error}")
+    except ValueError as error:  # only --data-parallel-only can get here: check_job planned without it
+        _fail(f"no data-parallel plan fits: {error}", EXIT_USAGE)
     if as_json:
         print(json.dumps(result_to_json(result), indent=2))
     else:
@@ -156,6 +148,7 @@ def coordinator_cmd(
     import threading
 
     from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
+    from hyrun.runtime.rendezvous import GenerationStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = _token(token_file)
@@ -168,78 +161,23 @@ def coordinator_cmd(
             token=token, tls=TlsFiles(cert=tls_cert, key=tls_key),
             metrics_host=host, metrics_port=metrics_port, run_root=str(run_root), store_url=store,
         )  # fmt: skip
-        service = CoordinatorService(settings)
+        service = CoordinatorService(settings, open_rendezvous=GenerationStore)
         service.start()
     except (ValueError, OSError) as error:
         _fail(str(error), EXIT_USAGE)
     console.print(f"coordinator on {service.address}, metrics on :{service.metrics_port}")
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # may be inherited ignored
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The handlers only set a flag: nothing is raised into grpc or the loop thread mid-call.
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # may be inherited ignored
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         service.stop()
 
 
-@app.command()
-def agent(
-    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator")],
-    node: Annotated[str, typer.Option(help="this node's name (unique in the cluster)")],
-    cards_json: Annotated[Optional[str], typer.Option(help="simulated cards as job-file card groups (JSON)")] = None,
-    simulate: Annotated[
-        Optional[list[str]], typer.Option(help="simulated cards TYPE:COUNT[:SPEED], repeatable; default: NVML GPUs")
-    ] = None,
-    host: Annotated[str, typer.Option(help="address other nodes reach this one at (default: hostname)")] = "",
-    heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 1.0,
-    reconnect_timeout: Annotated[float, typer.Option(help="seconds to keep workers while the coordinator is gone")] = 30.0,
-    warm_workers: Annotated[int, typer.Option(help="spare worker processes kept ready for fast restarts (-1: one per card)")] = -1,
-    parent_pid: Annotated[Optional[int], typer.Option(help="exit when this process dies (used by `hyrun launch`)")] = None,
-    tls_ca: TlsCa = None,
-    token_file: TokenFile = None,
-) -> None:
-    """Run a node agent: register this node's cards and run its workers."""
-    import signal
-
-    from hyrun.agent.cards import nvml_cards, simulated_cards
-    from hyrun.agent.node_agent import AgentSettings, NodeAgent, install_signal_handlers
-    from hyrun.agent.telemetry import SimulatedCards
-    from hyrun.common.process import die_with_parent
-
-    if parent_pid is not None:
-        die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: we still stop our workers first
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{node}] %(levelname)s %(message)s")
-    try:
-        groups = json.loads(cards_json) if cards_json else [_parse_simulate(s) for s in simulate or []]
-    except (ValueError, json.JSONDecodeError) as error:
-        _fail(f"bad card description: {error}", EXIT_USAGE)
-    cards = simulated_cards(groups) if groups else nvml_cards()
-    if not cards:
-        _fail("no cards: no NVIDIA GPU found by NVML; describe simulated ones with --simulate cpu-sim:2", EXIT_USAGE)
-    settings = AgentSettings(
-        coordinator=coordinator, node=node, cards=tuple(cards), host=host,
-        heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout, warm_workers=warm_workers,
-        token=_token(token_file), tls=TlsFiles(cert=tls_ca),
-    )  # fmt: skip
-    install_signal_handlers()
-    if cards[0].simulated:
-        telemetry = SimulatedCards([c.index for c in cards])
-    else:
-        from hyrun.agent.nvml import NvmlCards
-
-        telemetry = NvmlCards([c.index for c in cards])
-    sys.exit(NodeAgent(settings, telemetry).run())
-
-
-def _parse_simulate(text: str) -> dict:
-    parts = text.split(":")
-    if not 2 <= len(parts) <= 3:
-        raise ValueError(f"{text!r} is not TYPE:COUNT[:SPEED]")
-    group = {"type": parts[0], "count": int(parts[1])}
-    if len(parts) == 3:
-        group["speed"] = float(parts[2])
-    return group
+# The agent's command lives with the agent; this module only composes the CLI.
+app.command("agent")(agent_command)
 
 
 def _connect(coordinator: str | None, run: Path | None, token_file: Path | None, tls_ca: Path | None):
@@ -328,7 +266,8 @@ def _mount_ckpt() -> None:
 
 _mount_ckpt()
 
-chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True)
+chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(chaos_app, name="chaos")
 
 
@@ -342,6 +281,7 @@ def chaos_run(
     from dataclasses import asdict
 
     from hyrun.runtime.chaos import load_scenario, run_scenario
+    from hyrun.runtime.jobfile import JobFileError
     from hyrun.runtime.launch import run_job
 
     try:

@@ -7,6 +7,8 @@ Components never take this model whole: they take the small frozen settings they
 from __future__ import annotations
 
 import re
+import secrets
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,16 @@ from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.model.schedule import LRSchedule
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def new_job_id(name: str) -> str:
+    """The one job-id format: the job's name, when it was submitted, and a random tail."""
+    return f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def valid_job_id(job_id: str) -> bool:
+    """A job id names a run directory: letters, digits, '.', '_' and '-' only."""
+    return re.fullmatch(_NAME, job_id) is not None
 
 
 class JobFileError(ValueError):
@@ -345,7 +357,14 @@ def load_job(path: str | Path) -> JobSpec:
     path = Path(path)
     if not path.is_file():
         raise JobFileError(f"job file {str(path)!r} does not exist")
-    return load_job_text(path.read_text(), source=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise JobFileError(f"job file {str(path)!r} is not UTF-8 text: byte {raw[error.start]:#04x} at line {line} "
+                           f"(offset {error.start}); save it as UTF-8") from None
+    return load_job_text(text, source=str(path))
 
 
 def job_from_json(text: str) -> JobSpec:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,8 @@ from google.protobuf import json_format
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
-from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.jobfile import JobSpec, new_job_id
+from hyrun.runtime.rendezvous import GenerationStore
 from hyrun.common.process import kill_group
 from hyrun.common.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
 
@@ -55,10 +55,6 @@ class JobOutcome:
         return self.state == "COMPLETED"
 
 
-def new_job_id(name: str) -> str:
-    return f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
 class EmbeddedCluster:
     """The coordinator plus one agent process per node, all on this machine."""
 
@@ -76,7 +72,8 @@ class EmbeddedCluster:
                 metrics_port=job.metrics.port,
                 store_url=job.store,
                 run_root=str(run_dir.parent),
-            )
+            ),
+            open_rendezvous=GenerationStore,
         )
         self.agents: dict[str, subprocess.Popen] = {}
 

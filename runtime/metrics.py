@@ -38,6 +38,9 @@ class CoordinatorMetrics:
             "hyrun_steps_lost_total", "Steps trained again after resuming from a checkpoint", registry=r
         )
         self.job_failures_total = Counter("hyrun_job_failures_total", "Jobs ended by a failure", registry=r)
+        self.loop_lag_seconds = Gauge(
+            "hyrun_coordinator_loop_lag_seconds", "How late the coordinator's policy timer last ran", registry=r
+        )
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

@@ -35,6 +35,20 @@ TINY_JOB = {
 }
 
 
+class FakeRendezvous:
+    """Stands in for a generation's TCPStore where no worker will dial it (coordinator unit tests)."""
+
+    def __init__(self, bind_host: str, advertise_host: str, job_id: str, generation: int, world_size: int):
+        from types import SimpleNamespace
+
+        self.info = SimpleNamespace(host=advertise_host, port=40000 + generation, key_prefix=f"{job_id}/{generation}/",
+                                    world_size=world_size)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def job_dict(**sections) -> dict:
     job = copy.deepcopy(TINY_JOB)
     for key, value in sections.items():

@@ -12,10 +12,12 @@ from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
 from hyrun.common.security import call_metadata
 
+from conftest import FakeRendezvous
+
 
 @pytest.fixture
 def service(tmp_path):
-    svc = CoordinatorService(CoordinatorSettings(token="s3cret", run_root=str(tmp_path), heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0))
+    svc = CoordinatorService(CoordinatorSettings(token="s3cret", run_root=str(tmp_path), heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0), open_rendezvous=FakeRendezvous)
     svc.start()
     yield svc
     svc.stop()

@@ -1,20 +1,24 @@
-"""The orchestrator's decisions, driven directly with hand-made messages and clocks."""
+"""The orchestrator end to end without processes: hand-made messages in, policy ticks at chosen
+times, commands out. Planning is the plain even split and the rendezvous a fake (the planner and
+the rules have their own tests); decide()'s rules one by one are in test_decide.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from hyrun.proto import hyrun_pb2 as pb
-from hyrun.runtime.coordinator.generation import Generation, GenState, IllegalTransition, RankSlot
+from hyrun.runtime.coordinator.actions import CardRef
+from hyrun.runtime.coordinator.generation import Generation, RankSlot
+from hyrun.runtime.coordinator.lifecycle import GenState, IllegalTransition, JobState
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
-from hyrun.runtime.coordinator.policy import CardRef
+from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings
+from hyrun.runtime.coordinator.ranks import assign_ranks, plan_ranks
 from hyrun.runtime.parallel.layout import ParallelLayout
-from hyrun.runtime.coordinator.orchestrator import JobRejected, JobState, Orchestrator, OrchestratorSettings, assign_ranks
 from hyrun.runtime.coordinator.store import MemoryStore
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.metrics import CoordinatorMetrics
 
-from conftest import job_dict
+from conftest import FakeRendezvous, job_dict
 
 
 def _node(name: str, cards: int, now: float = 0.0, speed: float = 1.0) -> NodeRecord:
@@ -22,8 +26,11 @@ def _node(name: str, cards: int, now: float = 0.0, speed: float = 1.0) -> NodeRe
     return NodeRecord(name, "127.0.0.1", records, agent_pid=1, last_heartbeat_s=now)
 
 
-@pytest.fixture
-def harness(tmp_path):
+def _even_split(spec, membership, excluded, measured_speed):
+    return assign_ranks(spec, membership, excluded)
+
+
+def _harness(tmp_path, plan=_even_split):
     membership = Membership(heartbeat_timeout_s=2.0)
     sent, published = [], []
     orch = Orchestrator(
@@ -32,21 +39,48 @@ def harness(tmp_path):
         metrics=CoordinatorMetrics(),
         send=lambda node, cmd: sent.append((node, cmd)),
         publish=published.append,
-        settings=OrchestratorSettings(run_root=str(tmp_path)),
+        settings=OrchestratorSettings(run_root=str(tmp_path), heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0),
+        open_rendezvous=FakeRendezvous,
+        plan=plan,
     )
     return orch, membership, sent, published
+
+
+@pytest.fixture
+def harness(tmp_path):
+    return _harness(tmp_path)
+
+
+@pytest.fixture
+def planned(tmp_path):
+    """With the real planner, for the tests about what it is told (measured speeds)."""
+    return _harness(tmp_path, plan=plan_ranks)
 
 
 def _start(harness, **sections):
     orch, membership, sent, _ = harness
     spec = parse_job(job_dict(**sections))
     orch.submit(spec, now_s=0.0)
+    orch.tick(0.0)
     assert orch.job.state is JobState.PENDING and not sent  # nodes not there yet
     for name in ("node-a", "node-b"):
         node = _node(name, 2)
         membership.register(node)
         orch.on_register(node, 0.0)
+    orch.tick(0.0)
     return orch.job.generation
+
+
+def _beat_all(harness, until_s: float, step_s: float = 0.5, skip: str = "") -> None:
+    """Heartbeats from every node (but `skip`) and policy ticks up to `until_s`."""
+    orch, membership, *_ = harness
+    t = 0.0
+    while t <= until_s:
+        for name in membership.nodes:
+            if name != skip:
+                membership.heartbeat(name, t)
+        orch.tick(t)
+        t += step_s
 
 
 def _step(gen: int, rank: int, step: int, loss: float = 2.0) -> pb.StepReport:
@@ -62,6 +96,11 @@ def test_generation_starts_when_every_node_has_registered(harness):
     assert [r.rank for r in starts["node-b"].ranks] == [2, 3]
     assert [r.micro_batch_offset for r in starts["node-b"].ranks] == [2, 3]
     assert starts["node-a"].rendezvous.store_port == starts["node-b"].rendezvous.store_port > 0
+    assert orch_state(harness) is JobState.RUNNING
+
+
+def orch_state(harness):
+    return harness[0].job.state
 
 
 def test_step_completes_only_when_every_rank_reported_and_loss_is_token_weighted(harness):
@@ -92,6 +131,7 @@ def test_without_fault_tolerance_a_failed_worker_ends_the_job_naming_node_card_a
     orch.on_worker_exit(
         "node-b", pb.WorkerExit(generation=gen.number, rank=3, card_index=1, exit_code=-9, reason="killed by SIGKILL"), 2.0
     )
+    orch.tick(2.0)  # without fault tolerance there is no grace: the first failure ends the job
     assert orch.job.state is JobState.FAILED
     assert "rank 3 on node node-b card 1 (cpu-sim) killed by SIGKILL" in orch.job.message
     assert sorted(node for node, cmd in sent if cmd.HasField("stop")) == ["node-a", "node-b"]
@@ -103,16 +143,15 @@ def test_every_rank_finishing_completes_the_job(harness):
     gen = _start(harness)
     for rank in range(4):
         orch.on_worker_exit("node-a", pb.WorkerExit(generation=gen.number, rank=rank, exit_code=0), 3.0)
+    orch.tick(3.0)
     assert orch.job.state is JobState.COMPLETED and gen.state is GenState.COMPLETED
 
 
 def test_without_fault_tolerance_a_lost_node_fails_the_job(harness):
     orch, membership, *_ = harness
     _start(harness, fault_tolerance={"enabled": False})
-    membership.heartbeat("node-a", 2.5)
-    lost = membership.expire(now_s=2.6)
-    assert [n.name for n in lost] == ["node-b"]
-    orch.on_node_lost(lost[0], 2.6)
+    _beat_all(harness, until_s=10.0, skip="node-b")
+    assert not membership.nodes["node-b"].alive
     assert orch.job.state is JobState.FAILED and "node node-b lost" in orch.job.message
 
 
@@ -130,7 +169,7 @@ def test_killed_worker_is_evicted_not_its_peers_and_the_job_continues_without_it
     assert orch.job.generation is gen  # still collecting exits during the grace period
     orch.tick(1.6)
     new = orch.job.generation
-    assert new.number == 2 and gen.state is GenState.FAILED
+    assert new.number == 2 and gen.state is GenState.STOPPED
     assert ("node-b", 1) not in [(s.node, s.card_index) for s in new.ranks]
     assert sum(new.layout.micro_batches_per_replica) == 4  # the whole global batch, on fewer cards
     assert [str(card) for card in orch.job.evicted] == ["node-b/card1"]
@@ -148,6 +187,7 @@ def test_steps_trained_again_after_a_resume_are_counted(harness):
     orch.on_worker_exit("node-b", _exit(gen.number, 3, -9, "killed by SIGKILL"), 2.0)
     orch.tick(3.0)
     new = orch.job.generation
+    assert new.number == 2
     for slot in new.ranks:  # resumed from a checkpoint at step 1: steps 2 and 3 run again
         orch.on_step(slot.node, _step(new.number, slot.rank, 2), 4.0)
     assert orch.job.step == 2 and orch.job.steps_lost == 2
@@ -155,10 +195,10 @@ def test_steps_trained_again_after_a_resume_are_counted(harness):
 
 def test_lost_node_is_evicted_whole_and_the_job_continues(harness):
     orch, membership, *_ = harness
-    _start(harness)
-    membership.heartbeat("node-a", 2.5)
-    (lost,) = membership.expire(now_s=2.6)
-    orch.on_node_lost(lost, 2.6)
+    gen = _start(harness)
+    for rank in range(4):
+        orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
+    _beat_all(harness, until_s=10.0, skip="node-b")
     gen = orch.job.generation
     assert gen.number == 2 and {s.node for s in gen.ranks} == {"node-a"}
     assert sorted(str(c) for c in orch.job.evicted) == ["node-b/card0", "node-b/card1"]
@@ -171,6 +211,7 @@ def test_the_job_fails_when_no_card_is_left(harness):
         orch.on_worker_exit("node-a", _exit(gen.number, rank, -9, "killed by SIGKILL"), 1.0)
     orch.tick(2.0)
     assert orch.job.state is JobState.FAILED and "no usable card is left" in orch.job.message
+    assert len(orch.job.evicted) == 4
 
 
 def test_nodes_that_never_come_fail_the_job_after_the_wait(harness):
@@ -204,6 +245,8 @@ def test_uneven_micro_batch_split_covers_the_global_batch():
 
 def test_illegal_generation_transition_raises():
     gen = Generation(1, (RankSlot(0, "n", 0, "cpu-sim", 1.0, 1),), ParallelLayout.data_parallel([1]))
+    with pytest.raises(IllegalTransition, match="STARTING -> DRAINING"):
+        gen.transition(GenState.DRAINING)  # nothing to checkpoint before the first step
     gen.transition(GenState.COMPLETED)
     with pytest.raises(IllegalTransition, match="COMPLETED -> RUNNING"):
         gen.transition(GenState.RUNNING)
@@ -232,8 +275,10 @@ def test_a_fatal_xid_evicts_that_card(harness):
     orch, *_ = harness
     _start(harness)
     orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0), 1.0)
+    orch.tick(1.0)
     assert orch.job.generation.number == 1
     orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0, xid_events=[79]), 2.0)
+    orch.tick(2.0)
     assert [str(c) for c in orch.job.evicted] == ["node-b/card0"] and "XID 79" in orch.event().evictions[0]
 
 
@@ -242,6 +287,7 @@ def test_a_card_heating_towards_its_threshold_is_drained(harness):
     _start(harness, health={"temperature_horizon_s": 30})
     for t in range(8):
         orch.on_heartbeat("node-a", _heartbeat(temperature_c=60.0 + 2.0 * t), float(t))
+        orch.tick(float(t))
     assert [str(c) for c in orch.job.evicted] == ["node-a/card0"]
     assert "rising" in orch.event().evictions[0]
 
@@ -255,6 +301,7 @@ def test_nan_on_one_rank_repeatedly_drains_it(harness):
             report = _step(gen.number, rank, step)
             report.nonfinite_grads = 3 if rank == 1 else 0
             orch.on_step("node-a", report, float(step))
+        orch.tick(float(step))
     assert [str(c) for c in orch.job.evicted] == ["node-a/card1"]
     assert "suspected silent data corruption" in orch.event().evictions[0]
 
@@ -266,12 +313,15 @@ def test_a_drain_checkpoints_first_and_loses_no_step(harness):
         orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
     sent.clear()
     orch.on_heartbeat("node-b", _heartbeat(temperature_c=88.0), 1.5)  # within 5 °C of slowdown
+    orch.tick(1.5)
+    assert orch.job.generation.state is GenState.DRAINING
     assert sorted(node for node, cmd in sent if cmd.HasField("checkpoint_now")) == ["node-a", "node-b"]
     assert orch.job.generation is gen  # still training until the checkpoint commits
     for rank in range(4):
         report = _step(gen.number, rank, 2)
         report.checkpoint_step = 2 if rank == 3 else 1
         orch.on_step("node-a", report, 2.0)
+    orch.tick(2.0)
     assert orch.job.generation.number == 2
     assert [str(c) for c in orch.job.evicted] == ["node-b/card0"]
     (incident,) = orch.job.incidents
@@ -287,8 +337,14 @@ def test_a_drain_whose_checkpoint_never_commits_leaves_at_the_deadline(harness):
     for rank in range(4):
         orch.on_step("node-a", _step(gen.number, rank, 1), 1.0)
     orch.on_heartbeat("node-b", _heartbeat(temperature_c=89.0), 2.0)
-    orch.tick(11.0)
+    for t in (2.0, 5.0, 8.0, 11.0):
+        orch.on_progress("node-a", pb.RankProgress(generation=gen.number, rank=0, step=2), t)  # not hung
+        for name in ("node-a", "node-b"):
+            orch.membership.heartbeat(name, t)
+        orch.tick(t)
     assert orch.job.generation is gen
+    orch.membership.heartbeat("node-a", 12.5)
+    orch.membership.heartbeat("node-b", 12.5)
     orch.tick(12.5)
     assert orch.job.generation.number == 2
 
@@ -302,9 +358,12 @@ def test_operator_drain_of_a_node(harness):
     assert "draining node node-b" in message
     with pytest.raises(JobRejected, match="no node 'node-z'"):
         orch.drain_node("node-z", "", 1.5)
+    orch.tick(1.5)
+    assert any(cmd.HasField("checkpoint_now") for _, cmd in sent)
     report = _step(gen.number, 0, 2)
     report.checkpoint_step = 2
     orch.on_step("node-a", report, 2.0)
+    orch.tick(2.0)
     assert {s.node for s in orch.job.generation.ranks} == {"node-a"}
     assert all("night is over" in e for e in orch.event().evictions)
 
@@ -322,8 +381,6 @@ def _half_speed_node_b(**job):
 
 
 def test_auto_parallelism_gives_faster_cards_more_micro_batches():
-    from hyrun.runtime.coordinator.orchestrator import plan_ranks
-
     membership, spec = _half_speed_node_b(parallelism="auto")
     planned = plan_ranks(spec, membership)
     by_card = {(s.node, s.card_index): s.micro_batches for s in planned.slots}
@@ -335,13 +392,12 @@ def test_auto_parallelism_gives_faster_cards_more_micro_batches():
 
 
 def test_an_even_split_ignores_card_speed():
-    from hyrun.runtime.coordinator.orchestrator import plan_ranks
-
     membership, spec = _half_speed_node_b(parallelism={"dp": 4, "split": "even"})
     assert plan_ranks(spec, membership).layout.micro_batches_per_replica == (2, 2, 2, 2)
 
 
-def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(harness):
+def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(planned):
+    harness = planned
     orch, _, sent, _ = harness
     gen = _start(harness, training={"global_batch": 16, "micro_batch": 2}, health={"straggler_ratio": 1.5, "straggler_drain_ratio": 4.0})
     for step in range(1, 6):
@@ -350,10 +406,12 @@ def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(har
             per_micro_batch_s = 0.3 if rank == 3 else 0.1
             report.compute_time_s = per_micro_batch_s * slot.micro_batches
             orch.on_step(slot.node, report, float(step))
+        orch.tick(float(step))
     assert any(cmd.HasField("checkpoint_now") for _, cmd in sent)
     report = _step(gen.number, 0, 6)
     report.checkpoint_step = 6
     orch.on_step("node-a", report, 6.0)
+    orch.tick(6.0)
     new = orch.job.generation
     assert new.number == 2 and not orch.job.evicted  # the card stays, with less work
     assert orch.job.measured_speed[CardRef("node-b", 1)] == pytest.approx(1 / 3)
@@ -362,37 +420,89 @@ def test_a_straggler_is_replanned_with_its_measured_speed_after_a_checkpoint(har
     assert orch.job.incidents[-1].verdict == "replan"
 
 
+def _lose_node_b(harness):
+    """Trains a step, then node-b goes silent and is evicted with its node (not for a fault)."""
+    orch, membership, *_ = harness
+    gen = orch.job.generation
+    for rank in range(gen.world_size):
+        orch.on_step(gen.slot(rank).node, _step(gen.number, rank, 1), 1.0)
+    _beat_all(harness, until_s=10.0, skip="node-b")
+    return orch.job.generation
+
+
+def _rejoin(harness, name: str, now: float) -> None:
+    orch, membership, *_ = harness
+    back = _node(name, 2, now=now)
+    back.registered_s = now
+    membership.register(back)
+    orch.on_register(back, now)
+
+
+def _commit(harness, step: int, now: float) -> None:
+    orch, membership, *_ = harness
+    for name in membership.nodes:
+        membership.heartbeat(name, now)
+    gen = orch.job.generation
+    for rank in range(gen.world_size):
+        report = _step(gen.number, rank, step)
+        report.checkpoint_step = step
+        orch.on_step(gen.slot(rank).node, report, now)
+    orch.tick(now)
+
+
 def test_a_lost_node_that_comes_back_joins_at_the_next_checkpoint(harness):
     orch, membership, sent, _ = harness
     _start(harness)
-    membership.heartbeat("node-a", 2.5)
-    (lost,) = membership.expire(now_s=2.6)
-    orch.on_node_lost(lost, 2.6)
-    gen = orch.job.generation
+    gen = _lose_node_b(harness)
     assert {s.node for s in gen.ranks} == {"node-a"}
+    assert {e.cause.value for e in orch.job.evicted.values()} == {"node_silent"}
     for slot in gen.ranks:
-        orch.on_step(slot.node, _step(gen.number, slot.rank, 1), 3.0)
+        orch.on_step(slot.node, _step(gen.number, slot.rank, 1), 11.0)
     sent.clear()
-    back = _node("node-b", 2, now=4.0)
-    membership.register(back)
-    orch.on_register(back, 4.0)
+    _rejoin(harness, "node-b", 12.0)
+    orch.tick(12.0)
     assert any(cmd.HasField("checkpoint_now") for _, cmd in sent)  # no step lost: checkpoint first
-    report = _step(gen.number, 0, 2)
-    report.checkpoint_step = 2
-    orch.on_step("node-a", report, 5.0)
+    _commit(harness, 2, 13.0)
     assert {s.node for s in orch.job.generation.ranks} == {"node-a", "node-b"}
     assert orch.job.evicted == {} and orch.job.incidents[-1].verdict == "join"
 
 
-def test_a_card_evicted_for_a_hardware_fault_stays_out_when_its_node_reconnects(harness):
+def test_a_card_evicted_for_a_hardware_fault_stays_out_when_its_node_comes_back(harness):
+    """node-b/card0 reports XID 79 and is evicted; later the whole node is lost; when node-b
+    registers again only card1 (lost with its node) rejoins."""
     orch, membership, *_ = harness
     _start(harness, checkpoint={"interval_steps": 0})
-    orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0, xid_events=[79]), 2.0)
-    assert CardRef("node-b", 0) in orch.job.evicted
-    back = _node("node-b", 2, now=3.0)
-    membership.register(back)
-    orch.on_register(back, 3.0)  # node-b/card1 is already in the generation: nothing to do
-    assert CardRef("node-b", 0) in orch.job.evicted
+    orch.on_heartbeat("node-b", _heartbeat(temperature_c=50.0, xid_events=[79]), 0.5)
+    orch.tick(0.5)
+    assert orch.job.evicted[CardRef("node-b", 0)].cause.value == "fatal_xid"
+    gen = _lose_node_b(harness)
+    assert {s.node for s in gen.ranks} == {"node-a"}
+    _rejoin(harness, "node-b", 12.0)
+    for t in (12.0, 12.5):
+        membership.heartbeat("node-a", t)
+        membership.heartbeat("node-b", t)
+        orch.tick(t)  # no checkpoints configured: the join restarts at once
+    cards = {(s.node, s.card_index) for s in orch.job.generation.ranks}
+    assert ("node-b", 1) in cards and ("node-b", 0) not in cards
+    assert list(orch.job.evicted) == [CardRef("node-b", 0)]
+
+
+def test_a_node_left_out_of_a_generation_on_purpose_does_not_rejoin_it(harness):
+    """A node registered before the generation started and is not in it (its cards evicted for a
+    fault): no join loop."""
+    orch, membership, sent, _ = harness
+    gen = _start(harness, checkpoint={"interval_steps": 0})
+    for index in (0, 1):
+        orch.on_heartbeat("node-b", pb.Heartbeat(cards=[pb.CardTelemetry(index=index, xid_events=[79])]), 0.5)
+    orch.tick(0.5)
+    gen = orch.job.generation
+    assert gen.number == 2 and gen.nodes == ["node-a"]
+    sent.clear()
+    for t in (1.0, 1.5, 2.0):
+        membership.heartbeat("node-a", t)
+        membership.heartbeat("node-b", t)
+        orch.tick(t)
+    assert orch.job.generation is gen and not sent
 
 
 def test_a_pipeline_stage_is_measured_per_layer_it_holds():

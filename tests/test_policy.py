@@ -1,14 +1,15 @@
-"""Verdicts from evidence, without processes."""
+"""The single-signal rules (policy.py), without processes; how decide() combines them is in test_decide.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from hyrun.runtime.coordinator.policy import CardRef, RankFailure, VerdictKind, blame_exits, lost_node_verdicts
+from hyrun.runtime.coordinator.actions import CardRef, Cause, VerdictKind
+from hyrun.runtime.coordinator.policy import RankFailure, blame_exits, same_job_error
 
 
 def _failure(rank: int, code: int, reason: str, at: float) -> RankFailure:
-    return RankFailure(rank, CardRef("n", rank), code, reason, at)
+    return RankFailure(rank, CardRef("n", rank), "cpu-sim", code, reason, at)
 
 
 def test_signal_death_is_blamed_and_peer_errors_are_not():
@@ -35,10 +36,16 @@ def test_when_every_exit_looks_like_a_victim_the_first_to_go_is_blamed():
     assert [v.card.index for v in verdicts] == [1]
 
 
-def test_lost_node_evicts_each_of_its_cards_with_the_evidence():
-    verdicts = lost_node_verdicts("node-b", [0, 1], 5.25)
-    assert [str(v.card) for v in verdicts] == ["node-b/card0", "node-b/card1"]
-    assert all("no heartbeat for 5.2 s" in v.reason for v in verdicts)
+def test_the_same_error_on_every_rank_is_the_jobs_not_a_cards():
+    oom = "exited with code 1: RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate {} bytes"
+    failures = [_failure(r, 1, oom.format(10**12 + r), 1.0 + r / 10) for r in range(4)]
+    assert same_job_error(failures, world_size=4) is failures[0]
+    assert same_job_error(failures[:3], world_size=4) is None  # one rank still running
+    killed = failures[:3] + [_failure(3, -9, "killed by SIGKILL", 1.5)]
+    assert same_job_error(killed, world_size=4) is None  # a signal is a card's or a host's, not the job's
+    other = failures[:3] + [_failure(3, 1, "exited with code 1: ImportError: no module x", 1.5)]
+    assert same_job_error(other, world_size=4) is None
+    assert failures[0].evidence.cause is Cause.WORKER_EXIT
 
 
 def test_hang_names_the_rank_that_never_entered_the_reduce():

@@ -5,7 +5,8 @@ evicted) from the one that failed."""
 from __future__ import annotations
 
 from hyrun.agent.supervisor import last_error_line
-from hyrun.runtime.coordinator.policy import CardRef, RankFailure
+from hyrun.runtime.coordinator.actions import CardRef
+from hyrun.runtime.coordinator.policy import RankFailure
 
 GLOO_VICTIM_LOG = """\
 Traceback (most recent call last):
@@ -24,7 +25,7 @@ def test_the_workers_error_summary_wins_over_a_teardown_abort(tmp_path):
     log.write_text(GLOO_VICTIM_LOG)
     detail = last_error_line(log)
     assert detail.startswith("error: RuntimeError") and "Connection closed by peer" in detail
-    victim = RankFailure(2, CardRef("node-b", 0), -6, f"killed by SIGABRT: {detail}", 1.0)
+    victim = RankFailure(2, CardRef("node-b", 0), "cpu-sim", -6, f"killed by SIGABRT: {detail}", 1.0)
     assert victim.looks_like_victim
 
 

@@ -1,33 +1,14 @@
-"""The lifecycle of one generation (one plan run by one set of workers) as an explicit state
-machine: an illegal transition raises instead of leaving the job in a state nobody planned for."""
+"""One generation: one plan run by one set of workers, and what the coordinator has heard from
+them. Mutated only by the orchestrator's ingest; decide() reads a frozen copy (view.py)."""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from hyrun.runtime.coordinator.actions import CardRef, Verdict
+from hyrun.runtime.coordinator.lifecycle import GENERATION_TRANSITIONS, GenState, check_transition
+from hyrun.runtime.coordinator.policy import RankFailure
 from hyrun.runtime.parallel.layout import ParallelLayout
-
-
-class GenState(enum.Enum):
-    STARTING = "STARTING"    # StartGeneration sent; waiting for every worker to report a step
-    RUNNING = "RUNNING"      # every rank has reported progress
-    STOPPING = "STOPPING"    # a failure or stop request: workers are being stopped
-    COMPLETED = "COMPLETED"  # every rank finished all its steps and exited 0
-    FAILED = "FAILED"        # ended by a failure; the job may continue in a next generation
-
-
-ALLOWED: dict[GenState, frozenset[GenState]] = {
-    GenState.STARTING: frozenset({GenState.RUNNING, GenState.STOPPING, GenState.COMPLETED}),
-    GenState.RUNNING: frozenset({GenState.STOPPING, GenState.COMPLETED}),
-    GenState.STOPPING: frozenset({GenState.FAILED}),
-    GenState.COMPLETED: frozenset(),
-    GenState.FAILED: frozenset(),
-}
-
-
-class IllegalTransition(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -40,6 +21,10 @@ class RankSlot:
     card_type: str
     speed: float
     micro_batches: int
+
+    @property
+    def card(self) -> CardRef:
+        return CardRef(self.node, self.card_index)
 
 
 @dataclass(frozen=True)
@@ -55,19 +40,20 @@ class Generation:
     number: int
     ranks: tuple[RankSlot, ...]
     layout: ParallelLayout
+    started_s: float = 0.0
     state: GenState = GenState.STARTING
     reason: str = ""
-    # rank -> last step reported; rank -> exit code
-    steps_by_rank: dict[int, int] = field(default_factory=dict)
-    exited_ok: set[int] = field(default_factory=set)
-    failures: list = field(default_factory=list)  # RankFailure, in the order they arrived
-    failing_since: float | None = None  # first failure seen; the verdict waits a short grace
+    steps_by_rank: dict[int, int] = field(default_factory=dict)  # rank -> last step reported
     reduce_entered: dict[int, int] = field(default_factory=dict)  # rank -> step whose reduce it entered
     last_progress_s: float = 0.0  # any rank's last step or progress report
-    # A drain in progress: the verdicts to carry out once a checkpoint newer than
-    # `drain_after_step` has committed (or at `drain_deadline_s`, whatever the checkpoint).
     last_report: dict = field(default_factory=dict)  # rank -> its last StepReport
-    drain_verdicts: list = field(default_factory=list)
+    committed_step: int = 0  # newest checkpoint any rank reported committed (commits are all-ranks)
+    exited_ok: set[int] = field(default_factory=set)
+    failures: list[RankFailure] = field(default_factory=list)  # in the order they arrived
+    failing_since: float | None = None  # first failure seen; the verdict waits a short grace
+    # A drain in progress: verdicts carried out once a checkpoint newer than `drain_after_step`
+    # commits, or at `drain_deadline_s` whatever the checkpoint.
+    drain_verdicts: list[Verdict] = field(default_factory=list)
     drain_after_step: int = 0
     drain_deadline_s: float = 0.0
 
@@ -83,12 +69,10 @@ class Generation:
         return self.ranks[rank]
 
     def transition(self, new: GenState, reason: str = "") -> None:
-        if new not in ALLOWED[self.state]:
-            raise IllegalTransition(f"generation {self.number}: {self.state.value} -> {new.value} is not allowed")
-        self.state = new
+        self.state = check_transition(GENERATION_TRANSITIONS, self.state, new, f"generation {self.number}")
         if reason:
             self.reason = reason
 
     @property
     def ended(self) -> bool:
-        return self.state in (GenState.COMPLETED, GenState.FAILED)
+        return self.state in (GenState.COMPLETED, GenState.STOPPED)

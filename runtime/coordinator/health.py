@@ -1,6 +1,6 @@
-"""What the coordinator knows about each card's health, fed by heartbeats and step reports, and
-turned into verdicts by the pure rules in policy.py. Recent samples only: a bounded window per card.
-"""
+"""What the coordinator knows about each card's health and each rank's recent steps, fed by
+heartbeats and step reports (ingest only: decide.py judges it). Recent samples only: a bounded
+window per card."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hyrun.proto import hyrun_pb2 as pb
-from hyrun.runtime.coordinator.policy import (
-    CardRef,
-    HealthSettings,
-    Verdict,
-    hardware_error_verdict,
-    straggler_verdicts,
-    suspected_corruption,
-    temperature_verdict,
-)
+from hyrun.runtime.coordinator.actions import CardRef
+from hyrun.runtime.coordinator.policy import HealthSettings
+from hyrun.runtime.coordinator.view import CardHealthView
 
 _TEMPERATURE_SAMPLES = 30
 
@@ -28,6 +22,9 @@ class CardHealth:
     ecc_uncorrected: int | None = None  # last cumulative count seen
     ecc_new: int = 0
     xids: list[int] = field(default_factory=list)
+
+    def view(self) -> CardHealthView:
+        return CardHealthView(tuple(self.temperatures), self.slowdown_c, self.ecc_new, tuple(self.xids))
 
 
 class HealthBook:
@@ -47,19 +44,6 @@ class HealthBook:
             health.ecc_uncorrected = sample.ecc_uncorrected
             health.xids.extend(sample.xid_events)
 
-    def card_verdicts(self, cards: list[CardRef]) -> list[Verdict]:
-        verdicts = []
-        for card in cards:
-            health = self.cards.get(card)
-            if health is None:
-                continue
-            verdict = hardware_error_verdict(card, health.xids, health.ecc_new, self.settings) or temperature_verdict(
-                card, list(health.temperatures), health.slowdown_c, self.settings
-            )
-            if verdict is not None:
-                verdicts.append(verdict)
-        return verdicts
-
     def forget(self, card: CardRef) -> None:
         """A card leaves the job: its evidence must not fire again if it is ever readmitted."""
         self.cards.pop(card, None)
@@ -72,16 +56,15 @@ class HealthBook:
             window.append(compute_s / micro_batches)
             del window[: -self.settings.straggler_window_steps]
 
-    def stragglers(self, card_type: dict[CardRef, str], believed_speed: dict[CardRef, float]) -> list[Verdict]:
-        return straggler_verdicts(self.seconds_per_micro_batch, card_type, believed_speed, self.settings)
-
     def record_step(self, rank: int, step: int, nonfinite_grads: int) -> None:
         self.nonfinite_by_step.setdefault(step, {})[rank] = nonfinite_grads > 0
         for old in [s for s in self.nonfinite_by_step if s <= step - 2 * self.settings.overflow_window_steps]:
             del self.nonfinite_by_step[old]
 
-    def corrupt_ranks(self, latest_step: int) -> dict[int, str]:
-        return suspected_corruption(self.nonfinite_by_step, latest_step, self.settings)
+    def completed_nonfinite(self, world_size: int) -> dict[int, dict[int, bool]]:
+        """Only steps every rank has reported: a half-reported step would single out the ranks that
+        happened to report first."""
+        return {s: dict(r) for s, r in self.nonfinite_by_step.items() if len(r) == world_size}
 
     def new_generation(self) -> None:
         self.nonfinite_by_step.clear()

@@ -1,5 +1,5 @@
-"""Which nodes and cards exist and are alive. Time is passed in, so tests move clocks by hand;
-the server feeds registrations and heartbeats, a timer asks `expire(now)` for lost nodes."""
+"""Which nodes and cards exist and are alive. Ingest only: the server feeds registrations and
+heartbeats; whether a silent node is lost is decide()'s call (MarkNodeLost), applied here."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class NodeRecord:
     cards: tuple[CardRecord, ...]
     agent_pid: int
     last_heartbeat_s: float
+    registered_s: float = 0.0
     alive: bool = True
     connected: bool = True
     heartbeats: int = 0
@@ -35,6 +36,8 @@ class Membership:
 
     def register(self, node: NodeRecord) -> None:
         """A node joining, or re-joining after its stream broke: the new record wins."""
+        if not node.registered_s:
+            node.registered_s = node.last_heartbeat_s
         self.nodes[node.name] = node
 
     def heartbeat(self, name: str, now_s: float) -> bool:
@@ -50,14 +53,13 @@ class Membership:
         if node is not None:
             node.connected = False
 
-    def expire(self, now_s: float) -> list[NodeRecord]:
-        """Marks nodes whose lease ran out as dead and returns them (each exactly once)."""
-        lost = []
-        for node in self.nodes.values():
-            if node.alive and now_s - node.last_heartbeat_s > self.heartbeat_timeout_s:
-                node.alive = False
-                lost.append(node)
-        return lost
+    def mark_lost(self, name: str) -> NodeRecord | None:
+        """Stops planning on a node until it registers again; returns it if it was alive."""
+        node = self.nodes.get(name)
+        if node is None or not node.alive:
+            return None
+        node.alive = False
+        return node
 
     def alive(self, names: list[str]) -> bool:
         return all(name in self.nodes and self.nodes[name].alive for name in names)

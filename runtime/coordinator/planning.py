@@ -5,6 +5,9 @@ a pure library (`hyrun.planner`) and knows nothing of jobs or processes.
 The worker runs every plan the search returns (`hyrun.runtime.parallel`): five degrees, uneven
 layer counts per pipeline stage, uneven micro-batch counts per data-parallel replica and the plan's
 expert placement.
+
+`check_job` is the pre-launch gate: whatever a generation's start would refuse is refused before any
+process starts (by `hyrun launch`, `hyrun plan` and the coordinator's submit).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from hyrun.planner import (
     cluster_from_job,
     search,
 )
-from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
+from hyrun.planner.cards import CARD_CATALOGUE
 from hyrun.runtime.coordinator.actions import CardRef
-from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
+from hyrun.runtime.jobfile import JobFileError, JobSpec
 from hyrun.runtime.parallel.layout import ParallelLayout
 
 
@@ -107,3 +111,42 @@ def rank_plan(plan: Plan, cluster: Cluster, speeds: dict[CardRef, float]) -> Ran
             RankSlot(rank, card.node, card.local_index, card.spec.name, speeds.get(ref, card.spec.speed), layout.micro_batches(rank))
         )
     return RankPlan(tuple(slots), layout)
+
+
+# A planner error can quote whole per-rank tuples; the user needs the reason, not every entry.
+_REASON_CHARS = 600
+
+
+def check_job(job: JobSpec) -> None:
+    """Refuses, before any process starts, a job that no generation could start: a card type neither in
+    the catalogue nor in `cluster.card_types`, a model that fits no card's memory, explicit degrees that
+    fit no layout, fewer micro-batches than the layout needs. Runs the same planning a generation start
+    runs. Raises JobFileError naming the field, its value and what is allowed."""
+    known = sorted(set(CARD_CATALOGUE) | set(job.cluster.card_types))
+    for n, node in enumerate(job.cluster.nodes):
+        for g, group in enumerate(node.cards):
+            if group.type not in known:
+                raise JobFileError(f"cluster.nodes.{n}.cards.{g}.type: unknown card type {group.type!r} (node "
+                                   f"{node.name}); known types: {', '.join(known)}; declare others in "
+                                   "cluster.card_types")
+    try:
+        plan = plan_for_run(job)
+        rank_plan(plan, planner_inputs(job)[0], {})  # the layout every rank would build, checked the same way
+    except ValueError as error:
+        reason = str(error)
+        if len(reason) > _REASON_CHARS:
+            reason = reason[:_REASON_CHARS] + " ..."
+        raise JobFileError(f"{_planned(job)} fits no layout of the job's {job.cluster.card_count} cards: {reason}") from None
+
+
+def _planned(job: JobSpec) -> str:
+    """The fields the planner was given, as the user wrote them."""
+    parts = [f"model.preset={job.model.preset!r}"]
+    if job.model.overrides:
+        parts.append(f"model.overrides={job.model.overrides}")
+    t = job.training
+    parts.append(f"training.global_batch={t.global_batch}, micro_batch={t.micro_batch}, seq_len={t.seq_len}")
+    if job.parallelism != "auto":
+        given = ", ".join(f"{k}={v}" for k, v in job.parallelism.degrees().items() if v)
+        parts.append(f"parallelism {{{given or 'all 0'}}} (split: {job.parallelism.split})")
+    return "; ".join(parts)

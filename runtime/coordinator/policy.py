@@ -1,6 +1,6 @@
-"""Health policy: pure functions from what the coordinator observed to verdicts with evidence.
-Time is passed in and nothing here touches a process, so every rule is tested with hand-built state.
-Mechanism (stopping workers, starting the next generation) lives in the orchestrator.
+"""The single-signal health rules: pure functions from what the coordinator observed to verdicts
+with structured evidence. decide.py combines them (and settles their conflicts); nothing here
+touches a process or a clock, so every rule is tested with hand-built state.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from hyrun.runtime.coordinator.actions import CardRef
+from hyrun.runtime.coordinator.actions import CardRef, Cause, Evidence, Verdict, VerdictKind
 
 # What a rank prints when a *peer* died under it: these ranks are victims, not culprits.
 _PEER_FAILURE = re.compile(
@@ -41,30 +41,29 @@ class HealthSettings:
     fatal_xids: frozenset[int] = field(default=FATAL_XIDS)
 
 
-class VerdictKind(enum.Enum):
-    EVICT = "evict"   # the card is bad now: end the generation, continue without it
-    DRAIN = "drain"   # the card will be bad soon: checkpoint first, then continue without it
-    REPLAN = "replan"  # the card is slower than believed: checkpoint, then plan with its measured speed
-    JOIN = "join"  # a node (back) in the job: checkpoint, then plan with its cards
-
-
-@dataclass(frozen=True)
-class Verdict:
-    kind: VerdictKind
-    card: CardRef
-    reason: str  # the evidence, in words a user can check against the logs
-    speed: float | None = None  # REPLAN: the card's measured speed, for the planner
-
-
 @dataclass(frozen=True)
 class RankFailure:
     """A worker that exited non-zero during a generation."""
 
     rank: int
     card: CardRef
+    card_type: str
     exit_code: int   # < 0: killed by signal -exit_code
-    reason: str
+    reason: str      # the worker's own summary (its exception's first line, or the signal)
     at_s: float
+    log_path: str = ""
+
+    @property
+    def evidence(self) -> Evidence:
+        log_hint = f" (log: {self.log_path})" if self.log_path else ""
+        return Evidence.of(Cause.WORKER_EXIT, rank=self.rank, node=self.card.node, card=self.card.index,
+                           card_type=self.card_type, reason=self.reason + log_hint)
+
+    @property
+    def error_signature(self) -> str:
+        """The reason with numbers masked: ranks that hit the same error (an allocation too big for
+        every card, an import error) share it even when sizes or ranks differ."""
+        return re.sub(r"\d+", "#", self.reason)
 
     @property
     def looks_like_victim(self) -> bool:
@@ -80,12 +79,25 @@ def blame_exits(failures: list[RankFailure]) -> list[Verdict]:
     if not failures:
         return []
     culprits = [f for f in failures if not f.looks_like_victim] or [min(failures, key=lambda f: f.at_s)]
-    return [Verdict(VerdictKind.EVICT, f.card, f"rank {f.rank} {f.reason}") for f in culprits]
+    return [Verdict(VerdictKind.EVICT, f.card, f.evidence) for f in culprits]
 
 
-def lost_node_verdicts(node: str, card_indices: list[int], silent_s: float) -> list[Verdict]:
-    reason = f"node {node} lost: no heartbeat for {silent_s:.1f} s"
-    return [Verdict(VerdictKind.EVICT, CardRef(node, index), reason) for index in card_indices]
+def same_job_error(failures: list[RankFailure], world_size: int) -> RankFailure | None:
+    """A failure of the job rather than of a card: every rank raised the same error (an exit code,
+    not a signal: a card or a host kills, a bad job raises), and not one of a peer dying.
+    Returns one of them to show, or None."""
+    if len({f.rank for f in failures}) < world_size or not job_error_forming(failures):
+        return None
+    return failures[0]
+
+
+def job_error_forming(failures: list[RankFailure]) -> bool:
+    """At least two ranks raised the same non-peer error so far: worth waiting for the rest."""
+    return (
+        len(failures) >= 2
+        and all(f.exit_code > 0 and not f.looks_like_victim for f in failures)
+        and len({f.error_signature for f in failures}) == 1
+    )
 
 
 def hung_ranks(steps_done: dict[int, int], reduce_entered: dict[int, int], world_size: int) -> list[int] | None:
@@ -103,11 +115,8 @@ def hung_ranks(steps_done: dict[int, int], reduce_entered: dict[int, int], world
     return sorted(rank for rank, key in keys.items() if key == slowest)
 
 
-def describe_hang(rank: int, steps_done: int, silent_s: float) -> str:
-    return (
-        f"rank {rank} hung: no progress for {silent_s:.1f} s; it completed step {steps_done} and never "
-        f"entered the all-reduce of step {steps_done + 1}, which its peers wait in"
-    )
+def hang_evidence(rank: int, steps_done: int, silent_s: float) -> Evidence:
+    return Evidence.of(Cause.HANG, rank=rank, step=steps_done, next_step=steps_done + 1, silent_s=silent_s)
 
 
 def temperature_verdict(
@@ -119,12 +128,9 @@ def temperature_verdict(
         return None
     now_s, current_c = samples[-1]
     if current_c >= slowdown_c - settings.temperature_margin_c:
-        return Verdict(
-            VerdictKind.DRAIN,
-            card,
-            f"temperature {current_c:.1f} °C is within {settings.temperature_margin_c:.0f} °C of its "
-            f"slowdown threshold {slowdown_c:.0f} °C",
-        )
+        evidence = Evidence.of(Cause.TEMPERATURE_NEAR, temperature_c=current_c,
+                               margin_c=settings.temperature_margin_c, slowdown_c=slowdown_c)
+        return Verdict(VerdictKind.DRAIN, card, evidence)
     if len(samples) < settings.temperature_min_samples:
         return None
     n = len(samples)
@@ -139,13 +145,9 @@ def temperature_verdict(
     crossing_in_s = (slowdown_c - settings.temperature_margin_c - current_c) / slope_c_per_s
     if crossing_in_s > settings.temperature_horizon_s:
         return None
-    return Verdict(
-        VerdictKind.DRAIN,
-        card,
-        f"temperature {current_c:.1f} °C rising {slope_c_per_s * 60:.1f} °C/min: reaches its slowdown "
-        f"threshold {slowdown_c:.0f} °C (less the {settings.temperature_margin_c:.0f} °C margin) in about "
-        f"{crossing_in_s:.0f} s",
-    )
+    evidence = Evidence.of(Cause.TEMPERATURE_TREND, temperature_c=current_c, rise_c_per_min=slope_c_per_s * 60,
+                           slowdown_c=slowdown_c, margin_c=settings.temperature_margin_c, crossing_s=crossing_in_s)
+    return Verdict(VerdictKind.DRAIN, card, evidence)
 
 
 def hardware_error_verdict(
@@ -153,15 +155,15 @@ def hardware_error_verdict(
 ) -> Verdict | None:
     fatal = sorted(set(xid_events) & settings.fatal_xids)
     if fatal:
-        return Verdict(VerdictKind.EVICT, card, f"fatal XID {', '.join(map(str, fatal))}")
+        return Verdict(VerdictKind.EVICT, card, Evidence.of(Cause.FATAL_XID, xids=", ".join(map(str, fatal))))
     if ecc_uncorrected_new > 0:
-        return Verdict(VerdictKind.EVICT, card, f"{ecc_uncorrected_new} new uncorrectable ECC error(s)")
+        return Verdict(VerdictKind.EVICT, card, Evidence.of(Cause.ECC, count=ecc_uncorrected_new))
     return None
 
 
 def suspected_corruption(
     nonfinite_by_step: dict[int, dict[int, bool]], latest_step: int, settings: HealthSettings
-) -> dict[int, str]:
+) -> dict[int, Evidence]:
     """Ranks whose local gradients were non-finite while a data-parallel peer's were finite, at
     least `overflow_strikes` times in the last `overflow_window_steps` steps: rank -> evidence.
     (An overflow on every rank at once is the model's, not a card's, and singles out nobody.)"""
@@ -175,8 +177,7 @@ def suspected_corruption(
             if nonfinite:
                 strikes.setdefault(rank, []).append(step)
     return {
-        rank: f"rank {rank} had non-finite local gradients at steps {', '.join(map(str, sorted(steps)))} "
-        f"while its data-parallel peers were finite: suspected silent data corruption"
+        rank: Evidence.of(Cause.CORRUPTION, rank=rank, steps=", ".join(map(str, sorted(steps))))
         for rank, steps in strikes.items()
         if len(steps) >= settings.overflow_strikes
     }
@@ -208,13 +209,12 @@ def straggler_verdicts(
         if min(ratios) < settings.straggler_ratio:
             continue
         ratio = statistics.median(ratios)
-        evidence = (
-            f"{ratio:.1f}× slower than its {card_type[card]} peers for {window} steps "
-            f"({statistics.median(times) / believed_speed[card] * 1e3:.0f} ms per micro-batch)"
-        )
+        facts = dict(ratio=ratio, card_type=card_type[card], window=window,
+                     ms_per_micro_batch=statistics.median(times) / believed_speed[card] * 1e3)
         if ratio >= settings.straggler_drain_ratio:
-            verdicts.append(Verdict(VerdictKind.DRAIN, card, f"straggler: {evidence}"))
+            verdicts.append(Verdict(VerdictKind.DRAIN, card, Evidence.of(Cause.STRAGGLER, action="", **facts)))
         else:
             speed = believed_speed[card] / ratio
-            verdicts.append(Verdict(VerdictKind.REPLAN, card, f"straggler: {evidence}; replanning at speed {speed:.2f}", speed))
+            evidence = Evidence.of(Cause.STRAGGLER, action=f"; replanning at speed {speed:.2f}", **facts)
+            verdicts.append(Verdict(VerdictKind.REPLAN, card, evidence, speed))
     return verdicts

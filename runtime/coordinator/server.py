@@ -20,7 +20,7 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime import __version__
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
-from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings
+from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings, RendezvousFactory
 from hyrun.runtime.coordinator.store import open_store
 from hyrun.runtime.jobfile import JobFileError, load_job_text
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -52,7 +52,9 @@ class CoordinatorSettings:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, settings: CoordinatorSettings, metrics: CoordinatorMetrics) -> None:
+    def __init__(
+        self, settings: CoordinatorSettings, metrics: CoordinatorMetrics, open_rendezvous: RendezvousFactory
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.membership = Membership(settings.heartbeat_timeout_s)
@@ -65,8 +67,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             send=self._send,
             publish=self._publish,
             settings=OrchestratorSettings(
-                run_root=settings.run_root, bind_host=settings.host, advertise_host=settings.advertise_host
+                run_root=settings.run_root, bind_host=settings.host, advertise_host=settings.advertise_host,
+                heartbeat_interval_s=settings.heartbeat_interval_s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
             ),
+            open_rendezvous=open_rendezvous,
+            close_stream=self._close_stream,
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -82,17 +87,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for queue in self.watchers:
             queue.put_nowait(event)
 
+    def _close_stream(self, node: str) -> None:
+        outbox = self.outboxes.get(node)
+        if outbox is not None:
+            outbox.put_nowait(None)  # close the stream of a node we declared dead
+
     async def tick_forever(self) -> None:
-        # Policy runs on a timer over the state, not per message (DESIGN: Scale).
+        # Policy runs on this timer over the state, never per message (DESIGN: Scale). The timer
+        # also measures its own lateness: a stalled loop is the coordinator's problem, not the agents'.
         period_s = min(0.1, self.settings.heartbeat_interval_s / 4)
+        due = time.monotonic()
         while True:
             now = time.monotonic()
-            for node in self.membership.expire(now):
-                self.orchestrator.on_node_lost(node, now)
-                outbox = self.outboxes.get(node.name)
-                if outbox is not None:
-                    outbox.put_nowait(None)  # close the stream of a node we declared dead
+            self.orchestrator.note_loop_lag(max(0.0, now - due), now)
             self.orchestrator.tick(now)
+            due = time.monotonic() + period_s
             await asyncio.sleep(period_s)
 
     # ------------------------------------------------------------------ agents
@@ -106,7 +115,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be Register")
         reg = first.register
         cards = tuple(CardRecord(c.index, c.type, c.memory_bytes, c.speed, c.simulated) for c in reg.cards)
-        node = NodeRecord(reg.node, reg.host, cards, reg.agent_pid, last_heartbeat_s=time.monotonic())
+        now = time.monotonic()
+        node = NodeRecord(reg.node, reg.host, cards, reg.agent_pid, last_heartbeat_s=now, registered_s=now)
         outbox: asyncio.Queue = asyncio.Queue()
         old = self.outboxes.get(node.name)
         if old is not None:
@@ -200,8 +210,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 class CoordinatorService:
     """Owns the event loop, the gRPC server and the /metrics server."""
 
-    def __init__(self, settings: CoordinatorSettings) -> None:
+    def __init__(self, settings: CoordinatorSettings, open_rendezvous: RendezvousFactory) -> None:
         self.settings = settings
+        self.open_rendezvous = open_rendezvous
         self.metrics = CoordinatorMetrics()
         self.port = 0
         self.metrics_port = 0
@@ -218,7 +229,7 @@ class CoordinatorService:
     async def _start(self) -> None:
         interceptors = [TokenInterceptor(self.settings.token)] if self.settings.token else []
         self._server = grpc.aio.server(interceptors=interceptors)
-        self.servicer = CoordinatorServicer(self.settings, self.metrics)
+        self.servicer = CoordinatorServicer(self.settings, self.metrics, self.open_rendezvous)
         pb_grpc.add_CoordinatorServicer_to_server(self.servicer, self._server)
         self.port = add_port(self._server, f"{self.settings.host}:{self.settings.port}", self.settings.tls)
         if self.port == 0:

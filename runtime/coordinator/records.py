@@ -1,0 +1,110 @@
+"""The coordinator's mutable job state (one JobRecord per job) and the frozen View decide() reads
+of it. Only the orchestrator mutates a record; `build_view` copies what decide() needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.actions import CardRef, Evidence
+from hyrun.runtime.coordinator.generation import Generation
+from hyrun.runtime.coordinator.health import HealthBook
+from hyrun.runtime.coordinator.lifecycle import JOB_TRANSITIONS, JobState, check_transition
+from hyrun.runtime.coordinator.membership import Membership
+from hyrun.runtime.coordinator.policy import HealthSettings
+from hyrun.runtime.coordinator.view import DecideSettings, GenerationView, JobView, NodeView, View
+from hyrun.runtime.jobfile import JobSpec
+
+
+@dataclass
+class StepTally:
+    """Reports for one step, until every rank has sent one."""
+
+    loss_times_tokens: float = 0.0
+    tokens: int = 0
+    max_step_time_s: float = 0.0
+    ranks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    spec: JobSpec
+    run_dir: str
+    submitted_s: float
+    state: JobState = JobState.PENDING
+    generation: Generation | None = None
+    generations_started: int = 0
+    step: int = 0
+    loss: float = float("nan")
+    tokens_per_s: float = 0.0
+    step_time_s: float = 0.0
+    message: str = ""
+    tallies: dict[int, StepTally] = field(default_factory=dict)
+    evicted: dict[CardRef, Evidence] = field(default_factory=dict)  # quarantined for the rest of the job
+    measured_speed: dict[CardRef, float] = field(default_factory=dict)  # stragglers: what the planner now assumes
+    drain_requests: dict[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
+    steps_lost: int = 0
+    step_at_failure: int | None = None  # job.step when the last generation failed
+    last_step_s: float = 0.0  # when job.step completed
+    saved_s: float = 0.0      # when job state was last written to the store
+    incidents: list[pb.Incident] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (JobState.COMPLETED, JobState.FAILED)
+
+    def transition(self, new: JobState) -> None:
+        self.state = check_transition(JOB_TRANSITIONS, self.state, new, f"job {self.job_id}")
+
+
+def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings:
+    ft = spec.fault_tolerance
+    return DecideSettings(
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        node_startup_grace_s=max(3 * heartbeat_timeout_s, heartbeat_timeout_s),
+        node_wait_timeout_s=spec.runtime.node_wait_timeout_s,
+        failure_grace_s=ft.failure_grace_s,
+        job_error_wait_s=max(5.0, ft.failure_grace_s),
+        drain_timeout_s=ft.drain_timeout_s,
+        hang_timeout_s=ft.hang_timeout_s,
+        mass_silence_hold_s=max(30.0, 6 * heartbeat_timeout_s),
+        health=HealthSettings(**spec.health.model_dump()),
+    )
+
+
+def build_view(
+    job: JobRecord | None,
+    membership: Membership,
+    health: HealthBook | None,
+    *,
+    stalled_until_s: float,
+    hold_since_s: float | None,
+) -> View:
+    nodes = {
+        n.name: NodeView(n.name, n.alive, n.connected, n.last_heartbeat_s, n.registered_s, tuple(c.index for c in n.cards))
+        for n in membership.nodes.values()
+    }
+    cards = {card: h.view() for card, h in health.cards.items()} if health is not None else {}
+    if job is None:
+        return View(None, nodes, cards, stalled_until_s, hold_since_s)
+    gen = job.generation
+    gen_view = None
+    if gen is not None:
+        gen_view = GenerationView(
+            number=gen.number, state=gen.state, ranks=gen.ranks, started_s=gen.started_s,
+            steps_by_rank=dict(gen.steps_by_rank), reduce_entered=dict(gen.reduce_entered),
+            last_progress_s=gen.last_progress_s, committed_step=gen.committed_step,
+            exited_ok=frozenset(gen.exited_ok), failures=tuple(gen.failures), failing_since=gen.failing_since,
+            drain_verdicts=tuple(gen.drain_verdicts), drain_after_step=gen.drain_after_step,
+            drain_deadline_s=gen.drain_deadline_s,
+            nonfinite_by_step=health.completed_nonfinite(gen.world_size),
+            seconds_per_micro_batch={c: tuple(t) for c, t in health.seconds_per_micro_batch.items()},
+        )  # fmt: skip
+    job_view = JobView(
+        state=job.state, node_names=tuple(n.name for n in job.spec.cluster.nodes), submitted_s=job.submitted_s,
+        step=job.step, fault_tolerance=job.spec.fault_tolerance.enabled, checkpoints=job.spec.checkpoint.enabled,
+        evicted=dict(job.evicted), measured_speed=dict(job.measured_speed), drain_requests=dict(job.drain_requests),
+        generation=gen_view,
+    )  # fmt: skip
+    return View(job_view, nodes, cards, stalled_until_s, hold_since_s)
