@@ -33,7 +33,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from hyrun.runtime.checkpoint import Checkpointer, CheckpointSettings, remove_snapshots
+from hyrun.common.snapshots import remove_snapshots
+from hyrun.runtime.checkpoint.checkpointer import Checkpointer
+from hyrun.runtime.checkpoint.settings import CheckpointSettings
 
 ADAMW_TENSORS_PER_PARAM = 3  # parameter, exp_avg, exp_avg_sq
 

@@ -21,7 +21,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hyrun.runtime.checkpoint import Checkpointer, CheckpointSettings, LocalDirectoryStorage, remove_snapshots
+from hyrun.common.snapshots import remove_snapshots
+from hyrun.runtime.checkpoint.checkpointer import Checkpointer
+from hyrun.runtime.checkpoint.settings import CheckpointSettings
+from hyrun.runtime.checkpoint.storage import LocalDirectoryStorage
 from hyrun.runtime.checkpoint.manifest import Manifest
 from hyrun.runtime.checkpoint.snapshot import snapshot_path
 from hyrun.runtime.checkpoint.verify import find_damage

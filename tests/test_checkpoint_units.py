@@ -19,14 +19,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hyrun.runtime.checkpoint import (
-    Checkpointer,
-    CheckpointSettings,
-    CheckpointsUnusable,
-    LocalDirectoryStorage,
-    Manifest,
-    remove_snapshots,
-)
+from hyrun.common.snapshots import remove_snapshots
+from hyrun.runtime.checkpoint.checkpointer import Checkpointer
+from hyrun.runtime.checkpoint.manifest import Manifest
+from hyrun.runtime.checkpoint.resume import CheckpointsUnusable
+from hyrun.runtime.checkpoint.settings import CheckpointSettings
+from hyrun.runtime.checkpoint.storage import LocalDirectoryStorage
 from hyrun.runtime.checkpoint.cli import app
 from hyrun.runtime.checkpoint.manifest import FileEntry, ManifestError
 from hyrun.runtime.checkpoint.resume import probe_snapshot

@@ -33,24 +33,8 @@ The worker's loop; every call is made on every rank, in this order::
   (hyrun.common.snapshots); remove_snapshots(shm_dir, job_id) frees one ended job's.
 
 On disk: DIR/step-000000123/{__<rank>_<n>.distcp, .metadata, manifest.json} (storage.py); `hyrun ckpt
-ls DIR` and `hyrun ckpt verify DIR` (cli.py) list and re-hash them.
+ls DIR` and `hyrun ckpt verify DIR` (cli.py) list and re-hash them without loading torch.
+
+Import each name from its module (`checkpointer.Checkpointer`, `settings.CheckpointSettings`, ...): this
+package re-exports nothing, so the CLI and the agent can read checkpoints without torch.
 """
-
-from .checkpointer import Checkpointer, CheckpointStatus
-from .manifest import Manifest
-from .resume import CheckpointsUnusable, ResumeInfo
-from .settings import CheckpointSettings
-from .snapshot import remove_snapshots
-from .storage import CheckpointStorage, LocalDirectoryStorage
-
-__all__ = [
-    "CheckpointSettings",
-    "CheckpointStatus",
-    "CheckpointStorage",
-    "Checkpointer",
-    "CheckpointsUnusable",
-    "LocalDirectoryStorage",
-    "Manifest",
-    "ResumeInfo",
-    "remove_snapshots",
-]

@@ -13,7 +13,7 @@ from .manifest import Manifest
 from .storage import LocalDirectoryStorage, step_name
 from .verify import find_damage
 
-app = typer.Typer(help="List and verify checkpoints.", no_args_is_help=True)
+app = typer.Typer(help="List and verify checkpoints.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _storage_and_steps(directory: Path) -> tuple[LocalDirectoryStorage, list[int]]:

@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Protocol
-
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from typing import TYPE_CHECKING, Protocol
 
 from .manifest import MANIFEST_NAME, FileEntry, hash_file
+
+if TYPE_CHECKING:  # annotations only: listing and verifying checkpoints (`hyrun ckpt`) needs no torch
+    from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,16 @@ class LocalDirectoryStorage:
         staging.mkdir(parents=True)
 
     def dcp_writer(self, step: int) -> StorageWriter:
+        from torch.distributed.checkpoint import FileSystemWriter  # torch only where a rank writes (start-up cost)
+
         # io_threads files per rank, each fsynced by DCP before it reports the write done.
         return FileSystemWriter(
             self.staging_path(step), single_file_per_rank=True, sync_files=True, thread_count=self.io_threads
         )
 
     def dcp_reader(self, step: int) -> StorageReader:
+        from torch.distributed.checkpoint import FileSystemReader  # torch only where a rank reads (start-up cost)
+
         return FileSystemReader(self.committed_path(step))
 
     def file_entry(self, step: int, name: str, *, committed: bool) -> FileEntry:

@@ -90,7 +90,8 @@ def build_checkpointer(job, spec: WorkerSpec):
     checkpoint. Checkpoints of a job live in one directory shared by all its generations."""
     if not job.checkpoint.enabled:
         return None
-    from hyrun.runtime.checkpoint import Checkpointer, CheckpointSettings
+    from hyrun.runtime.checkpoint.checkpointer import Checkpointer
+    from hyrun.runtime.checkpoint.settings import CheckpointSettings
 
     directory = Path(job.checkpoint.directory or Path(spec.run_dir) / "checkpoints")
     settings = CheckpointSettings(
@@ -145,7 +146,7 @@ def preload() -> None:
     import torch
     import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: ~2 s on first use)
 
-    import hyrun.runtime.checkpoint  # noqa: F401
+    import hyrun.runtime.checkpoint.checkpointer  # noqa: F401
     import hyrun.runtime.trainer.loop  # noqa: F401
 
     # One intra-op thread per worker: several simulated cards share this machine's cores, and
