@@ -11,7 +11,6 @@ from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.lifecycle import JOB_TRANSITIONS, JobState, check_transition
 from hyrun.runtime.coordinator.membership import Membership
-from hyrun.runtime.coordinator.policy import HealthSettings
 from hyrun.runtime.coordinator.view import DecideSettings, GenerationView, JobView, NodeView, View
 from hyrun.runtime.jobfile import JobSpec
 
@@ -69,7 +68,7 @@ def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings
         drain_timeout_s=ft.drain_timeout_s,
         hang_timeout_s=ft.hang_timeout_s,
         mass_silence_hold_s=max(30.0, 6 * heartbeat_timeout_s),
-        health=HealthSettings(**spec.health.model_dump()),
+        health=spec.health.settings(),
     )
 
 
