@@ -4,14 +4,20 @@ supervisor must start workers from a thread that lives as long as the agent, see
 
 If the stream breaks, the agent keeps its workers and reconnects for `reconnect_timeout_s`: a
 coordinator restart must not kill a training job. After that it stops its workers and exits.
+
+Shutdown is bounded: a signal only wakes the shutdown thread (nothing raises into gRPC from a signal
+handler: a KeyboardInterrupt once left the agent deadlocked in a channel's finalizer, its workers
+running minutes after the job). That thread cancels the stream; the main thread stops the workers
+(SIGTERM, then SIGKILL) and frees the RAM snapshots no running job owns. A watchdog kills the
+workers and exits the process if that has not happened within SHUTDOWN_BOUND_S.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -22,13 +28,18 @@ from pathlib import Path
 import grpc
 
 from hyrun.agent.cards import LocalCard
-from hyrun.agent.supervisor import Supervisor
+from hyrun.agent.supervisor import KILL_WAIT_S, STOP_GRACE_S, Supervisor
 from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
+from hyrun.common.security import TlsFiles, call_metadata, open_channel
+from hyrun.common.snapshots import free_orphaned_snapshots, shared_memory_dir
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
-from hyrun.common.security import TlsFiles, call_metadata, open_channel
 
 log = logging.getLogger("hyrun.agent")
+
+# From the stop request to the process's exit, whatever the agent was doing: the workers' bounded
+# stop (twice: a generation being started may be stopping its predecessor) plus a margin.
+SHUTDOWN_BOUND_S = 2 * (STOP_GRACE_S + KILL_WAIT_S) + 2.0
 
 
 @dataclass(frozen=True)
@@ -42,24 +53,63 @@ class AgentSettings:
     warm_workers: int = -1            # spare worker processes kept ready; -1: one per card
     token: str = ""
     tls: TlsFiles = field(default_factory=TlsFiles)
+    shm_dir: Path = field(default_factory=shared_memory_dir)  # where this node's RAM snapshots live
 
 
-class ShutdownRequested(Exception):
-    pass
+class Outbox:
+    """Messages up the stream. The heartbeat goes first and only the latest is kept: a node's
+    liveness must not wait behind a burst of step reports, and an old heartbeat says nothing."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._heartbeat: pb.AgentMessage | None = None
+        self._messages: collections.deque[pb.AgentMessage] = collections.deque()
+
+    def put(self, message: pb.AgentMessage) -> None:
+        with self._ready:
+            self._messages.append(message)
+            self._ready.notify()
+
+    def put_heartbeat(self, message: pb.AgentMessage) -> None:
+        with self._ready:
+            self._heartbeat = message
+            self._ready.notify()
+
+    def get(self, timeout_s: float) -> pb.AgentMessage | None:
+        with self._ready:
+            if self._heartbeat is None and not self._messages:
+                self._ready.wait(timeout_s)
+            if self._heartbeat is not None:
+                message, self._heartbeat = self._heartbeat, None
+                return message
+            return self._messages.popleft() if self._messages else None
 
 
 class NodeAgent:
     def __init__(self, settings: AgentSettings, telemetry: CardTelemetrySource) -> None:
         self.settings = settings
         self.telemetry = telemetry
-        self.outbox: queue.Queue[pb.AgentMessage] = queue.Queue()
+        self.outbox = Outbox()
+        # What a dead agent, launcher or job left in RAM on this host goes before new workers start.
+        free_orphaned_snapshots(settings.shm_dir)
         warm = len(settings.cards) if settings.warm_workers < 0 else settings.warm_workers
-        self.supervisor = Supervisor(settings.node, self.outbox.put, self._observe_step, warm_workers=warm)
-        self._job_ids: set[str] = set()  # jobs whose RAM checkpoint snapshots this node may hold
+        self.supervisor = Supervisor(
+            settings.node, self.outbox.put, self._observe_step, warm_workers=warm, shm_dir=settings.shm_dir
+        )
         self.heartbeat_interval_s = settings.heartbeat_interval_s
-        self._stop = threading.Event()
+        self._stop = threading.Event()      # set once: the agent is shutting down
+        self._exited = threading.Event()    # set once run() has stopped the workers and cleaned up
+        self._stop_reason = ""
+        self._call: grpc.Future | None = None  # the live Connect stream, cancelled on stop
         self._sequence = 0
         self._lost_since: float | None = None  # when the stream to the coordinator last broke
+
+    def request_stop(self, reason: str) -> None:
+        """From any thread (never from a signal handler: see install_signal_handlers)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            log.info("stopping: %s", reason)
+        self._stop.set()
 
     # ------------------------------------------------------------------ messages up
 
@@ -114,17 +164,17 @@ class NodeAgent:
             )
 
     def _heartbeat_loop(self) -> None:
+        """Its own thread, doing nothing else: command handling (starting workers) and report
+        forwarding (reading pipes and logs) happen elsewhere and cannot delay a beat."""
         while not self._stop.wait(self.heartbeat_interval_s):
-            self.outbox.put(self._heartbeat())
+            self.outbox.put_heartbeat(self._heartbeat())
 
     def _requests(self, connection_closed: threading.Event):
         yield self._register()
         while not connection_closed.is_set() and not self._stop.is_set():
-            try:
-                message = self.outbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            yield message
+            message = self.outbox.get(timeout_s=0.1)
+            if message is not None:
+                yield message
 
     # ------------------------------------------------------------------ commands down
 
@@ -137,7 +187,6 @@ class NodeAgent:
         elif kind == "start":
             log.info("starting generation %d: ranks %s", command.start.generation, [r.rank for r in command.start.ranks])
             self._script_simulated_faults(command.start)
-            self._job_ids.add(os.path.basename(command.start.run_dir))
             self.supervisor.start_generation(command.start)
         elif kind == "checkpoint_now":
             log.info("checkpoint now (generation %d): %s", command.checkpoint_now.generation, command.checkpoint_now.reason)
@@ -145,65 +194,92 @@ class NodeAgent:
         elif kind == "stop":
             self.supervisor.stop_generation(command.stop.generation, command.stop.reason)
         elif kind == "shutdown":
-            raise ShutdownRequested(command.shutdown.reason)
+            self.request_stop(f"the coordinator asked: {command.shutdown.reason}")
 
     def _serve_one_connection(self) -> None:
         channel = open_channel(self.settings.coordinator, self.settings.tls)
         closed = threading.Event()
         try:
             stub = pb_grpc.CoordinatorStub(channel)
-            for command in stub.Connect(self._requests(closed), metadata=call_metadata(self.settings.token)):
+            self._call = stub.Connect(self._requests(closed), metadata=call_metadata(self.settings.token))
+            if self._stop.is_set():  # a stop that came before the call existed
+                self._call.cancel()
+            for command in self._call:
                 self._handle(command)
+                if self._stop.is_set():
+                    return
         finally:
             closed.set()
+            self._call = None
             channel.close()
 
+    def _serve(self) -> int:
+        while not self._stop.is_set():
+            try:
+                self._serve_one_connection()
+            except grpc.RpcError as error:
+                if self._stop.is_set():
+                    break
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("coordinator refused this agent: %s", error.details())
+                    return 2
+                log.warning("coordinator unreachable (%s); retrying", error.code().name)
+            lost_since = self._lost_since = self._lost_since or time.monotonic()
+            if time.monotonic() - lost_since > self.settings.reconnect_timeout_s:
+                log.error("no coordinator for %.0f s; stopping this node's workers", self.settings.reconnect_timeout_s)
+                return 1
+            self._stop.wait(0.5)
+        return 0
+
     def run(self) -> int:
-        """Serves until shut down, signalled, or the coordinator stays unreachable; returns an exit code."""
+        """Serves until shut down, signalled, or the coordinator stays unreachable; returns an exit code.
+        Once a stop is requested it returns within SHUTDOWN_BOUND_S, or the watchdog ends the process."""
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
+        threading.Thread(target=self._shutdown_when_stopped, daemon=True, name="shutdown").start()
         try:
-            while not self._stop.is_set():
-                try:
-                    self._serve_one_connection()
-                except grpc.RpcError as error:
-                    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        log.error("coordinator refused this agent: %s", error.details())
-                        return 2
-                    log.warning("coordinator unreachable (%s); retrying", error.code().name)
-                lost_since = self._lost_since = self._lost_since or time.monotonic()
-                if time.monotonic() - lost_since > self.settings.reconnect_timeout_s:
-                    log.error("no coordinator for %.0f s; stopping this node's workers", self.settings.reconnect_timeout_s)
-                    return 1
-                self._stop.wait(0.5)
-            return 0
-        except ShutdownRequested as request:
-            log.info("shutdown requested: %s", request)
-            return 0
-        except KeyboardInterrupt as interrupt:
-            log.info("interrupted (%s)", interrupt or "SIGINT")
-            return 0
+            return self._serve()
         finally:
-            self._stop.set()
+            self.request_stop(self._stop_reason or "the agent's loop ended")
             self.supervisor.close()
-            self._free_snapshots()
+            # RAM snapshots outlive workers on purpose (a restart reads them), not their owner.
+            free_orphaned_snapshots(self.settings.shm_dir, leaving=True)
+            self._exited.set()
 
-    def _free_snapshots(self) -> None:
-        """RAM snapshots outlive workers on purpose (a restart reads them); not the agent."""
-        if not self._job_ids:
+    def _shutdown_when_stopped(self) -> None:
+        """Wakes the main thread out of the stream on a stop; kills everything if it is not out in time."""
+        self._stop.wait()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if self._exited.wait(SHUTDOWN_BOUND_S):
             return
-        from hyrun.runtime.checkpoint import remove_snapshots
-
-        for job_id in self._job_ids:
-            remove_snapshots(Path("/dev/shm"), job_id)
-
-
-
-def _raise_interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+        log.error("shutdown took over %.0f s (%s): killing the workers and exiting", SHUTDOWN_BOUND_S, self._stop_reason)
+        self.supervisor.kill_all_now()
+        try:
+            free_orphaned_snapshots(self.settings.shm_dir, leaving=True)
+        finally:
+            os._exit(1)
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C: `run()` unwinds and stops the node's workers on the way out.
-    SIGINT is set too: a process started in the background inherits it ignored."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
+def install_signal_handlers(agent: NodeAgent) -> None:
+    """SIGTERM and SIGINT ask the agent to stop. The handler only writes the signal's number to a
+    pipe; a thread reads it and calls request_stop(). Nothing is raised or locked in the handler,
+    which may run in the middle of gRPC's code. SIGINT is set too: a process started in the
+    background inherits it ignored."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def on_signal(signum, _frame) -> None:
+        try:
+            os.write(wake_write, bytes([signum]))
+        except BlockingIOError:  # the pipe is full of earlier signals: one is enough
+            pass
+
+    def forward() -> None:
+        while True:
+            for signum in os.read(wake_read, 64):
+                agent.request_stop(f"{signal.Signals(signum).name} received")
+
+    threading.Thread(target=forward, daemon=True, name="signals").start()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)

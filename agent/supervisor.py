@@ -10,6 +10,9 @@ recovered generation needed before its first step; a warm worker skips it.
 Every process is started from one long-lived spawner thread: workers ask the kernel to kill them
 when that thread dies (PR_SET_PDEATHSIG fires on the death of the parent *thread*), so an agent
 that is SIGKILLed leaves no orphans, and a short-lived thread must never start one.
+
+Each worker runs in its own process group, so a stop reaches whatever it started; a stop is bounded
+(SIGTERM, SIGKILL after STOP_GRACE_S) and each worker's lifecycle is the table in lifecycle.py.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from hyrun.agent.lifecycle import LIVE, WorkerLifecycle, WorkerState
+from hyrun.common.process import kill_group
+from hyrun.common.snapshots import SHM_DIR_ENV, claim_snapshot
 from hyrun.proto import hyrun_pb2 as pb
 
 log = logging.getLogger("hyrun.agent")
 
 STOP_GRACE_S = 3.0
+KILL_WAIT_S = 2.0  # after SIGKILL: only a process stuck in the kernel (D state) takes longer
+# Workers run below the agent's CPU priority. On a loaded host (2 cores, 4 workers importing torch
+# and training) an agent at the workers' priority was starved long enough to miss heartbeats, and
+# the coordinator declared healthy nodes lost; the agent's own work is small, so it always gets it.
+WORKER_NICE = 10
 # A fresh warm process imports torch (seconds of CPU): top the pool up only after a new
 # generation has had time to start, or the spares slow down the ranks that matter.
 TOP_UP_DELAY_S = 5.0
@@ -46,14 +57,10 @@ class WorkerProcess:
     report_fd: int   # read end: the worker's JSON-line reports
     control_fd: int  # write end: assignment, then commands
     generation: int = 0
-    rank: int = -1
+    rank: int = -1   # the rank it was assigned, -1 while a spare
     card_index: int = -1
     log_path: Path | None = None
-    stopping: bool = False
-
-    @property
-    def assigned(self) -> bool:
-        return self.rank >= 0
+    life: WorkerLifecycle = field(default_factory=WorkerLifecycle)
 
 
 def describe_returncode(code: int) -> str:
@@ -116,6 +123,7 @@ class Supervisor:
         send: Callable[[pb.AgentMessage], None],
         on_step: Callable[[int, int], None] = lambda card, step: None,
         warm_workers: int = 0,
+        shm_dir: Path = Path("/dev/shm"),
     ) -> None:
         self.node = node
         self.send = send
@@ -123,6 +131,8 @@ class Supervisor:
         self.warm_target = warm_workers
         self.workers: dict[int, WorkerProcess] = {}  # rank -> process, current generation only
         self.warm: list[WorkerProcess] = []
+        self.shm_dir = Path(shm_dir)  # where the workers' RAM snapshots go; the agent owns them
+        self._spawned_workers: list[WorkerProcess] = []  # every one ever started: for kill_all_now()
         self._lock = threading.Lock()
         self._spawner = Spawner()
         self._spare_logs = Path(tempfile.mkdtemp(prefix=f"hyrun-agent-{os.getpid()}-"))
@@ -143,6 +153,7 @@ class Supervisor:
             HYRUN_REPORT_FD=str(report_write),
             HYRUN_CONTROL_FD=str(control_read),
             PYTHONUNBUFFERED="1",
+            **{SHM_DIR_ENV: str(self.shm_dir)},
         )
         spare_log = self._spare_logs / f"spare-{self._spawned}.log"
         with open(spare_log, "ab") as out:  # until assigned: the worker then writes to its rank log
@@ -153,10 +164,17 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 pass_fds=(report_write, control_read),
+                process_group=0,  # its own group: a stop signals whatever it started too
             )
+        try:
+            # Single-threaded still (exec'd, importing): every thread it starts inherits the niceness.
+            os.setpriority(os.PRIO_PROCESS, process.pid, WORKER_NICE)
+        except OSError as error:
+            log.warning("worker pid %d keeps the agent's CPU priority: %s", process.pid, error)
         os.close(report_write)  # the worker holds the only write end: EOF on read means it is gone
         os.close(control_read)
         worker = WorkerProcess(process, report_read, control_write)
+        self._spawned_workers.append(worker)
         threading.Thread(target=self._forward_reports, args=(worker,), daemon=True, name="reports").start()
         return worker
 
@@ -169,22 +187,29 @@ class Supervisor:
                         return
                 worker = self._spawn()
                 with self._lock:
-                    self.warm.append(worker)
+                    closed = self._closed
+                    if not closed:
+                        self.warm.append(worker)
+                if closed:  # close() collected the spares while this one was starting
+                    self._stop([worker], "agent stopping")
 
         if self.warm_target > 0:
             self._spawner.submit(fill, delay_s)
 
     def _take(self) -> WorkerProcess:
-        with self._lock:
-            while self.warm:
-                worker = self.warm.pop(0)
-                if worker.process.poll() is None:
-                    return worker
-        return self._spawner.submit(self._spawn).result()
+        """A spare, now ASSIGNED (a spare that died meanwhile is skipped; none left: a fresh one)."""
+        while True:
+            with self._lock:
+                worker = self.warm.pop(0) if self.warm else None
+            if worker is None:
+                worker = self._spawner.submit(self._spawn).result()
+            if worker.life.move_if(frozenset({WorkerState.SPARE}), WorkerState.ASSIGNED):
+                return worker
 
     # ------------------------------------------------------------------ generations
 
     def start_generation(self, start: pb.StartGeneration) -> None:
+        # The old generation's workers go first (bounded): two generations must never train at once.
         self.stop_all("a new generation starts")
         node_dir = Path(start.run_dir) / f"generation-{start.generation}" / self.node
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +240,11 @@ class Supervisor:
             "log_path": str(log_path),
             "layout_json": start.layout_json,
         }
+        job_id = Path(start.run_dir).name
+        try:
+            claim_snapshot(self.shm_dir, job_id, assignment.rank)  # before the worker can write one
+        except OSError as error:
+            log.warning("rank %d's RAM snapshot has no owner record (%s): a later agent will not free it", assignment.rank, error)
         worker = self._take()
         worker.generation, worker.rank, worker.card_index, worker.log_path = (
             start.generation, assignment.rank, assignment.card_index, log_path,
@@ -244,14 +274,15 @@ class Supervisor:
                 except (ValueError, TypeError, KeyError) as error:
                     log.warning("rank %d wrote a bad report line (%s): %r", worker.rank, error, line[:200])
         code = worker.process.wait()
+        left = worker.life.move(WorkerState.EXITED)
         reason = describe_returncode(code)
-        if not worker.assigned:
+        if left is WorkerState.SPARE or worker.rank < 0:
             if not self._closed:
                 log.warning("a spare worker (pid %d) %s", worker.process.pid, reason)
             return
         # The log explains an exit the worker caused itself (an error, an abort from a C++ throw),
         # not a SIGKILL or SIGTERM that came from outside.
-        if (code > 0 or code in _SELF_INFLICTED) and not worker.stopping:
+        if (code > 0 or code in _SELF_INFLICTED) and not worker.life.stopped_by_agent:
             detail = last_error_line(worker.log_path)
             reason = f"{reason}: {detail}" if detail else reason
         log.info("rank %d %s", worker.rank, reason)
@@ -290,28 +321,43 @@ class Supervisor:
         self._stop(targets, reason)
 
     def close(self) -> None:
-        """Stops every worker and every spare."""
-        self._closed = True
-        self.stop_all("agent stopping")
+        """Stops every worker and every spare, within STOP_GRACE_S + KILL_WAIT_S."""
         with self._lock:
+            self._closed = True
             spares, self.warm = self.warm, []
-        self._stop(spares, "agent stopping")
+            targets = list(self.workers.values()) + spares
+        self._stop(targets, "agent stopping")
+
+    def kill_all_now(self) -> None:
+        """SIGKILLs every worker's process group at once, waiting for nothing and taking no lock:
+        the last resort of an agent that must exit now (see NodeAgent's shutdown watchdog)."""
+        for worker in list(self._spawned_workers):
+            if worker.life.state is not WorkerState.EXITED:
+                kill_group(worker.process.pid, signal.SIGKILL)
 
     def _stop(self, targets: list[WorkerProcess], reason: str) -> None:
-        """SIGTERM, then SIGKILL whoever is still there after the grace period."""
-        live = [w for w in targets if w.process.poll() is None]
+        """SIGTERM to each worker's process group, then SIGKILL to those still there after the grace."""
+        live = [w for w in targets if w.life.move_if(LIVE, WorkerState.STOPPING)]
         for worker in live:
-            worker.stopping = True
-            if worker.assigned:
+            if worker.rank >= 0:
                 log.info("stopping rank %d (pid %d): %s", worker.rank, worker.process.pid, reason)
-            worker.process.terminate()
-            worker.process.send_signal(signal.SIGCONT)  # a stopped (hung) worker handles SIGTERM only once resumed
+            kill_group(worker.process.pid, signal.SIGTERM)
+            kill_group(worker.process.pid, signal.SIGCONT)  # a stopped (hung) worker handles SIGTERM only once resumed
+        deadline = time.monotonic() + STOP_GRACE_S
+        killed = []
         for worker in live:
             try:
-                worker.process.wait(timeout=STOP_GRACE_S)
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
+                if worker.life.move_if(frozenset({WorkerState.STOPPING}), WorkerState.KILLED):
+                    log.warning("pid %d ignored SIGTERM for %.0f s: SIGKILL", worker.process.pid, STOP_GRACE_S)
+                    kill_group(worker.process.pid, signal.SIGKILL)
+                    killed.append(worker)
+        for worker in killed:
+            try:
+                worker.process.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("pid %d survives SIGKILL (stuck in the kernel?); not waiting for it", worker.process.pid)
         with self._lock:
             for worker in targets:
                 if self.workers.get(worker.rank) is worker:
