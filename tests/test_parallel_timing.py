@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from hyrun.runtime.parallel.timing import CommTimer, StepClock
+from hyrun.runtime.parallel.timing import FORWARD_SHARE_OF_COMPUTE, CommTimer, StepClock
 
 
 class Waits(nn.Module):
@@ -30,8 +30,22 @@ def test_a_blocked_wait_is_comm_not_compute_and_a_slow_cards_sleep_is_compute():
     assert timing.step_s >= 0.2 and timing.compute_s < 0.1, timing
     assert timing.comm_wait_s >= 0.15 and abs(sum((timing.compute_s, timing.comm_wait_s, timing.bubble_s)) - timing.step_s) < 1e-9
 
-    clock.speed = 0.5  # half-speed card: its forward's CPU time is stretched, and that is compute
-    clock.start()
-    module(torch.ones(512, 512))
-    slowed = clock.finish()
-    assert slowed.compute_s > 0 and slowed.compute_s <= slowed.step_s
+    # A half-speed card: its forward's CPU time is stretched by the sleep a card at speed 0.5 would need for
+    # the whole forward + backward, and that sleep is compute. Compared with the same forward at full speed in
+    # the same run; CPU time (not wall time) is the reference, so a loaded box moves both alike.
+    compute_s, forward_cpu_s = {}, {}
+    for speed in (1.0, 0.5):
+        clock.speed = speed
+        x = torch.ones(1024, 1024)
+        clock.start()
+        cpu_started = time.thread_time()
+        module(x)  # tens of ms of CPU: the stretch is far above timer noise
+        forward_cpu_s[speed] = time.thread_time() - cpu_started
+        timing = clock.finish()
+        assert timing.compute_s <= timing.step_s + 1e-9
+        compute_s[speed] = timing.compute_s
+    stretch_s = forward_cpu_s[0.5] / FORWARD_SHARE_OF_COMPUTE * (1 / 0.5 - 1)
+    slowdown_s = compute_s[0.5] - compute_s[1.0]
+    assert forward_cpu_s[0.5] > 0.005, forward_cpu_s
+    # Sleep may overrun on a loaded box, never fall short.
+    assert 0.5 * stretch_s <= slowdown_s <= 2.0 * stretch_s + 0.05, (slowdown_s, stretch_s, compute_s, forward_cpu_s)
