@@ -45,7 +45,8 @@ KILL_WAIT_S = 2.0  # after SIGKILL: only a process stuck in the kernel (D state)
 # Workers run below the agent's CPU priority. On a loaded host (2 cores, 4 workers importing torch
 # and training) an agent at the workers' priority was starved long enough to miss heartbeats, and
 # the coordinator declared healthy nodes lost; the agent's own work is small, so it always gets it.
-WORKER_NICE = 10
+# 5, not more: against other load on the host (nice 0) a worker still gets a third of a core's share.
+WORKER_NICE = 5
 # A fresh warm process imports torch (seconds of CPU): top the pool up only after a new
 # generation has had time to start, or the spares slow down the ranks that matter.
 TOP_UP_DELAY_S = 5.0
