@@ -87,19 +87,19 @@ def _running(
     evictions += _hardware(view, gen, settings)
     if evictions:
         if not job.fault_tolerance:
-            return [FailJob(tuple(v.evidence for v in evictions))]
-        return [Recover(gen.drain_verdicts + tuple(evictions), tuple(v.evidence for v in evictions))]
+            return [FailJob(_why(evictions))]
+        return [Recover(gen.drain_verdicts + tuple(evictions), _why(evictions))]
     if gen.state in (GenState.RUNNING, GenState.DRAINING):
         silent_s = now_s - max(gen.last_progress_s, view.stalled_until_s)
         if silent_s > settings.hang_timeout_s:
             return [_hang(gen, silent_s, job.fault_tolerance)]
     if gen.state is GenState.DRAINING:
         if gen.committed_step > gen.drain_after_step:
-            evidence = tuple(v.evidence for v in gen.drain_verdicts)
+            evidence = _why(gen.drain_verdicts)
             return [Recover(gen.drain_verdicts, evidence, committed_step=gen.committed_step)]
         if now_s > gen.drain_deadline_s:
             timeout = Evidence.of(Cause.DRAIN_TIMEOUT, timeout_s=settings.drain_timeout_s)
-            return [Recover(gen.drain_verdicts, (timeout,) + tuple(v.evidence for v in gen.drain_verdicts))]
+            return [Recover(gen.drain_verdicts, (timeout,) + _why(gen.drain_verdicts))]
     return _drains(now_s, view, gen, settings)
 
 
@@ -127,7 +127,7 @@ def _failing(now_s: float, view: View, gen: GenerationView, settings: DecideSett
             verdicts += [Verdict(VerdictKind.EVICT, card, evidence) for card in gen.cards if card.node == name]
     else:
         verdicts = blame_exits(failures)
-    return actions + [Recover(gen.drain_verdicts + tuple(verdicts), tuple(v.evidence for v in verdicts))]
+    return actions + [Recover(gen.drain_verdicts + tuple(verdicts), _why(verdicts))]
 
 
 def _hang(gen: GenerationView, silent_s: float, fault_tolerance: bool) -> Action:
@@ -140,8 +140,8 @@ def _hang(gen: GenerationView, silent_s: float, fault_tolerance: bool) -> Action
         for r in ranks
     )
     if not fault_tolerance:
-        return FailJob(tuple(v.evidence for v in verdicts))
-    return Recover(gen.drain_verdicts + verdicts, tuple(v.evidence for v in verdicts))
+        return FailJob(_why(verdicts))
+    return Recover(gen.drain_verdicts + verdicts, _why(verdicts))
 
 
 def _hardware(view: View, gen: GenerationView, settings: DecideSettings) -> list[Verdict]:
@@ -188,7 +188,7 @@ def _drains(now_s: float, view: View, gen: GenerationView, settings: DecideSetti
         return actions
     if not job.checkpoints or gen.state is GenState.STARTING:
         # No checkpoint to wait for (none configured, or no step trained yet): leave now.
-        return actions + [Recover(gen.drain_verdicts + fresh, tuple(v.evidence for v in fresh))]
+        return actions + [Recover(gen.drain_verdicts + fresh, _why(fresh))]
     return actions + [BeginDrain(fresh)]
 
 
@@ -277,3 +277,8 @@ def _first_per_card(verdicts) -> tuple[Verdict, ...]:
             seen.add(verdict.card)
             kept.append(verdict)
     return tuple(kept)
+
+
+def _why(verdicts) -> tuple[Evidence, ...]:
+    """Each distinct piece of evidence once (a lost node's cards share one)."""
+    return tuple(dict.fromkeys(v.evidence for v in verdicts))

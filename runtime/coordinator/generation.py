@@ -68,6 +68,24 @@ class Generation:
     def slot(self, rank: int) -> RankSlot:
         return self.ranks[rank]
 
+    def record_step(self, report, now_s: float) -> None:
+        """A rank's StepReport (hyrun_pb2.StepReport)."""
+        self.steps_by_rank[report.rank] = report.step
+        self.last_progress_s = now_s
+        self.last_report[report.rank] = report
+        # Commits are all-ranks: one rank seeing a checkpoint committed means every rank's part is on disk.
+        self.committed_step = max(self.committed_step, report.checkpoint_step)
+        if self.state is GenState.STARTING and len(self.steps_by_rank) == self.world_size:
+            # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
+            self.transition(GenState.RUNNING)
+
+    def record_failure(self, failure: RankFailure) -> None:
+        self.failures.append(failure)
+        if self.failing_since is None:
+            # decide() waits a short grace from here: the peers of a dead rank fail too.
+            self.failing_since = failure.at_s
+            self.transition(GenState.FAILING)
+
     def transition(self, new: GenState, reason: str = "") -> None:
         self.state = check_transition(GENERATION_TRANSITIONS, self.state, new, f"generation {self.number}")
         if reason:

@@ -34,6 +34,7 @@ from hyrun.runtime.coordinator.actions import (
     VerdictKind,
     describe_all,
 )
+from hyrun.runtime.coordinator.commands import checkpoint_command, start_commands, stop_command
 from hyrun.runtime.coordinator.decide import decide
 from hyrun.runtime.coordinator.generation import Generation, RankPlan
 from hyrun.runtime.coordinator.health import HealthBook
@@ -136,28 +137,17 @@ class Orchestrator:
         gen = self._current_generation(report.generation)
         if gen is None:
             return
-        gen.steps_by_rank[report.rank] = report.step
-        gen.last_progress_s = now_s
-        gen.last_report[report.rank] = report
-        gen.committed_step = max(gen.committed_step, report.checkpoint_step)
+        gen.record_step(report, now_s)
         self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
         for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
             self.metrics.rank_time_seconds.labels(rank=str(report.rank), node=node, part=part).set(seconds)
-        if gen.state is GenState.STARTING and len(gen.steps_by_rank) == gen.world_size:
-            # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
-            gen.transition(GenState.RUNNING)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
         slot = gen.slot(report.rank)
         # Per unit of work, so a stage given more layers by design does not read as a slow card.
-        work = slot.micro_batches * gen.layout.stage_share(report.rank)
-        self.health.record_compute(slot.card, report.compute_time_s, work)
-        tally = self.job.tallies.setdefault(report.step, StepTally())
-        tally.loss_times_tokens += report.loss * report.tokens
-        tally.tokens += report.tokens
-        tally.max_step_time_s = max(tally.max_step_time_s, report.step_time_s)
-        tally.ranks.add(report.rank)
-        if len(tally.ranks) == gen.world_size:
-            self._complete_step(report.step, self.job.tallies.pop(report.step), now_s)
+        self.health.record_compute(slot.card, report.compute_time_s, slot.micro_batches * gen.layout.stage_share(report.rank))
+        tally = self.job.tally(report, gen.world_size)
+        if tally is not None:
+            self._complete_step(report.step, tally, now_s)
 
     def on_progress(self, node: str, progress: pb.RankProgress, now_s: float) -> None:
         gen = self._current_generation(progress.generation)
@@ -175,13 +165,9 @@ class Orchestrator:
             return
         self.metrics.worker_exits_total.labels(outcome="failed").inc()
         slot = gen.slot(exit_msg.rank)
-        gen.failures.append(
+        gen.record_failure(
             RankFailure(slot.rank, slot.card, slot.card_type, exit_msg.exit_code, exit_msg.reason, now_s, exit_msg.log_path)
         )
-        if gen.failing_since is None:
-            # Decide after a short grace: the peers of a dead rank fail too, and we want the culprit.
-            gen.failing_since = now_s
-            gen.transition(GenState.FAILING)
 
     def drain_node(self, node: str, reason: str, now_s: float) -> str:
         """A planned leave (operator, tidal scheduling): the node's cards leave after a checkpoint
@@ -270,7 +256,7 @@ class Orchestrator:
             reason = "; ".join(f"{v.card}: {v.reason}" for v in verdicts)
             log.warning("draining %s: checkpoint first", reason)
             for node in gen.nodes:
-                self.send(node, pb.CoordinatorCommand(checkpoint_now=pb.CheckpointNow(generation=gen.number, reason=reason)))
+                self.send(node, checkpoint_command(gen, reason))
         gen.drain_verdicts.extend(verdicts)
 
     def _recover(self, action: Recover, now_s: float) -> None:
@@ -337,38 +323,21 @@ class Orchestrator:
     def _start_generation(self, plan: RankPlan, now_s: float) -> None:
         job = self.job
         job.generations_started += 1
-        slots, layout = plan.slots, plan.layout
-        gen = Generation(job.generations_started, slots, layout, started_s=now_s, last_progress_s=now_s)
+        gen = Generation(job.generations_started, plan.slots, plan.layout, started_s=now_s, last_progress_s=now_s)
         job.generation = gen
         self._rendezvous = self.open_rendezvous(
             self.settings.bind_host, self.settings.advertise_host, job.job_id, gen.number, gen.world_size
         )
         info = self._rendezvous.info
-        rendezvous = pb.Rendezvous(
-            store_host=info.host, store_port=info.port, key_prefix=info.key_prefix, world_size=info.world_size,
-            backend=job.spec.runtime.backend,
-        )  # fmt: skip
-        job_json = job.spec.to_json()
-        for node in gen.nodes:
-            ranks = [
-                pb.RankAssignment(
-                    rank=s.rank, card_index=s.card_index, speed=s.speed, micro_batches=s.micro_batches,
-                    micro_batch_offset=layout.micro_batch_offset(s.rank), node=s.node,
-                )  # fmt: skip
-                for s in slots
-                if s.node == node
-            ]
-            start = pb.StartGeneration(
-                generation=gen.number, rendezvous=rendezvous, ranks=ranks, job_json=job_json, run_dir=job.run_dir,
-                layout_json=layout.to_json(),
-            )  # fmt: skip
-            self.send(node, pb.CoordinatorCommand(start=start))
+        commands = start_commands(gen, info, backend=job.spec.runtime.backend, job_json=job.spec.to_json(), run_dir=job.run_dir)
+        for node, command in commands.items():
+            self.send(node, command)
         self.metrics.generation.set(gen.number)
         log.info("generation %d started: %d ranks on %s (%s)", gen.number, gen.world_size, ", ".join(gen.nodes),
-                 layout.describe())
+                 gen.layout.describe())
         self.store.put(
             f"jobs/{job.job_id}/generations/{gen.number}",
-            {"ranks": [slot.__dict__ for slot in slots], "layout": json.loads(layout.to_json()),
+            {"ranks": [slot.__dict__ for slot in gen.ranks], "layout": json.loads(gen.layout.to_json()),
              "rendezvous_port": info.port},
         )  # fmt: skip
         self._save_job()
@@ -376,19 +345,9 @@ class Orchestrator:
 
     def _complete_step(self, step: int, tally: StepTally, now_s: float) -> None:
         job = self.job
-        job.last_step_s = now_s
-        if job.step_at_failure is not None:
-            # First step of a resumed generation: everything past its checkpoint is trained again.
-            lost = max(0, job.step_at_failure - (step - 1))
-            job.steps_lost += lost
-            incident = job.incidents[-1]
-            incident.resumed_at_s, incident.resumed_step, incident.steps_lost = now_s - job.submitted_s, step, lost
+        lost = job.complete_step(step, tally, now_s)
+        if lost:
             self.metrics.steps_lost_total.inc(lost)
-            job.step_at_failure = None
-        job.step = step
-        job.loss = tally.loss_times_tokens / max(tally.tokens, 1)
-        job.step_time_s = tally.max_step_time_s
-        job.tokens_per_s = tally.tokens / tally.max_step_time_s if tally.max_step_time_s > 0 else 0.0
         self.metrics.step.set(job.step)
         self.metrics.loss.set(job.loss)
         self.metrics.tokens_per_second.set(job.tokens_per_s)
@@ -405,7 +364,7 @@ class Orchestrator:
         if not completed:
             for node in gen.nodes:
                 if node in self.membership.nodes and self.membership.nodes[node].connected:
-                    self.send(node, pb.CoordinatorCommand(stop=pb.StopGeneration(generation=gen.number, reason=reason)))
+                    self.send(node, stop_command(gen, reason))
         gen.transition(GenState.COMPLETED if completed else GenState.STOPPED, reason)
         if self._rendezvous is not None:
             self._rendezvous.close()
@@ -440,19 +399,8 @@ class Orchestrator:
         self.metrics.cards.set(sum(len(n.cards) for n in alive))
 
     def _save_job(self) -> None:
-        job = self.job
-        job.saved_s = job.last_step_s
-        self.store.put(
-            f"jobs/{job.job_id}",
-            {
-                "state": job.state.value,
-                "generation": job.generation.number if job.generation else 0,
-                "step": job.step,
-                "message": job.message,
-                "run_dir": job.run_dir,
-                "spec": job.spec.model_dump(mode="json"),
-            },
-        )
+        self.job.saved_s = self.job.last_step_s
+        self.store.put(f"jobs/{self.job.job_id}", self.job.document())
 
     def node_states(self) -> list[pb.NodeState]:
         return node_states(self.job, self.membership)

@@ -56,6 +56,43 @@ class JobRecord:
     def transition(self, new: JobState) -> None:
         self.state = check_transition(JOB_TRANSITIONS, self.state, new, f"job {self.job_id}")
 
+    def tally(self, report: pb.StepReport, world_size: int) -> StepTally | None:
+        """Adds a rank's report to its step; returns the step's tally once every rank has reported."""
+        tally = self.tallies.setdefault(report.step, StepTally())
+        tally.loss_times_tokens += report.loss * report.tokens
+        tally.tokens += report.tokens
+        tally.max_step_time_s = max(tally.max_step_time_s, report.step_time_s)
+        tally.ranks.add(report.rank)
+        return self.tallies.pop(report.step) if len(tally.ranks) == world_size else None
+
+    def complete_step(self, step: int, tally: StepTally, now_s: float) -> int:
+        """Every rank finished `step`; returns the steps trained again (first step after a resume)."""
+        lost = 0
+        self.last_step_s = now_s
+        if self.step_at_failure is not None:
+            # First step of a resumed generation: everything past its checkpoint is trained again.
+            lost = max(0, self.step_at_failure - (step - 1))
+            self.steps_lost += lost
+            incident = self.incidents[-1]
+            incident.resumed_at_s, incident.resumed_step, incident.steps_lost = now_s - self.submitted_s, step, lost
+            self.step_at_failure = None
+        self.step = step
+        self.loss = tally.loss_times_tokens / max(tally.tokens, 1)
+        self.step_time_s = tally.max_step_time_s
+        self.tokens_per_s = tally.tokens / tally.max_step_time_s if tally.max_step_time_s > 0 else 0.0
+        return lost
+
+    def document(self) -> dict:
+        """What the store keeps of the job."""
+        return {
+            "state": self.state.value,
+            "generation": self.generation.number if self.generation else 0,
+            "step": self.step,
+            "message": self.message,
+            "run_dir": self.run_dir,
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
 
 def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings:
     ft = spec.fault_tolerance
