@@ -61,7 +61,7 @@ def gen(state=GenState.RUNNING, **fields) -> GenerationView:
 
 
 def view(generation=None, *, job_state=JobState.RUNNING, nodes_=None, health=None, **job_fields) -> View:
-    job = JobView(state=job_state, node_names=NODES, submitted_s=0.0, step=7,
+    job = JobView(state=job_state, node_names=NODES, submitted_s=0.0, step=7, total_steps=50,
                   generation=generation if generation is not None else (gen() if job_state is JobState.RUNNING else None),
                   **job_fields)  # fmt: skip
     return View(job, nodes_ if nodes_ is not None else nodes(), health or {}, **{})
@@ -184,6 +184,8 @@ ROWS = [
      [("Recover", R(("evict", "c/card1", "hang")))]),
     ("every rank stuck at the same point: restart the generation on the same cards", NOW,
      view(gen(last_progress_s=NOW - 11)), [("Recover", R())]),
+    ("every rank past the last step: finishing, not hung", NOW,
+     view(gen(last_progress_s=NOW - 11, steps_by_rank={r: 50 for r in range(8)})), []),
     ("no progress only because the coordinator stalled: not a hang", NOW,
      View(view(gen(last_progress_s=NOW - 11)).job, nodes(), {}, stalled_until_s=NOW - 2), []),
     # --- drains in progress

@@ -35,7 +35,7 @@ def test_killed_worker_is_evicted_and_the_resumed_run_matches_an_uninterrupted_o
     )
     summary = _run(write_job, launched, tmp_path, job)
     assert summary["generations"] == 2
-    assert len(summary["evictions"]) == 1 and summary["evictions"][0].startswith("node-b/card1: rank 3 killed by SIGKILL")
+    assert len(summary["evictions"]) == 1 and summary["evictions"][0].startswith("node-b/card1: rank 3 on node node-b card 1 (cpu-sim) killed by SIGKILL")
     (incident,) = summary["incidents"]
     assert int(incident["resumed_step"]) in (3, 5)  # from the checkpoint of step 2 or 4, not from scratch
     assert summary["steps_lost"] <= 4

@@ -43,6 +43,8 @@ from hyrun.runtime.coordinator.policy import (
 )
 from hyrun.runtime.coordinator.view import DecideSettings, GenerationView, NodeView, View
 
+_FINISHING_FACTOR = 10  # a rank past the job's last step gets this many hang timeouts to exit
+
 # Cards evicted with their node (not for a fault of their own) come back when the node does.
 NODE_LOSS_CAUSES = frozenset({Cause.NODE_SILENT, Cause.NODE_DISCONNECTED})
 
@@ -91,7 +93,9 @@ def _running(
         return [Recover(gen.drain_verdicts + tuple(evictions), _why(evictions))]
     if gen.state in (GenState.RUNNING, GenState.DRAINING):
         silent_s = now_s - max(gen.last_progress_s, view.stalled_until_s)
-        if silent_s > settings.hang_timeout_s:
+        finishing = len(gen.steps_by_rank) == gen.world_size and min(gen.steps_by_rank.values()) >= job.total_steps
+        # Past the last step, ranks write their final checkpoint and tear down: no step comes to time them.
+        if silent_s > settings.hang_timeout_s * (_FINISHING_FACTOR if finishing else 1):
             return [_hang(gen, silent_s, job.fault_tolerance)]
     if gen.state is GenState.DRAINING:
         if gen.committed_step > gen.drain_after_step:

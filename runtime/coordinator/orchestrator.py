@@ -185,10 +185,12 @@ class Orchestrator:
         return f"draining node {node}: checkpoint, then continue without its {len(cards)} cards"
 
     def note_loop_lag(self, lag_s: float, now_s: float) -> None:
-        """The event loop ran `lag_s` late. A stall longer than a heartbeat interval is the
-        coordinator's own: node silence is counted again from its end, never charged to agents."""
+        """The event loop ran `lag_s` late. A stall of half a heartbeat timeout or more is the
+        coordinator's own: node silence is counted again from its end, never charged to agents.
+        (Shorter lags on a busy loop only delay beats that are still read, and must not reset the
+        clocks: a loop that always lags a little would otherwise never see a node die.)"""
         self.metrics.loop_lag_seconds.set(lag_s)
-        if lag_s > self.settings.heartbeat_interval_s:
+        if lag_s >= self.settings.heartbeat_timeout_s / 2:
             self.stalled_until_s = now_s
             log.warning("coordinator loop stalled %.1f s: node silence is counted from now", lag_s)
 
@@ -275,6 +277,7 @@ class Orchestrator:
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = describe_all(action.evidence) or "generation restarted"
+        log.warning("generation %d ends: %s", job.generation.number, reason)
         job.incidents.append(
             pb.Incident(
                 detected_at_s=now_s - job.submitted_s,

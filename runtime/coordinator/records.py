@@ -139,7 +139,7 @@ def build_view(
         )  # fmt: skip
     job_view = JobView(
         state=job.state, node_names=tuple(n.name for n in job.spec.cluster.nodes), submitted_s=job.submitted_s,
-        step=job.step, fault_tolerance=job.spec.fault_tolerance.enabled, checkpoints=job.spec.checkpoint.enabled,
+        step=job.step, total_steps=job.spec.training.steps, fault_tolerance=job.spec.fault_tolerance.enabled, checkpoints=job.spec.checkpoint.enabled,
         evicted=dict(job.evicted), measured_speed=dict(job.measured_speed), drain_requests=dict(job.drain_requests),
         generation=gen_view,
     )  # fmt: skip

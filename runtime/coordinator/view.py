@@ -68,6 +68,7 @@ class JobView:
     node_names: tuple[str, ...]  # the job's nodes, in job-file order
     submitted_s: float = 0.0
     step: int = 0
+    total_steps: int = 0  # the job's last step: ranks past it are finishing, not hung
     fault_tolerance: bool = True
     checkpoints: bool = True
     evicted: Mapping[CardRef, Evidence] = field(default_factory=dict)
