@@ -11,7 +11,8 @@ from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.runtime.coordinator.generation import Generation, RankSlot
 from hyrun.runtime.coordinator.lifecycle import GenState, IllegalTransition, JobState
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
-from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings
+from hyrun.runtime.coordinator.ingest import JobRejected
+from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSettings
 from hyrun.runtime.coordinator.ranks import assign_ranks, plan_ranks
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.coordinator.store import MemoryStore

@@ -5,7 +5,6 @@ touches a process or a clock, so every rule is tested with hand-built state.
 
 from __future__ import annotations
 
-import enum
 import re
 import statistics
 from dataclasses import dataclass, field

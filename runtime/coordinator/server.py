@@ -20,7 +20,8 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime import __version__
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
-from hyrun.runtime.coordinator.orchestrator import JobRejected, Orchestrator, OrchestratorSettings, RendezvousFactory
+from hyrun.runtime.coordinator.ingest import JobRejected
+from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSettings, RendezvousFactory
 from hyrun.runtime.coordinator.store import open_store
 from hyrun.runtime.jobfile import JobFileError, load_job_text
 from hyrun.runtime.metrics import CoordinatorMetrics

@@ -1,0 +1,149 @@
+"""The coordinator's inputs: job submission and the agents' messages update state (the job record,
+its generation, card health, membership metrics) and nothing else — no verdict is reached here.
+The orchestrator (its subclass) decides on a timer and applies the decisions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.generation import Generation
+from hyrun.runtime.coordinator.health import HealthBook
+from hyrun.runtime.coordinator.membership import Membership, NodeRecord
+from hyrun.runtime.coordinator.policy import RankFailure
+from hyrun.runtime.coordinator.records import JobRecord, StepTally, decide_settings
+from hyrun.runtime.coordinator.status import job_event, node_states
+from hyrun.runtime.coordinator.store import Store
+from hyrun.runtime.jobfile import JobSpec, new_job_id, valid_job_id
+from hyrun.runtime.metrics import CoordinatorMetrics
+
+log = logging.getLogger("hyrun.coordinator")
+
+
+class JobRejected(ValueError):
+    """A submission the coordinator cannot take (another job running, nodes unknown...)."""
+
+
+class JobIngest:
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        store: Store,
+        metrics: CoordinatorMetrics,
+        publish: Callable[[pb.JobEvent], None],
+        run_root: str,
+        heartbeat_timeout_s: float,
+    ) -> None:
+        self.membership = membership
+        self.store = store
+        self.metrics = metrics
+        self.publish = publish
+        self.run_root = run_root
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.job: JobRecord | None = None
+        self.health: HealthBook | None = None
+
+    def submit(self, spec: JobSpec, now_s: float, job_id: str | None = None) -> str:
+        if self.job is not None and not self.job.ended:
+            raise JobRejected(f"job {self.job.job_id} is still {self.job.state.value}; one job at a time")
+        job_id = job_id or new_job_id(spec.name)
+        if not valid_job_id(job_id):
+            raise JobRejected(f"job id {job_id!r} may hold only letters, digits, '.', '_' and '-'")
+        run_dir = os.path.abspath(os.path.join(self.run_root, job_id))
+        os.makedirs(run_dir, exist_ok=True)
+        self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
+        self.health = HealthBook(decide_settings(spec, self.heartbeat_timeout_s).health)
+        log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
+        self._save_job()
+        self._publish()
+        return job_id
+
+    def on_register(self, node: NodeRecord, now_s: float) -> None:
+        self._update_membership_metrics()
+        self._publish()
+
+    def on_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
+        if self.health is not None:
+            self.health.ingest_heartbeat(node, heartbeat, now_s)
+
+    def on_step(self, node: str, report: pb.StepReport, now_s: float) -> None:
+        gen = self._current_generation(report.generation)
+        if gen is None:
+            return
+        gen.record_step(report, now_s)
+        self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
+        for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
+            self.metrics.rank_time_seconds.labels(rank=str(report.rank), node=node, part=part).set(seconds)
+        self.health.record_step(report.rank, report.step, report.nonfinite_grads)
+        slot = gen.slot(report.rank)
+        # Per unit of work, so a stage given more layers by design does not read as a slow card.
+        self.health.record_compute(slot.card, report.compute_time_s, slot.micro_batches * gen.layout.stage_share(report.rank))
+        tally = self.job.tally(report, gen.world_size)
+        if tally is not None:
+            self._complete_step(report.step, tally, now_s)
+
+    def on_progress(self, node: str, progress: pb.RankProgress, now_s: float) -> None:
+        gen = self._current_generation(progress.generation)
+        if gen is not None:
+            gen.reduce_entered[progress.rank] = progress.step
+            gen.last_progress_s = now_s
+
+    def on_worker_exit(self, node: str, exit_msg: pb.WorkerExit, now_s: float) -> None:
+        gen = self._current_generation(exit_msg.generation)
+        if gen is None:
+            return
+        if exit_msg.exit_code == 0:
+            self.metrics.worker_exits_total.labels(outcome="finished").inc()
+            gen.exited_ok.add(exit_msg.rank)
+            return
+        self.metrics.worker_exits_total.labels(outcome="failed").inc()
+        slot = gen.slot(exit_msg.rank)
+        gen.record_failure(
+            RankFailure(slot.rank, slot.card, slot.card_type, exit_msg.exit_code, exit_msg.reason, now_s, exit_msg.log_path)
+        )
+
+    def _current_generation(self, number: int) -> Generation | None:
+        """The running generation if `number` names it; reports from older ones are fenced off."""
+        gen = self.job.generation if self.job else None
+        if gen is None or gen.number != number or gen.ended:
+            self.metrics.stale_reports_total.inc()
+            return None
+        return gen
+
+    def _complete_step(self, step: int, tally: StepTally, now_s: float) -> None:
+        job = self.job
+        lost = job.complete_step(step, tally, now_s)
+        if lost:
+            self.metrics.steps_lost_total.inc(lost)
+        self.metrics.step.set(job.step)
+        self.metrics.loss.set(job.loss)
+        self.metrics.tokens_per_second.set(job.tokens_per_s)
+        # The store is written on every state change but at most once a second for progress:
+        # a slow etcd must not stall the event loop that also takes heartbeats.
+        if now_s - job.saved_s >= 1.0:
+            self._save_job()
+        self._publish()
+
+    # ------------------------------------------------------------------ views
+
+    def _update_membership_metrics(self) -> None:
+        alive = [n for n in self.membership.nodes.values() if n.alive]
+        self.metrics.nodes_alive.set(len(alive))
+        self.metrics.cards.set(sum(len(n.cards) for n in alive))
+
+    def _save_job(self) -> None:
+        self.job.saved_s = self.job.last_step_s
+        self.store.put(f"jobs/{self.job.job_id}", self.job.document())
+
+    def node_states(self) -> list[pb.NodeState]:
+        return node_states(self.job, self.membership)
+
+    def event(self) -> pb.JobEvent:
+        return job_event(self.job, self.membership)
+
+    def _publish(self) -> None:
+        if self.job is not None:
+            self.publish(self.event())
