@@ -9,14 +9,13 @@ overwritten when its worker died reads as STAGING and is never loaded.
 O_EXCL (a file another user planted at our path is never opened for writing; this rank then stages
 into a private, unlinked file and relies on disk checkpoints), a file is loaded only if it is a
 regular file owned by this process's user with no group or other permission bits, and its description
-is data only (JSON, checked field by field on read: never pickle). Anything else is logged and
+is data only (JSON, validated as a SnapshotMeta on read: never pickle). Anything else is logged and
 treated as "no snapshot": resume falls back to the checkpoints on disk.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import mmap
@@ -26,9 +25,20 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional, Union
 
 import torch
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from hyrun.common.snapshots import remove_snapshots, snapshot_path  # noqa: F401  (re-exported)
 
@@ -75,45 +85,71 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or isinstance(value, float)
-
-
 def _require(condition: bool, what: str) -> None:
     if not condition:
         raise SnapshotUnusable(what)
 
 
-def _require_base64(value: Any, what: str) -> None:
-    _require(isinstance(value, str), f"{what} must be a string")
-    try:
-        base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SnapshotUnusable(f"{what} is not base64: {exc}") from exc
+def _base64(value: str) -> str:
+    base64.b64decode(value, validate=True)  # binascii.Error is a ValueError: pydantic reports it
+    return value
 
 
-def _check_rng(rng: Any) -> None:
+_Base64 = Annotated[StrictStr, AfterValidator(_base64)]
+_Number = Union[StrictInt, StrictFloat]
+
+
+class RngState(BaseModel):
     """The fields restore_rng_state() reads (rng.py), with their types."""
-    _require(isinstance(rng, dict) and all(isinstance(k, str) for k in rng), "rng must be an object")
-    _require_base64(rng.get("torch_cpu"), "rng.torch_cpu")
-    if "torch_cuda" in rng:
-        _require_base64(rng["torch_cuda"], "rng.torch_cuda")
-    python = rng.get("python")
-    _require(isinstance(python, list) and len(python) == 3, "rng.python must be [version, words, gauss_next]")
-    version, words, gauss_next = python
-    _require(_is_int(version), "rng.python version must be an integer")
-    _require(isinstance(words, list) and all(_is_int(w) for w in words), "rng.python words must be integers")
-    _require(gauss_next is None or _is_number(gauss_next), "rng.python gauss_next must be a number or null")
-    numpy_state = rng.get("numpy")
-    _require(
-        isinstance(numpy_state, list) and len(numpy_state) == 5,
-        "rng.numpy must be [kind, keys, pos, has_gauss, gauss]",
+
+    model_config = ConfigDict(extra="forbid")
+
+    torch_cpu: _Base64
+    torch_cuda: Optional[_Base64] = None
+    python: tuple[StrictInt, list[StrictInt], Optional[_Number]] = Field(description="[version, words, gauss_next]")
+    numpy: tuple[StrictStr, _Base64, StrictInt, StrictInt, _Number] = Field(
+        description="[kind, keys, pos, has_gauss, gauss]"
     )
-    kind, keys, pos, has_gauss, gauss = numpy_state
-    _require(isinstance(kind, str), "rng.numpy kind must be a string")
-    _require_base64(keys, "rng.numpy keys")
-    _require(_is_int(pos) and _is_int(has_gauss), "rng.numpy pos and has_gauss must be integers")
-    _require(_is_number(gauss), "rng.numpy gauss must be a number")
+
+
+class SnapshotMeta(BaseModel):
+    """The description the checkpointer writes and resume reads. `others` (non-tensor state leaves
+    by path) is checked entry by entry by _check_path/_decode_leaf, in its list or dict form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: StrictStr
+    rank: StrictInt = Field(ge=0)
+    world_size: StrictInt = Field(ge=1)
+    fingerprint: StrictStr
+    model_fingerprint: StrictStr
+    others: Union[dict, list]
+    extra: dict[StrictStr, Any]
+    rng: RngState
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> "SnapshotMeta":
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} must be below world_size {self.world_size}")
+        return self
+
+
+def _check_meta(meta: Any) -> None:
+    """Raises SnapshotUnusable unless `meta` is a SnapshotMeta."""
+    expected = set(SnapshotMeta.model_fields)
+    if isinstance(meta, dict) and set(meta) != expected:
+        raise SnapshotUnusable(f"the description has fields {sorted(map(str, meta))}, not {sorted(expected)}")
+    try:
+        SnapshotMeta.model_validate(meta)
+    except ValidationError as exc:
+        raise SnapshotUnusable(_first_errors(exc)) from None
+
+
+def _first_errors(exc: ValidationError, count: int = 3) -> str:
+    """Which fields are wrong, briefly: a hostile description must not make a huge log line."""
+    shown = [f"{'.'.join(map(str, e['loc'])) or 'description'}: {e['msg']}"[:200] for e in exc.errors()[:count]]
+    more = exc.error_count() - len(shown)
+    return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _check_path(path: Any) -> tuple[str | int, ...]:
@@ -143,27 +179,6 @@ def _decode_leaf(path: tuple, value: Any) -> Any:
         _require(isinstance(name, str) and name in _DTYPES, f"unknown dtype {name!r:.40} at {path!r:.200}")
         return _DTYPES[name]
     raise SnapshotUnusable(f"the state leaf at {path!r:.200} is not a plain value: {value!r:.80}")
-
-
-def _check_meta(meta: Any) -> None:
-    """The fields the checkpointer writes and resume reads, with their types (`others` already in
-    its dict form: state path tuple -> leaf)."""
-    _require(isinstance(meta, dict), "the description must be an object")
-    expected = {"job_id", "rank", "world_size", "fingerprint", "model_fingerprint", "others", "extra", "rng"}
-    _require(
-        set(meta) == expected, f"the description has fields {sorted(map(str, meta))}, not {sorted(expected)}"
-    )
-    for key in ("job_id", "fingerprint", "model_fingerprint"):
-        _require(isinstance(meta[key], str), f"{key} must be a string")
-    _require(_is_int(meta["world_size"]) and meta["world_size"] >= 1, "world_size must be a positive integer")
-    _require(
-        _is_int(meta["rank"]) and 0 <= meta["rank"] < meta["world_size"],
-        "rank must be an integer in [0, world_size)",
-    )
-    extra = meta["extra"]
-    _require(isinstance(extra, dict) and all(isinstance(k, str) for k in extra), "extra must be an object")
-    _require(isinstance(meta["others"], dict), "others must map state paths to values")
-    _check_rng(meta["rng"])
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
@@ -393,7 +408,7 @@ class SharedSnapshot:
         return encode_meta(meta)
 
     def read_meta(self) -> dict[str, Any]:
-        """The description, checked field by field. Raises SnapshotUnusable (a ValueError, logged
+        """The description, validated as a SnapshotMeta. Raises SnapshotUnusable (a ValueError, logged
         here) if it is anything but what describe() writes: never code, whatever the bytes."""
         header = self.header()
         end = HEADER_BYTES + header.meta_nbytes
