@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from hyrun.runtime.coordinator.policy import HealthSettings
 from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.model.schedule import LRSchedule
 
@@ -198,16 +197,25 @@ class FaultToleranceSection(_Section):
     )
 
 
+# XIDs after which the card cannot be trusted without a reset (NVIDIA's XID catalogue): 48 double-bit
+# ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 92 high single-bit ECC rate,
+# 94/95 contained/uncontained ECC, 119/120 GSP errors.
+FATAL_XIDS = frozenset({48, 63, 64, 74, 79, 92, 94, 95, 119, 120})
+
+
 class HealthSection(_Section):
-    """Thresholds of the health policy."""
+    """Thresholds of the health policy: the coordinator's rules (coordinator/policy.py) read this
+    section itself, so every threshold and its default is defined here once."""
 
     temperature_margin_c: float = Field(5.0, ge=0, description="drain within this many °C of slowdown")
     temperature_horizon_s: float = Field(120.0, gt=0, description="drain if the trend crosses it this soon")
+    temperature_min_samples: int = Field(5, ge=2, description="a temperature trend needs this many samples")
     overflow_strikes: int = Field(3, ge=1, description="lonely non-finite gradients before a drain")
     overflow_window_steps: int = Field(20, ge=1)
     straggler_ratio: float = Field(1.5, gt=1, description="replan when a card is this much slower than its peers")
     straggler_window_steps: int = Field(5, ge=1, description="... on every one of this many steps")
     straggler_drain_ratio: float = Field(4.0, gt=1, description="drain a card this much slower")
+    fatal_xids: frozenset[int] = Field(FATAL_XIDS, description="XID codes that evict a card at once")
 
     @model_validator(mode="after")
     def _window_holds_strikes(self) -> HealthSection:
@@ -217,9 +225,6 @@ class HealthSection(_Section):
                 f"({self.overflow_window_steps})"
             )
         return self
-
-    def settings(self) -> HealthSettings:
-        return HealthSettings(**self.model_dump())
 
 
 class FaultSpec(_Section):

@@ -20,7 +20,6 @@ from hyrun.runtime.coordinator.actions import (
     Quarantine,
     Readmit,
     Recover,
-    ReleaseHold,
     StartJob,
     Verdict,
     VerdictKind,
@@ -28,14 +27,15 @@ from hyrun.runtime.coordinator.actions import (
 from hyrun.runtime.coordinator.decide import decide
 from hyrun.runtime.coordinator.generation import RankSlot
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
-from hyrun.runtime.coordinator.policy import HealthSettings, RankFailure
+from hyrun.runtime.coordinator.policy import RankFailure
+from hyrun.runtime.jobfile import HealthSection
 from hyrun.runtime.coordinator.view import CardHealthView, DecideSettings, GenerationView, JobView, NodeView, View
 
 NODES = ("a", "b", "c", "d")  # two cards each; ranks 0..7 in node order
 SETTINGS = DecideSettings(
     heartbeat_timeout_s=2.0, node_startup_grace_s=6.0, node_wait_timeout_s=30.0, failure_grace_s=0.5,
     job_error_wait_s=5.0, drain_timeout_s=20.0, hang_timeout_s=10.0, mass_silence_hold_s=30.0,
-    health=HealthSettings(overflow_strikes=2, overflow_window_steps=5, straggler_window_steps=3),
+    health=HealthSection(overflow_strikes=2, overflow_window_steps=5, straggler_window_steps=3),
 )  # fmt: skip
 SLOTS = tuple(RankSlot(r, NODES[r // 2], r % 2, "cpu-sim", 1.0, 1) for r in range(8))
 NOW = 100.0

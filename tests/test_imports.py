@@ -28,6 +28,8 @@ FORBIDDEN = (
     ("hyrun.runtime.coordinator", "hyrun.runtime.model"),
     ("hyrun.runtime.coordinator", "hyrun.runtime.parallel"),
     ("hyrun.runtime.coordinator", "hyrun.runtime.checkpoint"),
+    ("hyrun.runtime.coordinator", "hyrun.runtime.rendezvous"),  # torch's TCPStore: passed in, never imported
+    ("hyrun.runtime.jobfile", "hyrun.runtime.coordinator"),  # the schema is read by the coordinator, not the reverse
 )
 # Torch-free modules of the packages above that the coordinator may use.
 ALLOWED = {

@@ -69,36 +69,40 @@ def test_hang_with_everyone_at_the_same_point_singles_out_nobody():
 
 
 def test_hot_card_near_its_threshold_is_drained():
-    from hyrun.runtime.coordinator.policy import HealthSettings, temperature_verdict
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import temperature_verdict
 
-    verdict = temperature_verdict(CardRef("n", 0), [(0.0, 86.0)], 90.0, HealthSettings())
+    verdict = temperature_verdict(CardRef("n", 0), [(0.0, 86.0)], 90.0, HealthSection())
     assert verdict.kind is VerdictKind.DRAIN and "within 5 °C" in verdict.reason
 
 
 def test_rising_temperature_is_drained_before_it_crosses():
-    from hyrun.runtime.coordinator.policy import HealthSettings, temperature_verdict
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import temperature_verdict
 
     ramp = [(float(t), 60.0 + 0.2 * t) for t in range(0, 50, 5)]  # 12 °C/min, at 69 °C now
-    verdict = temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSettings(temperature_horizon_s=120))
+    verdict = temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSection(temperature_horizon_s=120))
     assert verdict is not None and "rising 12.0 °C/min" in verdict.reason
-    assert temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSettings(temperature_horizon_s=30)) is None
+    assert temperature_verdict(CardRef("n", 0), ramp, 90.0, HealthSection(temperature_horizon_s=30)) is None
     steady = [(float(t), 70.0) for t in range(0, 50, 5)]
-    assert temperature_verdict(CardRef("n", 0), steady, 90.0, HealthSettings()) is None
+    assert temperature_verdict(CardRef("n", 0), steady, 90.0, HealthSection()) is None
 
 
 def test_fatal_xid_and_uncorrectable_ecc_evict():
-    from hyrun.runtime.coordinator.policy import HealthSettings, hardware_error_verdict
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import hardware_error_verdict
 
-    settings = HealthSettings()
+    settings = HealthSection()
     assert "XID 79" in hardware_error_verdict(CardRef("n", 1), [13, 79], 0, settings).reason
     assert hardware_error_verdict(CardRef("n", 1), [13], 0, settings) is None  # XID 13: an application error
     assert "uncorrectable ECC" in hardware_error_verdict(CardRef("n", 1), [], 2, settings).reason
 
 
 def test_repeated_lonely_overflow_is_suspected_corruption():
-    from hyrun.runtime.coordinator.policy import HealthSettings, suspected_corruption
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import suspected_corruption
 
-    settings = HealthSettings(overflow_strikes=3, overflow_window_steps=10)
+    settings = HealthSection(overflow_strikes=3, overflow_window_steps=10)
     history = {s: {0: False, 1: s in (4, 6, 7), 2: False} for s in range(1, 9)}
     assert list(suspected_corruption(history, 8, settings)) == [1]
     assert suspected_corruption(history, 20, settings) == {}  # the strikes left the window
@@ -107,27 +111,29 @@ def test_repeated_lonely_overflow_is_suspected_corruption():
 
 
 def test_a_card_slower_than_its_peers_is_replanned_at_its_measured_speed():
-    from hyrun.runtime.coordinator.policy import HealthSettings, straggler_verdicts
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import straggler_verdicts
 
     cards = [CardRef("a", 0), CardRef("a", 1), CardRef("b", 0)]
     times = {cards[0]: [0.10] * 5, cards[1]: [0.10] * 5, cards[2]: [0.25] * 5}
     types = {c: "cpu-sim" for c in cards}
     speeds = {c: 1.0 for c in cards}
-    (verdict,) = straggler_verdicts(times, types, speeds, HealthSettings())
+    (verdict,) = straggler_verdicts(times, types, speeds, HealthSection())
     assert verdict.kind is VerdictKind.REPLAN and verdict.card == cards[2]
     assert verdict.speed == pytest.approx(0.4) and "2.5× slower" in verdict.reason
 
 
 def test_a_card_slow_as_believed_is_no_straggler_and_a_far_slower_one_is_drained():
-    from hyrun.runtime.coordinator.policy import HealthSettings, straggler_verdicts
+    from hyrun.runtime.jobfile import HealthSection
+    from hyrun.runtime.coordinator.policy import straggler_verdicts
 
     cards = [CardRef("a", 0), CardRef("a", 1), CardRef("b", 0)]
     types = {c: "cpu-sim" for c in cards}
     believed = {cards[0]: 1.0, cards[1]: 1.0, cards[2]: 0.4}
     as_believed = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [0.25] * 5}
-    assert straggler_verdicts(as_believed, types, believed, HealthSettings()) == []
+    assert straggler_verdicts(as_believed, types, believed, HealthSection()) == []
     far = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [1.25] * 5}
-    (verdict,) = straggler_verdicts(far, types, believed, HealthSettings())
+    (verdict,) = straggler_verdicts(far, types, believed, HealthSection())
     assert verdict.kind is VerdictKind.DRAIN
     one_slow_step = {cards[0]: [0.1] * 5, cards[1]: [0.1] * 5, cards[2]: [0.1] * 4 + [1.0]}
-    assert straggler_verdicts(one_slow_step, types, {c: 1.0 for c in cards}, HealthSettings()) == []
+    assert straggler_verdicts(one_slow_step, types, {c: 1.0 for c in cards}, HealthSection()) == []

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.actions import CardRef
-from hyrun.runtime.coordinator.policy import HealthSettings
+from hyrun.runtime.jobfile import HealthSection
 from hyrun.runtime.coordinator.view import CardHealthView
 
 _TEMPERATURE_SAMPLES = 30
@@ -28,7 +28,7 @@ class CardHealth:
 
 
 class HealthBook:
-    def __init__(self, settings: HealthSettings) -> None:
+    def __init__(self, settings: HealthSection) -> None:
         self.settings = settings
         self.cards: dict[CardRef, CardHealth] = {}
         self.nonfinite_by_step: dict[int, dict[int, bool]] = {}  # current generation only

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hyrun.runtime.coordinator.actions import CardRef, Cause, Evidence, Verdict, VerdictKind
+from hyrun.runtime.jobfile import HealthSection
 
 # What a rank prints when a *peer* died under it: these ranks are victims, not culprits.
 _PEER_FAILURE = re.compile(
@@ -17,27 +18,6 @@ _PEER_FAILURE = re.compile(
     r"ProcessGroupGloo|DistBackendError|NCCL (error|communicator)|Socket Timeout|peer",
     re.IGNORECASE,
 )
-
-
-# XIDs after which the card cannot be trusted without a reset (NVIDIA's XID catalogue): 48 double-bit
-# ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 92 high single-bit ECC rate,
-# 94/95 contained/uncontained ECC, 119/120 GSP errors.
-FATAL_XIDS = frozenset({48, 63, 64, 74, 79, 92, 94, 95, 119, 120})
-
-
-@dataclass(frozen=True)
-class HealthSettings:
-    """Thresholds of the health policy (the job file's `health` section)."""
-
-    temperature_margin_c: float = 5.0      # drain within this many degrees of the slowdown threshold
-    temperature_horizon_s: float = 120.0   # ... or when the trend crosses it within this horizon
-    temperature_min_samples: int = 5       # a trend needs this many samples
-    overflow_strikes: int = 3              # non-finite local grads, peers finite, this many times ...
-    overflow_window_steps: int = 20        # ... within this many steps: suspected silent corruption
-    straggler_ratio: float = 1.5           # slower than its type's median by this much, ...
-    straggler_window_steps: int = 5        # ... on every one of this many steps: replan with its speed
-    straggler_drain_ratio: float = 4.0     # this much slower: drain it instead
-    fatal_xids: frozenset[int] = field(default=FATAL_XIDS)
 
 
 @dataclass(frozen=True)
@@ -119,7 +99,7 @@ def hang_evidence(rank: int, steps_done: int, silent_s: float) -> Evidence:
 
 
 def temperature_verdict(
-    card: CardRef, samples: list[tuple[float, float]], slowdown_c: float, settings: HealthSettings
+    card: CardRef, samples: list[tuple[float, float]], slowdown_c: float, settings: HealthSection
 ) -> Verdict | None:
     """Drain a card that is near its slowdown temperature, or heading there within the horizon
     (least-squares trend over the recent samples: (time_s, temperature_c), oldest first)."""
@@ -150,7 +130,7 @@ def temperature_verdict(
 
 
 def hardware_error_verdict(
-    card: CardRef, xid_events: list[int], ecc_uncorrected_new: int, settings: HealthSettings
+    card: CardRef, xid_events: list[int], ecc_uncorrected_new: int, settings: HealthSection
 ) -> Verdict | None:
     fatal = sorted(set(xid_events) & settings.fatal_xids)
     if fatal:
@@ -161,7 +141,7 @@ def hardware_error_verdict(
 
 
 def suspected_corruption(
-    nonfinite_by_step: dict[int, dict[int, bool]], latest_step: int, settings: HealthSettings
+    nonfinite_by_step: dict[int, dict[int, bool]], latest_step: int, settings: HealthSection
 ) -> dict[int, Evidence]:
     """Ranks whose local gradients were non-finite while a data-parallel peer's were finite, at
     least `overflow_strikes` times in the last `overflow_window_steps` steps: rank -> evidence.
@@ -186,7 +166,7 @@ def straggler_verdicts(
     seconds_per_micro_batch: dict[CardRef, list[float]],
     card_type: dict[CardRef, str],
     believed_speed: dict[CardRef, float],
-    settings: HealthSettings,
+    settings: HealthSection,
 ) -> list[Verdict]:
     """Cards persistently slower than the planner believes, judged against cards of their own type:
     each card's recent compute seconds per micro-batch, times the speed the plan assumed for it,

@@ -105,7 +105,7 @@ def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings
         drain_timeout_s=ft.drain_timeout_s,
         hang_timeout_s=ft.hang_timeout_s,
         mass_silence_hold_s=max(30.0, 6 * heartbeat_timeout_s),
-        health=spec.health.settings(),
+        health=spec.health,
     )
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from hyrun.runtime.coordinator.actions import CardRef, Evidence, Verdict
 from hyrun.runtime.coordinator.generation import RankSlot
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
-from hyrun.runtime.coordinator.policy import HealthSettings, RankFailure
+from hyrun.runtime.coordinator.policy import RankFailure
+from hyrun.runtime.jobfile import HealthSection
 
 @dataclass(frozen=True)
 class NodeView:
@@ -104,4 +105,4 @@ class DecideSettings:
     mass_silence_share: float = 0.5
     mass_silence_min_nodes: int = 2
     mass_silence_hold_s: float = 30.0
-    health: HealthSettings = field(default_factory=HealthSettings)
+    health: HealthSection = field(default_factory=HealthSection)
