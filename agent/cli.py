@@ -14,9 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hyrun.common.process import die_with_parent
-from hyrun.common.security import TOKEN_ENV, TlsFiles
-from hyrun.common.snapshots import SHM_DIR_ENV, DEFAULT_SHM_DIR
+from hyrun.common.env import DEFAULT_SHM_DIR, SHM_DIR_ENV, TOKEN_ENV
 
 EXIT_USAGE = 2
 
@@ -46,6 +44,8 @@ def agent(
     from hyrun.agent.cards import nvml_cards, simulated_cards
     from hyrun.agent.node_agent import AgentSettings, NodeAgent, install_signal_handlers
     from hyrun.agent.telemetry import SimulatedCards
+    from hyrun.common.process import die_with_parent
+    from hyrun.common.security import TlsFiles
 
     if parent_pid is not None:
         die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: we still stop our workers first

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,6 +329,7 @@ class Supervisor:
             spares, self.warm = self.warm, []
             targets = list(self.workers.values()) + spares
         self._stop(targets, "agent stopping")
+        shutil.rmtree(self._spare_logs, ignore_errors=True)  # assigned workers log in the run directory
 
     def kill_all_now(self) -> None:
         """SIGKILLs every worker's process group at once, waiting for nothing and taking no lock:

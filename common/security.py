@@ -12,7 +12,8 @@ from pathlib import Path
 
 import grpc
 
-TOKEN_ENV = "HYRUN_TOKEN"
+from hyrun.common.env import TOKEN_ENV
+
 _AUTH_KEY = "authorization"
 
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hyrun.common.env import DEFAULT_SHM_DIR, SHM_DIR_ENV
 from hyrun.common.process import is_same_process, process_start_ticks
 
 log = logging.getLogger("hyrun.snapshots")
 
-SHM_DIR_ENV = "HYRUN_SHM_DIR"
-DEFAULT_SHM_DIR = Path("/dev/shm")
 _OWNER_SUFFIX = ".owner"
 _JOB_ID = r"[A-Za-z0-9_.-]+"
 _RECORD_NAME = re.compile(rf"hyrun-(?P<job>{_JOB_ID})-rank(?P<rank>\d+){re.escape(_OWNER_SUFFIX)}")
