@@ -2,12 +2,14 @@
 
 A producer layer projects K/V and hands them on; a consumer layer has no K/V projection at all and
 attends with the K/V of the producer before it, which is what shrinks the KV cache (see
-`ModelConfig.kv_cache_ratio_vs_mha`).
+`ModelConfig.kv_cache_ratio_vs_mha`). Which keys/values a layer attends to is a swappable `GatherKV`:
+its own sequence here, the whole sequence gathered over the cp group under context parallelism.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,18 @@ class SharedKV:
 
     key: torch.Tensor
     value: torch.Tensor
+
+
+class GatherKV(Protocol):
+    """This rank's K/V → (key, value, mask) to attend to. mask None means causal over `key` as is;
+    otherwise a bool [q_seq, kv_seq] mask (True attends), for K/V that are not this rank's own."""
+
+    def __call__(self, kv: SharedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+def local_kv(kv: SharedKV) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """The whole sequence is on this rank: attend causally to its own K/V."""
+    return kv.key, kv.value, None
 
 
 class Attention(nn.Module):
@@ -53,6 +67,8 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(hidden, kv_width, bias=False)
             self.v_proj = nn.Linear(hidden, kv_width, bias=False)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        # Context parallelism replaces this (and only this): one forward for both paths.
+        self.gather_kv: GatherKV = local_kv
 
     def projection_names(self) -> dict[str, tuple[str, ...]]:
         present = lambda names: tuple(n for n in names if getattr(self, n) is not None)  # noqa: E731
@@ -72,9 +88,11 @@ class Attention(nn.Module):
             kv = shared_kv
         else:
             kv = self._project_kv(x, cos, sin)
-        out = F.scaled_dot_product_attention(q, kv.key, kv.value, is_causal=True,
+        key, value, mask = self.gather_kv(kv)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        # This rank's K/V, not the gathered ones: a CLA consumer gathers again from its own chunks.
         return self.o_proj(out), kv
 
     def _project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> SharedKV:

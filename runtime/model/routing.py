@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,14 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_choice: torch.Tensor,
     return num_experts * (fraction * mean_prob).sum()
 
 
+class BalanceLoss(Protocol):
+    """(router probs [tokens, E], top-k choices [tokens, k], E) → the load-balancing loss. Context
+    parallelism swaps in one over the whole sequence's counts and probabilities."""
+
+    def __call__(self, router_probs: torch.Tensor, expert_choice: torch.Tensor,
+                 num_experts: int) -> torch.Tensor: ...
+
+
 class Router(nn.Module):
     """Linear gate → softmax → top-k → capacity with recycling.
 
@@ -150,6 +159,8 @@ class Router(nn.Module):
         self.layer_index = layer_index
         self.routing_step = 0  # set by MoETransformer.set_routing_step
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        # Context parallelism replaces this (and only this): one routing forward for both paths.
+        self.balance_loss: BalanceLoss = load_balancing_loss
 
     def forward(self, x: torch.Tensor) -> tuple[Dispatch, torch.Tensor, RouterStats]:
         """x: [tokens, hidden] → (dispatch, aux loss, stats)."""
@@ -159,7 +170,7 @@ class Router(nn.Module):
         capacity = capacity_per_expert(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
         dispatch, stats = recycle_route(expert_choice, gate_weight, self.num_experts, capacity,
                                         self._generator(x.device))
-        aux_loss = load_balancing_loss(probs, expert_choice, self.num_experts)
+        aux_loss = self.balance_loss(probs, expert_choice, self.num_experts)
         return dispatch, aux_loss, stats
 
     def _generator(self, device: torch.device) -> torch.Generator:

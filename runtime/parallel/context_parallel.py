@@ -13,22 +13,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 
-from hyrun.runtime.model.attention import Attention, SharedKV
-from hyrun.runtime.model.routing import Router, capacity_per_expert, count_per_expert, recycle_route
-from hyrun.runtime.model.rope import apply_rope
+from hyrun.runtime.model.attention import SharedKV
+from hyrun.runtime.model.routing import count_per_expert
 
 from .stage import StageTransformer, chunk_positions
 from .timing import CommTimer
 
 
 def apply_context_parallel(model: StageTransformer, cp_group: dist.ProcessGroup, comm_timer: CommTimer) -> None:
+    """Swap in how K/V and the balance loss see the whole sequence; the forwards stay the model's."""
+    gather_kv, balance_loss = GatherSequenceKV(cp_group, comm_timer), RingBalanceLoss(cp_group)
     for block in model.blocks.values():
-        block.attention.__class__ = ContextParallelAttention
-        block.attention.cp_group, block.attention.comm_timer = cp_group, comm_timer
-        block.moe.router.__class__ = ContextParallelRouter
-        block.moe.router.cp_group = cp_group
+        block.attention.gather_kv = gather_kv
+        block.moe.router.balance_loss = balance_loss
 
 
 class _AllGather(torch.autograd.Function):
@@ -64,53 +62,35 @@ def _gather_sequence(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return torch.cat(chunks, dim=2)
 
 
-class ContextParallelAttention(Attention):
-    """Attention over this rank's query chunks and the whole sequence's keys and values."""
+class GatherSequenceKV:
+    """K/V of the whole sequence from this rank's two chunks, with the causal mask in global
+    positions: the model's attention forward runs unchanged with this as its `gather_kv`."""
 
-    cp_group: dist.ProcessGroup
-    comm_timer: CommTimer
+    def __init__(self, cp_group: dist.ProcessGroup, comm_timer: CommTimer) -> None:
+        self.cp_group, self.comm_timer = cp_group, comm_timer
 
-    def forward(self, x, cos, sin, shared_kv):
-        batch, local_seq, _ = x.shape
+    def __call__(self, kv: SharedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size, rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
-        q = self.q_proj(x).view(batch, local_seq, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = apply_rope(q, cos, sin)
-        if self.is_kv_consumer:
-            if shared_kv is None:
-                raise ValueError("a CLA consumer layer needs the K/V of its producer layer")
-            kv = shared_kv  # this rank's chunks, as the producer projected them
-        else:
-            kv = self._project_kv(x, cos, sin)
+        local_seq, device = kv.key.shape[2], kv.key.device
         with self.comm_timer:
             key, value = _gather_sequence(kv.key, self.cp_group), _gather_sequence(kv.value, self.cp_group)
-        q_pos = chunk_positions(local_seq * size, rank, size, x.device)
-        k_pos = torch.arange(local_seq * size, device=x.device)
-        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # causal in global positions
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        out = out.transpose(1, 2).reshape(batch, local_seq, self.num_heads * self.head_dim)
-        return self.o_proj(out), SharedKV(key=kv.key, value=kv.value)
+        q_pos = chunk_positions(local_seq * size, rank, size, device)
+        k_pos = torch.arange(local_seq * size, device=device)
+        return key, value, k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # causal in global positions
 
 
-class ContextParallelRouter(Router):
-    """Routes this rank's tokens as the Router does; the load-balancing loss N·Σ f_e·P_e uses the
-    counts and mean probabilities of the whole sequence (summed over the cp ring), so it equals the
-    single-rank loss. Capacity stays per rank's tokens."""
+class RingBalanceLoss:
+    """The load-balancing loss N·Σ f_e·P_e from the counts and mean probabilities of the whole
+    sequence (summed over the cp ring), so it equals the single-rank loss. Routing itself (and so
+    capacity) stays per rank's tokens: the model's router forward runs unchanged."""
 
-    cp_group: dist.ProcessGroup
+    def __init__(self, cp_group: dist.ProcessGroup) -> None:
+        self.cp_group = cp_group
 
-    def forward(self, x):
-        probs = F.softmax(self.gate(x).float(), dim=-1)
-        gate_weight, expert_choice = probs.topk(self.top_k, dim=-1)
-        capacity = capacity_per_expert(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
-        dispatch, stats = recycle_route(expert_choice, gate_weight, self.num_experts, capacity,
-                                        self._generator(x.device))
-        counts = count_per_expert(expert_choice.reshape(-1), self.num_experts).to(probs.dtype)
-        totals = torch.cat([counts, counts.new_tensor([expert_choice.numel(), x.shape[0]])])
-        dist.all_reduce(totals, group=self.cp_group)
-        prob_sum = dist_nn.all_reduce(probs.sum(0), group=self.cp_group)
+    def __call__(self, router_probs: torch.Tensor, expert_choice: torch.Tensor, num_experts: int) -> torch.Tensor:
+        counts = count_per_expert(expert_choice.reshape(-1), num_experts).to(router_probs.dtype)
+        totals = torch.cat([counts, counts.new_tensor([expert_choice.numel(), router_probs.shape[0]])])
+        dist.all_reduce(totals, group=self.cp_group)  # counts are not differentiable: plain all-reduce
+        prob_sum = dist_nn.all_reduce(router_probs.sum(0), group=self.cp_group)  # P_e is: autograd
         fraction = totals[:-2] / totals[-2]
-        aux_loss = self.num_experts * (fraction * prob_sum / totals[-1]).sum()
-        return dispatch, aux_loss, stats
+        return num_experts * (fraction * prob_sum / totals[-1]).sum()
