@@ -134,7 +134,7 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {}  # rank -> process, current generation only
         self.warm: list[WorkerProcess] = []
         self.shm_dir = Path(shm_dir)  # where the workers' RAM snapshots go; the agent owns them
-        self._spawned_workers: list[WorkerProcess] = []  # every one ever started: for kill_all_now()
+        self._spawned_workers: list[WorkerProcess] = []  # every one not yet reaped: for kill_all_now()
         self._lock = threading.Lock()
         self._spawner = Spawner()
         self._spare_logs = Path(tempfile.mkdtemp(prefix=f"hyrun-agent-{os.getpid()}-"))
@@ -176,7 +176,8 @@ class Supervisor:
         os.close(report_write)  # the worker holds the only write end: EOF on read means it is gone
         os.close(control_read)
         worker = WorkerProcess(process, report_read, control_write)
-        self._spawned_workers.append(worker)
+        # Replaced, not appended to: kill_all_now() reads it without the lock; reaped ones drop out.
+        self._spawned_workers = [w for w in self._spawned_workers if w.life.state is not WorkerState.EXITED] + [worker]
         threading.Thread(target=self._forward_reports, args=(worker,), daemon=True, name="reports").start()
         return worker
 

@@ -4,10 +4,13 @@ clean-up of RAM snapshots by ownership record and owner liveness (pid and start 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
+import psutil
 import pytest
 
 from hyrun.agent.lifecycle import ALLOWED, IllegalTransition, WorkerLifecycle, WorkerState
@@ -168,3 +171,58 @@ def test_a_snapshot_without_a_record_or_with_a_bad_one_is_never_touched(tmp_path
     )  # names another rank than its file
     assert free_orphaned_snapshots(tmp_path) == []
     assert unowned.exists() and forged.exists() and misnamed.exists()
+
+
+# ---- bounded stop of a worker's process group ------------------------------------------------------
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)   # ignores the polite stop
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # in its group
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_ignoring_sigterm_and_its_child_are_killed_within_the_bound(monkeypatch):
+    from hyrun.agent import supervisor as sup_module
+
+    monkeypatch.setattr(sup_module, "STOP_GRACE_S", 0.5)
+    sent: list[pb.AgentMessage] = []
+    supervisor = sup_module.Supervisor("node-x", sent.append, warm_workers=0)
+    report_read, report_write = os.pipe()
+    control_read, control_write = os.pipe()
+    process = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True,
+                               pass_fds=(report_write,), process_group=0)  # fmt: skip
+    os.close(report_write)
+    os.close(control_read)
+    child_pid = int(process.stdout.readline())
+    worker = sup_module.WorkerProcess(process, report_read, control_write, generation=1, rank=0, card_index=0)
+    worker.life.move(S.ASSIGNED)
+    supervisor.workers[0] = worker
+    reader = threading.Thread(target=supervisor._forward_reports, args=(worker,))
+    reader.start()
+
+    started = time.monotonic()
+    supervisor.stop_all("test")
+    elapsed_s = time.monotonic() - started
+    reader.join(timeout=5)
+
+    assert elapsed_s < 0.5 + sup_module.KILL_WAIT_S, elapsed_s
+    assert process.returncode == -signal.SIGKILL and worker.life.state is S.EXITED
+    assert _gone_within(child_pid, 2.0), "the worker's child outlived the SIGKILL of its group"
+    (exit_report,) = [m.worker_exit for m in sent if m.WhichOneof("body") == "worker_exit"]
+    assert exit_report.reason == "killed by SIGKILL" and supervisor.workers == {}
+
+
+def _gone_within(pid: int, timeout_s: float) -> bool:
+    """True once `pid` is dead (a zombie waiting for init counts): a SIGKILL lands asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
