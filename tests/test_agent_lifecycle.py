@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -226,3 +227,33 @@ def _gone_within(pid: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@pytest.mark.timeout(120)
+def test_a_signalled_agent_exits_within_its_bound_and_takes_its_spares(tmp_path):
+    # No coordinator at this address: the agent sits in its reconnect loop, with a spare worker.
+    from hyrun.agent.node_agent import SHUTDOWN_BOUND_S
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "hyrun.runtime.cli", "agent", "--coordinator", f"127.0.0.1:{free_port}",
+         "--node", "n", "--simulate", "cpu-sim:1", "--warm-workers", "1", "--shm-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (spares := psutil.Process(agent.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spares, "the agent never started its spare"
+        started = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=SHUTDOWN_BOUND_S + 5)
+        assert time.monotonic() - started < SHUTDOWN_BOUND_S, stderr[-2000:]
+        assert agent.returncode == 0 and "stopping: SIGTERM received" in stderr, stderr[-2000:]
+        assert all(_gone_within(spare.pid, 5.0) for spare in spares)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
