@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from hyrun.common.snapshots import remove_snapshots, snapshot_path  # noqa: F401  (re-exported)
+from hyrun.common.snapshots import snapshot_path  # noqa: F401  (the one naming rule; callers import it from here)
 
 from .layout import StateLayout, TensorSlot
 
