@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 
 from hyrun.agent.cli import agent as agent_command
-from hyrun.common.security import TOKEN_ENV, TlsFiles
+from hyrun.common.env import TOKEN_ENV
 
 app = typer.Typer(
     help="hyrun: keep a Mixture-of-Experts job training on mixed, failing GPUs.",
@@ -57,6 +56,7 @@ def launch(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="live view (default: on a terminal)")] = None,
 ) -> None:
     """Train a job: by default on an embedded cluster of this machine (coordinator + one agent per node of the job file)."""
+    from hyrun.common.security import TlsFiles
     from hyrun.runtime.coordinator.planning import check_job
     from hyrun.runtime.jobfile import JobFileError, load_job
     from hyrun.runtime.launch import run_job
@@ -147,6 +147,7 @@ def coordinator_cmd(
     import signal
     import threading
 
+    from hyrun.common.security import TlsFiles
     from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
     from hyrun.runtime.rendezvous import GenerationStore
 
@@ -183,7 +184,7 @@ app.command("agent")(agent_command)
 def _connect(coordinator: str | None, run: Path | None, token_file: Path | None, tls_ca: Path | None):
     """(stub, metadata, channel) for a coordinator named by address or by an embedded run's directory."""
     from hyrun.proto import hyrun_pb2_grpc as pb_grpc
-    from hyrun.common.security import call_metadata, open_channel
+    from hyrun.common.security import TlsFiles, call_metadata, open_channel
 
     token = _token(token_file)
     if run is not None:
@@ -282,6 +283,7 @@ def chaos_run(
 
     from hyrun.runtime.chaos import load_scenario, run_scenario
     from hyrun.runtime.jobfile import JobFileError
+    from hyrun.common.security import TlsFiles
     from hyrun.runtime.launch import run_job
 
     try:

@@ -3,6 +3,7 @@ and the actions expected (kind, card, cause). No processes, no clocks, no orches
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -103,6 +104,7 @@ def R(*verdicts):  # noqa: N802 - reads as a table cell
 
 
 EXIT_KILL = "killed by SIGKILL"
+NOT_A_DIR = "exited with code 1: error: NotADirectoryError: [Errno 20] Not a directory: '/ckpt'"
 EXIT_PEER = "exited with code 1: RuntimeError: [gloo] Connection closed by peer"
 OOM = "exited with code 1: RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate {} bytes"
 SILENT_B = {"b": NOW - 5.0}
@@ -153,6 +155,18 @@ ROWS = [
     ("the same error on some ranks so far: wait for the rest past the grace", NOW,
      view(gen(GenState.STARTING, failing_since=NOW - 1, failures=tuple(failure(r, 1, OOM.format(r), NOW - 1) for r in range(3)))),
      []),
+    ("an error that cost another card its place recurs on a new card: the job is at fault, cards released", NOW,
+     view(gen(GenState.FAILING, failing_since=NOW - 1, failures=(failure(2, 1, NOT_A_DIR, NOW - 1),)),
+          blamed_errors={re.sub(r"\d+", "#", NOT_A_DIR): (card("a"),)}),
+     [("Readmit", ("a/card0",)), ("FailJob", ("job_error",))]),
+    ("the same card raising the error again is still that card's fault", NOW,
+     view(gen(GenState.FAILING, failing_since=NOW - 1, failures=(failure(0, 1, NOT_A_DIR, NOW - 1),)),
+          blamed_errors={re.sub(r"\d+", "#", NOT_A_DIR): (card("a"),)}),
+     [("Recover", R(("evict", "a/card0", "worker_exit")))]),
+    ("killed on a new card after an error elsewhere: a card fault, not the job's", NOW,
+     view(gen(GenState.FAILING, failing_since=NOW - 1, failures=(failure(2, -9, EXIT_KILL, NOW - 1),)),
+          blamed_errors={re.sub(r"\d+", "#", NOT_A_DIR): (card("a"),)}),
+     [("Recover", R(("evict", "b/card0", "worker_exit")))]),
     ("an agent's stream closed during the failure: its node is blamed", NOW,
      view(gen(GenState.FAILING, failing_since=NOW - 1, failures=(failure(0, 1, EXIT_PEER, NOW - 1),)),
           nodes_=nodes(c={"connected": False})),

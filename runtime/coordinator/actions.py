@@ -61,7 +61,7 @@ _TEMPLATES: dict[Cause, str] = {
     "({ms_per_micro_batch:.0f} ms per micro-batch){action}",
     Cause.OPERATOR_DRAIN: "drained by request{colon}{reason}",
     Cause.NODE_JOINED: "node {node} joined with {cards} usable cards",
-    Cause.JOB_ERROR: "every rank failed the same way, so the job, not a card, is at fault (no card quarantined): {reason}",
+    Cause.JOB_ERROR: "the job, not a card, is at fault ({why}; no card is quarantined): {reason}",
     Cause.DRAIN_TIMEOUT: "the drain's checkpoint did not commit within {timeout_s:.0f} s; leaving without it",
     Cause.NODES_MISSING: "nodes {nodes} did not register within {waited_s:.0f} s",
     Cause.MASS_SILENCE: "{silent} of {nodes} nodes silent at once: suspecting the coordinator or the network, "

@@ -36,6 +36,7 @@ from hyrun.runtime.coordinator.policy import (
     hardware_error_verdict,
     hung_ranks,
     job_error_forming,
+    repeated_error,
     same_job_error,
     straggler_verdicts,
     suspected_corruption,
@@ -118,7 +119,8 @@ def _failing(now_s: float, view: View, gen: GenerationView, settings: DecideSett
         return []
     job_error = same_job_error(failures, gen.world_size)
     if job_error is not None:
-        return [FailJob((Evidence.of(Cause.JOB_ERROR, reason=job_error.evidence.describe()),))]
+        why = "every rank failed the same way"
+        return [FailJob((Evidence.of(Cause.JOB_ERROR, why=why, reason=job_error.evidence.describe()),))]
     if job_error_forming(failures) and waited_s < settings.job_error_wait_s:
         return []
     gone = sorted(n for n in gen.nodes if n in view.nodes and not view.nodes[n].connected)
@@ -131,6 +133,13 @@ def _failing(now_s: float, view: View, gen: GenerationView, settings: DecideSett
             verdicts += [Verdict(VerdictKind.EVICT, card, evidence) for card in gen.cards if card.node == name]
     else:
         verdicts = blame_exits(failures)
+        culprits = [f for f in failures if f.card in {v.card for v in verdicts}]
+        if repeated_error(culprits, dict(view.job.blamed_errors)):
+            # The error followed the work to another card: release the cards blamed for it before.
+            earlier = tuple(dict.fromkeys(c for f in culprits for c in view.job.blamed_errors[f.error_signature]))
+            why = f"the same error followed the work from {', '.join(map(str, earlier))} to {culprits[0].card}"
+            job_error = Evidence.of(Cause.JOB_ERROR, why=why, reason=culprits[0].evidence.describe())
+            return [Readmit(earlier, job_error), FailJob((job_error,))]
     return actions + [Recover(gen.drain_verdicts + tuple(verdicts), _why(verdicts))]
 
 

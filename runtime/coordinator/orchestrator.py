@@ -200,6 +200,9 @@ class Orchestrator(JobIngest):
                 job.measured_speed[verdict.card] = verdict.speed  # stays in the job, planned for
             elif verdict.kind is not VerdictKind.JOIN:
                 job.evicted[verdict.card] = verdict.evidence
+                if verdict.evidence.cause is Cause.WORKER_EXIT and verdict.evidence["exit_code"] > 0:
+                    signature = verdict.evidence["signature"]
+                    job.blamed_errors[signature] = job.blamed_errors.get(signature, ()) + (verdict.card,)
             job.drain_requests.pop(verdict.card, None)
             self.health.forget(verdict.card)
             self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()

@@ -36,7 +36,8 @@ class RankFailure:
     def evidence(self) -> Evidence:
         log_hint = f" (log: {self.log_path})" if self.log_path else ""
         return Evidence.of(Cause.WORKER_EXIT, rank=self.rank, node=self.card.node, card=self.card.index,
-                           card_type=self.card_type, reason=self.reason + log_hint)
+                           card_type=self.card_type, reason=self.reason + log_hint, exit_code=self.exit_code,
+                           signature=self.error_signature)
 
     @property
     def error_signature(self) -> str:
@@ -76,6 +77,15 @@ def job_error_forming(failures: list[RankFailure]) -> bool:
         len(failures) >= 2
         and all(f.exit_code > 0 and not f.looks_like_victim for f in failures)
         and len({f.error_signature for f in failures}) == 1
+    )
+
+
+def repeated_error(culprits: list[RankFailure], blamed_errors: dict[str, tuple[CardRef, ...]]) -> bool:
+    """The culprits raised (not were killed by) an error that already cost another card its place in
+    an earlier generation: the error follows the work (a rank's role, e.g. rank 0 writing the
+    checkpoint folder), not the card."""
+    return bool(culprits) and all(
+        f.exit_code > 0 and f.card not in blamed_errors.get(f.error_signature, (f.card,)) for f in culprits
     )
 
 

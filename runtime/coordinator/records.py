@@ -43,6 +43,7 @@ class JobRecord:
     evicted: dict[CardRef, Evidence] = field(default_factory=dict)  # quarantined for the rest of the job
     measured_speed: dict[CardRef, float] = field(default_factory=dict)  # stragglers: what the planner now assumes
     drain_requests: dict[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
+    blamed_errors: dict[str, tuple[CardRef, ...]] = field(default_factory=dict)  # error signature -> cards evicted for it
     steps_lost: int = 0
     step_at_failure: int | None = None  # job.step when the last generation failed
     last_step_s: float = 0.0  # when job.step completed
@@ -141,6 +142,6 @@ def build_view(
         state=job.state, node_names=tuple(n.name for n in job.spec.cluster.nodes), submitted_s=job.submitted_s,
         step=job.step, total_steps=job.spec.training.steps, fault_tolerance=job.spec.fault_tolerance.enabled, checkpoints=job.spec.checkpoint.enabled,
         evicted=dict(job.evicted), measured_speed=dict(job.measured_speed), drain_requests=dict(job.drain_requests),
-        generation=gen_view,
+        blamed_errors=dict(job.blamed_errors), generation=gen_view,
     )  # fmt: skip
     return View(job_view, nodes, cards, stalled_until_s, hold_since_s)

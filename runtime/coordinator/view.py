@@ -75,6 +75,8 @@ class JobView:
     evicted: Mapping[CardRef, Evidence] = field(default_factory=dict)
     measured_speed: Mapping[CardRef, float] = field(default_factory=dict)
     drain_requests: Mapping[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
+    # error signature (digits masked) -> cards evicted for raising it in earlier generations
+    blamed_errors: Mapping[str, tuple[CardRef, ...]] = field(default_factory=dict)
     generation: GenerationView | None = None
 
 
