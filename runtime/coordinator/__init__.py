@@ -1,5 +1,6 @@
-"""The coordinator: membership, orchestration by generations, job state, and its gRPC server.
-
-`server.py` is the network edge; `orchestrator.py` decides what happens to the job; `membership.py`
-knows which nodes are alive; `generation.py` is the generation lifecycle; `store.py` persists state.
+"""The coordinator: no torch, one writer of job state. Messages only update state (`ingest.py`,
+`membership.py`, `health.py`, `generation.py`, `records.py`); on a timer `decide.py` reads a frozen
+`view.py` and returns typed `actions.py`; `orchestrator.py` applies them; `lifecycle.py` holds the
+transition tables; `planning.py` and `ranks.py` turn the planner's plan into ranks; `server.py` is
+the gRPC edge; `store.py` / `etcd_store.py` persist state.
 """
