@@ -62,7 +62,7 @@ def test_degrees_that_do_not_fit_are_refused_before_anything_starts(write_job, l
     result = launched("launch", str(write_job(job)), "--no-progress")
     _, stderr = result.proc.communicate(timeout=60)
     assert result.proc.returncode == 2
-    assert "does not fit this cluster and model" in stderr and "tp=4" in stderr and "relax the fixed degrees" in stderr
+    assert "fits no layout" in stderr and "tp=4" in stderr and "relax the fixed degrees" in stderr
 
 
 @pytest.mark.timeout(240)
