@@ -40,7 +40,7 @@ def _harness(tmp_path, plan=_even_split):
         metrics=CoordinatorMetrics(),
         send=lambda node, cmd: sent.append((node, cmd)),
         publish=published.append,
-        settings=OrchestratorSettings(run_root=str(tmp_path), heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0),
+        settings=OrchestratorSettings(run_root=str(tmp_path), heartbeat_timeout_s=2.0),
         open_rendezvous=FakeRendezvous,
         plan=plan,
     )

@@ -217,9 +217,9 @@ def _joins(view: View, gen: GenerationView) -> tuple[list[Verdict], list]:
             continue
         if node.registered_s <= gen.started_s:
             continue  # left out of this generation on purpose
-        back = [c for c in _refs(node) if c in job.evicted and job.evicted[c].cause in NODE_LOSS_CAUSES]
-        usable = [c for c in _refs(node) if c not in job.evicted or c in back]
-        usable = [c for c in usable if c not in job.drain_requests]
+        cards = _refs(node)
+        back = [c for c in cards if c in job.evicted and job.evicted[c].cause in NODE_LOSS_CAUSES]
+        usable = [c for c in cards if (c not in job.evicted or c in back) and c not in job.drain_requests]
         if usable:
             readmit += back
             evidence = Evidence.of(Cause.NODE_JOINED, node=name, cards=len(usable))

@@ -16,6 +16,7 @@ from hyrun.runtime.coordinator.policy import RankFailure
 from hyrun.runtime.coordinator.records import JobRecord, StepTally, decide_settings
 from hyrun.runtime.coordinator.status import job_event, node_states
 from hyrun.runtime.coordinator.store import Store
+from hyrun.runtime.coordinator.view import DecideSettings
 from hyrun.runtime.jobfile import JobSpec, new_job_id, valid_job_id
 from hyrun.runtime.metrics import CoordinatorMetrics
 
@@ -44,6 +45,7 @@ class JobIngest:
         self.run_root = run_root
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.job: JobRecord | None = None
+        self.decide_settings: DecideSettings | None = None
         self.health: HealthBook | None = None
 
     def submit(self, spec: JobSpec, now_s: float, job_id: str | None = None) -> str:
@@ -55,7 +57,8 @@ class JobIngest:
         run_dir = os.path.abspath(os.path.join(self.run_root, job_id))
         os.makedirs(run_dir, exist_ok=True)
         self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
-        self.health = HealthBook(decide_settings(spec, self.heartbeat_timeout_s).health)
+        self.decide_settings = decide_settings(spec, self.heartbeat_timeout_s)  # fixed for the job's life
+        self.health = HealthBook(spec.health)
         log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
         self._save_job()
         self._publish()

@@ -40,7 +40,7 @@ from hyrun.runtime.coordinator.ingest import JobIngest, JobRejected
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
 from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.ranks import plan_ranks
-from hyrun.runtime.coordinator.records import build_view, decide_settings
+from hyrun.runtime.coordinator.records import build_view
 from hyrun.runtime.coordinator.store import Store
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -67,7 +67,6 @@ class OrchestratorSettings:
     run_root: str                   # runs/ : a job's logs go to run_root/JOB_ID
     bind_host: str = "127.0.0.1"    # where generation stores listen
     advertise_host: str = "127.0.0.1"
-    heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
 
 
@@ -125,13 +124,12 @@ class Orchestrator(JobIngest):
     # ------------------------------------------------------------------ policy (timer)
 
     def tick(self, now_s: float) -> None:
+        if self.job is None:
+            return
         view = build_view(
             self.job, self.membership, self.health, stalled_until_s=self.stalled_until_s, hold_since_s=self.hold_since_s
         )
-        settings = decide_settings(self.job.spec, self.settings.heartbeat_timeout_s) if self.job else None
-        if settings is None:
-            return
-        for action in decide(now_s, view, settings):
+        for action in decide(now_s, view, self.decide_settings):
             self.apply(action, now_s)
 
     def apply(self, action: Action, now_s: float) -> None:

@@ -69,7 +69,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             publish=self._publish,
             settings=OrchestratorSettings(
                 run_root=settings.run_root, bind_host=settings.host, advertise_host=settings.advertise_host,
-                heartbeat_interval_s=settings.heartbeat_interval_s, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
             ),
             open_rendezvous=open_rendezvous,
             close_stream=self._close_stream,
