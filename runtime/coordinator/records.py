@@ -99,7 +99,7 @@ def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings
     ft = spec.fault_tolerance
     return DecideSettings(
         heartbeat_timeout_s=heartbeat_timeout_s,
-        node_startup_grace_s=max(3 * heartbeat_timeout_s, heartbeat_timeout_s),
+        node_startup_grace_s=3 * heartbeat_timeout_s,
         node_wait_timeout_s=spec.runtime.node_wait_timeout_s,
         failure_grace_s=ft.failure_grace_s,
         job_error_wait_s=max(5.0, ft.failure_grace_s),
@@ -111,9 +111,9 @@ def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings
 
 
 def build_view(
-    job: JobRecord | None,
+    job: JobRecord,
     membership: Membership,
-    health: HealthBook | None,
+    health: HealthBook,
     *,
     stalled_until_s: float,
     hold_since_s: float | None,
@@ -122,9 +122,7 @@ def build_view(
         n.name: NodeView(n.name, n.alive, n.connected, n.last_heartbeat_s, n.registered_s, tuple(c.index for c in n.cards))
         for n in membership.nodes.values()
     }
-    cards = {card: h.view() for card, h in health.cards.items()} if health is not None else {}
-    if job is None:
-        return View(None, nodes, cards, stalled_until_s, hold_since_s)
+    cards = {card: h.view() for card, h in health.cards.items()}
     gen = job.generation
     gen_view = None
     if gen is not None:
