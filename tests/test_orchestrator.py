@@ -32,7 +32,7 @@ def _even_split(spec, membership, excluded, measured_speed):
 
 
 def _harness(tmp_path, plan=_even_split):
-    membership = Membership(heartbeat_timeout_s=2.0)
+    membership = Membership()
     sent, published = [], []
     orch = Orchestrator(
         membership=membership,
@@ -232,7 +232,7 @@ def test_one_job_at_a_time(harness):
 
 
 def test_uneven_micro_batch_split_covers_the_global_batch():
-    membership = Membership(2.0)
+    membership = Membership()
     membership.register(_node("node-a", 2))
     membership.register(_node("node-b", 1))
     spec = parse_job(job_dict(
@@ -371,7 +371,7 @@ def test_operator_drain_of_a_node(harness):
 
 def _half_speed_node_b(**job):
     """Membership and job of node-a (2 cards at 1.0) and node-b (2 at 0.5), 8 micro-batches a step."""
-    membership = Membership(2.0)
+    membership = Membership()
     membership.register(_node("node-a", 2, speed=1.0))
     membership.register(_node("node-b", 2, speed=0.5))
     spec = parse_job(job_dict(

@@ -156,7 +156,8 @@ class Quarantine:
 
 @dataclass(frozen=True)
 class Readmit:
-    """Cards lost with their node come back when it registers again (not those evicted as faulty)."""
+    """Cards evicted without a fault of their own come back: lost with a node that registered again,
+    or blamed for an error that turned out to be the job's."""
 
     cards: tuple[CardRef, ...]
     evidence: Evidence
@@ -164,7 +165,7 @@ class Readmit:
 
 @dataclass(frozen=True)
 class HoldEvictions:
-    """Node silence that is not charged to the nodes (mass silence, silence with progress)."""
+    """Most nodes went silent at once: suspect the coordinator or the network, evict nobody for a while."""
 
     evidence: Evidence
     since_s: float

@@ -30,8 +30,7 @@ class NodeRecord:
 
 
 class Membership:
-    def __init__(self, heartbeat_timeout_s: float) -> None:
-        self.heartbeat_timeout_s = heartbeat_timeout_s
+    def __init__(self) -> None:
         self.nodes: dict[str, NodeRecord] = {}
 
     def register(self, node: NodeRecord) -> None:

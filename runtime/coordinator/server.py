@@ -58,7 +58,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.membership = Membership(settings.heartbeat_timeout_s)
+        self.membership = Membership()
         self.outboxes: dict[str, asyncio.Queue] = {}
         self.watchers: set[asyncio.Queue] = set()
         self.orchestrator = Orchestrator(
