@@ -37,6 +37,12 @@ class CardTelemetrySource(Protocol):
 
 TELEMETRY_FAULTS = ("temperature_ramp", "xid", "ecc")
 
+# NVML's clocks-event (throttle) reason bits a simulated card can show: a card at or above its
+# slowdown temperature is thermally throttled, as a real one would be.
+THROTTLE_SW_THERMAL, THROTTLE_HW_THERMAL = 0x20, 0x40
+_BUSY_WINDOW_S = 5.0  # a card whose worker completed a step this recently counts as busy
+_IDLE_POWER_W, _BUSY_POWER_W = 60.0, 300.0  # plausible figures, so dashboards have a shape to show
+
 
 @dataclass
 class SimulatedCards:
@@ -49,6 +55,7 @@ class SimulatedCards:
     slowdown_temperature_c: float = 90.0
     faults: list[dict] = field(default_factory=list)
     _started_s: dict[int, float] = field(default_factory=dict)  # fault number -> when it fired
+    _last_step_s: dict[int, float] = field(default_factory=dict)  # card -> when its worker last stepped
     _reported: set[int] = field(default_factory=set)            # one-shot faults already sent
 
     def script(self, faults: list[dict]) -> None:
@@ -57,6 +64,7 @@ class SimulatedCards:
         self._reported.clear()
 
     def observe_step(self, card: int, step: int, now_s: float) -> None:
+        self._last_step_s[card] = now_s
         for number, fault in enumerate(self.faults):
             if fault.get("card", 0) == card and step >= fault["at_step"] and number not in self._started_s:
                 self._started_s[number] = now_s
@@ -76,13 +84,18 @@ class SimulatedCards:
                 elif number not in self._reported:  # an XID is an event: reported once
                     self._reported.add(number)
                     xids.append(int(fault.get("xid", 79)))
+            busy = now_s - self._last_step_s.get(index, float("-inf")) <= _BUSY_WINDOW_S
+            hot = temperature >= self.slowdown_temperature_c
             samples.append(
                 CardSample(
                     index=index,
                     temperature_c=temperature,
                     slowdown_temperature_c=self.slowdown_temperature_c,
+                    power_w=_BUSY_POWER_W if busy else _IDLE_POWER_W,
+                    utilization=1.0 if busy else 0.0,
                     ecc_uncorrected=ecc,
                     xid_events=tuple(xids),
+                    throttle_reasons=(THROTTLE_SW_THERMAL | THROTTLE_HW_THERMAL) if hot else 0,
                 )
             )
         return samples

@@ -29,7 +29,8 @@ needs_promtool = pytest.mark.skipif(
 # Series Prometheus makes itself for every target; alerts.yml uses `up` to see a dead coordinator.
 PROMETHEUS_OWN = {"up"}
 _SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
-             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",)}  # fmt: skip
+             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",),
+             "gaugehistogram": ("_bucket", "_gcount", "_gsum")}  # fmt: skip
 _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
              "offset", "bool", "atan2", "inf", "nan"}  # fmt: skip
 

@@ -33,6 +33,7 @@ class RankPlan:
 
     slots: tuple[RankSlot, ...]
     layout: ParallelLayout | None  # None only when there is nothing to run (no slot)
+    predicted_step_time_s: float | None = None  # the cost model's, where the planner made the plan
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 from typing import Callable
 
 from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.exports import JobExports
 from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
@@ -47,6 +48,7 @@ class JobIngest:
         self.job: JobRecord | None = None
         self.decide_settings: DecideSettings | None = None
         self.health: HealthBook | None = None
+        self.exports: JobExports | None = None
 
     def submit(self, spec: JobSpec, now_s: float, job_id: str | None = None) -> str:
         if self.job is not None and not self.job.ended:
@@ -59,16 +61,19 @@ class JobIngest:
         self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
         self.decide_settings = decide_settings(spec, self.heartbeat_timeout_s)  # fixed for the job's life
         self.health = HealthBook(spec.health)
+        self.exports = JobExports(self.metrics, self.job)
         log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
         self._save_job()
         self._publish()
         return job_id
 
     def on_register(self, node: NodeRecord, now_s: float) -> None:
+        self.metrics.cards_health.register_node(node.name, [(c.index, c.type, c.memory_bytes) for c in node.cards])
         self._update_membership_metrics()
         self._publish()
 
     def on_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
+        self.metrics.cards_health.ingest(node, heartbeat.cards)
         if self.health is not None:
             self.health.ingest_heartbeat(node, heartbeat, now_s)
 
@@ -77,9 +82,7 @@ class JobIngest:
         if gen is None:
             return
         gen.record_step(report, now_s)
-        self.metrics.rank_step_time_seconds.labels(rank=str(report.rank), node=node).set(report.step_time_s)
-        for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
-            self.metrics.rank_time_seconds.labels(rank=str(report.rank), node=node, part=part).set(seconds)
+        self.exports.step_report(node, report, now_s)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
         slot = gen.slot(report.rank)
         # Per unit of work, so a stage given more layers by design does not read as a slow card.
@@ -118,12 +121,11 @@ class JobIngest:
 
     def _complete_step(self, step: int, tally: StepTally, now_s: float) -> None:
         job = self.job
+        resuming = job.step_at_failure is not None
         lost = job.complete_step(step, tally, now_s)
         if lost:
             self.metrics.steps_lost_total.inc(lost)
-        self.metrics.step.set(job.step)
-        self.metrics.loss.set(job.loss)
-        self.metrics.tokens_per_second.set(job.tokens_per_s)
+        self.exports.step_completed(tally, job.incidents[-1] if resuming else None)
         # The store is written on every state change but at most once a second for progress:
         # a slow etcd must not stall the event loop that also takes heartbeats.
         if now_s - job.saved_s >= 1.0:

@@ -116,7 +116,7 @@ class Orchestrator(JobIngest):
         coordinator's own: node silence is counted again from its end, never charged to agents.
         (Shorter lags on a busy loop only delay beats that are still read, and must not reset the
         clocks: a loop that always lags a little would otherwise never see a node die.)"""
-        self.metrics.loop_lag_seconds.set(lag_s)
+        self.metrics.note_loop_lag(lag_s, now_s)
         if lag_s >= self.settings.heartbeat_timeout_s / 2:
             self.stalled_until_s = now_s
             log.warning("coordinator loop stalled %.1f s: node silence is counted from now", lag_s)
@@ -131,6 +131,7 @@ class Orchestrator(JobIngest):
         )
         for action in decide(now_s, view, self.decide_settings):
             self.apply(action, now_s)
+        self.metrics.cards_health.set_quarantined(frozenset((c.node, c.index) for c in self.job.evicted))
 
     def apply(self, action: Action, now_s: float) -> None:
         match action:
@@ -203,7 +204,6 @@ class Orchestrator(JobIngest):
                     job.blamed_errors[signature] = job.blamed_errors.get(signature, ()) + (verdict.card,)
             job.drain_requests.pop(verdict.card, None)
             self.health.forget(verdict.card)
-            self.metrics.evictions_total.labels(verdict=verdict.kind.value).inc()
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = describe_all(action.evidence) or "generation restarted"
         log.warning("generation %d ends: %s", job.generation.number, reason)
@@ -218,6 +218,7 @@ class Orchestrator(JobIngest):
                 last_step_before_s=job.last_step_s - job.submitted_s,
             )
         )
+        self.exports.recovering(action, job.incidents[-1], now_s)
         self._end_generation(reason)
         job.step_at_failure = job.step
         if job.generations_started >= job.spec.fault_tolerance.max_generations:
@@ -256,7 +257,7 @@ class Orchestrator(JobIngest):
         commands = start_commands(gen, info, backend=job.spec.runtime.backend, job_json=job.spec.to_json(), run_dir=job.run_dir)
         for node, command in commands.items():
             self.send(node, command)
-        self.metrics.generation.set(gen.number)
+        self.exports.generation_started(gen.number, plan.predicted_step_time_s, now_s)
         log.info("generation %d started: %d ranks on %s (%s)", gen.number, gen.world_size, ", ".join(gen.nodes),
                  gen.layout.describe())
         self.store.put(
@@ -284,6 +285,7 @@ class Orchestrator(JobIngest):
         job = self.job
         self._end_generation("every rank finished", completed=True)
         job.transition(JobState.COMPLETED)
+        self.exports.job_ended()
         job.message = evidence.describe()
         log.info("job %s completed: %s", job.job_id, job.message)
         self._save_job()
@@ -295,6 +297,7 @@ class Orchestrator(JobIngest):
             return
         self._end_generation(reason)
         job.transition(JobState.FAILED)
+        self.exports.job_ended()
         job.message = reason
         self.metrics.job_failures_total.inc()
         log.error("job %s failed: %s", job.job_id, reason)

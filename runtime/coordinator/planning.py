@@ -110,7 +110,7 @@ def rank_plan(plan: Plan, cluster: Cluster, speeds: dict[CardRef, float]) -> Ran
         slots.append(
             RankSlot(rank, card.node, card.local_index, card.spec.name, speeds.get(ref, card.spec.speed), layout.micro_batches(rank))
         )
-    return RankPlan(tuple(slots), layout)
+    return RankPlan(tuple(slots), layout, plan.step_time_s)
 
 
 # A planner error can quote whole per-rank tuples; the user needs the reason, not every entry.

@@ -22,6 +22,7 @@ class StepTally:
     loss_times_tokens: float = 0.0
     tokens: int = 0
     max_step_time_s: float = 0.0
+    nonfinite: bool = False  # some rank's gradients were not finite: every rank skipped the update
     ranks: set[int] = field(default_factory=set)
 
 
@@ -63,6 +64,7 @@ class JobRecord:
         tally.loss_times_tokens += report.loss * report.tokens
         tally.tokens += report.tokens
         tally.max_step_time_s = max(tally.max_step_time_s, report.step_time_s)
+        tally.nonfinite = tally.nonfinite or report.nonfinite_grads > 0
         tally.ranks.add(report.rank)
         return self.tallies.pop(report.step) if len(tally.ranks) == world_size else None
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from hyrun.runtime.jobfile import JobSpec
+from hyrun.runtime.export.load import load_export
+from hyrun.runtime.jobfile import JobSpec, ModelSection
 from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.model.expert_lr import ExpertLRConfig, ExpertLRController, build_param_groups, expert_rows
 from hyrun.runtime.model.optimizer import ExpertAdamW
@@ -20,6 +22,7 @@ from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.trainer.engine import build_engine
 from hyrun.runtime.trainer.data import SyntheticTokens
+from hyrun.runtime.trainer.checkpoint_report import CheckpointReport
 from hyrun.runtime.trainer.faults import FaultInjector
 from hyrun.runtime.trainer.reporting import Reporter, StepRecord
 
@@ -110,8 +113,10 @@ class Trainer:
         self.tokens_per_micro_batch = training.micro_batch * training.seq_len
 
     def extra_state(self, step: int) -> dict:
-        """Job-wide state beside model and optimizer that a resume needs (collective)."""
-        return {"data_position": step + 1, "expert_lr": self.expert_lrs.state_dict()}
+        """Job-wide state beside model and optimizer that a resume needs (collective), and the model's
+        shape, so that `hyrun export` can read a checkpoint without the job file."""
+        return {"data_position": step + 1, "expert_lr": self.expert_lrs.state_dict(),
+                "model": asdict(self.config)}
 
     def restore_extra(self, extra: dict) -> int:
         """Restores expert-LR state; returns the first step to train."""
@@ -158,6 +163,14 @@ class Trainer:
         self.expert_lrs.maybe_update(step)
 
 
+def start_from_export(trainer: Trainer, section: ModelSection) -> int:
+    """A fresh run's weights (and, if asked, optimizer state and position) from `model.init_from`;
+    returns the first step to train."""
+    extra = load_export(trainer.model, trainer.optimizer, trainer.config, Path(section.init_from),
+                        training_state=section.init_training_state)
+    return trainer.restore_extra(extra) if extra is not None else 1
+
+
 def train(
     job: JobSpec, work: RankWork, reporter: Reporter, checkpointer=None, drain: DrainRequest | None = None
 ) -> MoETransformer:
@@ -166,7 +179,7 @@ def train(
     log = logging.getLogger("hyrun.trainer")
     trainer = Trainer(job, work, reporter)
     log.info("model and optimizer built")
-    first_step = 1
+    first_step, info = 1, None
     if checkpointer is not None:
         info = checkpointer.load_latest(trainer.model, trainer.optimizer)
         if info is not None:
@@ -175,6 +188,9 @@ def train(
                 "resumed from step %d (%s)%s", info.step, info.source,
                 f"; refused newer: {'; '.join(info.refused)}" if info.refused else "",
             )  # fmt: skip
+    if info is None and job.model.init_from:
+        first_step = start_from_export(trainer, job.model)
+    checkpoints = CheckpointReport(checkpointer, rank=work.rank, resumed=info)
     for step in range(first_step, job.training.steps + 1):
         started = time.perf_counter()
         lr = trainer.begin_step(step)
@@ -186,7 +202,6 @@ def train(
             checkpointer.save_async(step, trainer.model, trainer.optimizer, extra=trainer.extra_state(step))
             if drain is not None and drain.take():
                 checkpointer.wait()
-        status = checkpointer.status() if checkpointer is not None else None
         if step == first_step:
             log.info("first step done")
         reporter.report(
@@ -203,8 +218,7 @@ def train(
                 grad_norm=work_done.grad_norm,
                 nonfinite_grads=work_done.nonfinite,
                 lr=lr,
-                checkpoint_step=-1 if status is None or status.last_committed_step is None else status.last_committed_step,
-                checkpoint_error=(status.last_error or "") if status is not None else "",
+                **checkpoints.fields(),
             )
         )
     if checkpointer is not None:

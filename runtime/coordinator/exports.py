@@ -1,0 +1,103 @@
+"""What the coordinator's inputs and actions add to its Prometheus series (runtime/metrics.py):
+per-rank gradients, checkpoints, recoveries, planning. Ingest and the orchestrator call these on
+the event loop; nothing here decides anything."""
+
+from __future__ import annotations
+
+import math
+
+from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.actions import Recover
+from hyrun.runtime.coordinator.records import JobRecord, StepTally
+from hyrun.runtime.metrics import CoordinatorMetrics, checkpoint_failure_cause
+
+_STALL_FLOOR_S = 0.001  # a step that did not save still pays a fence of microseconds: not a save's stall
+_RESUME_SOURCES = {"shared_memory": "ram", "disk": "disk"}
+
+
+class JobExports:
+    """One job's metric bookkeeping: the newest commit seen and each rank's failed-save count."""
+
+    def __init__(self, metrics: CoordinatorMetrics, job: JobRecord) -> None:
+        self.metrics = metrics
+        self.job = job
+        self.newest_commit = -1
+        self._failures_seen: dict[int, int] = {}  # rank -> saves failed, in the running generation
+
+    def step_report(self, node: str, report: pb.StepReport, now_s: float) -> None:
+        m, rank = self.metrics, str(report.rank)
+        m.rank_step_time_seconds.labels(rank=rank, node=node).set(report.step_time_s)
+        for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
+            m.rank_time_seconds.labels(rank=rank, node=node, part=part).set(seconds)
+        m.rank_grad_norm.labels(rank=rank, node=node).set(report.grad_norm)
+        nonfinite = m.rank_nonfinite_grad_steps_total.labels(rank=rank, node=node)  # exists at 0 from the first step
+        if report.nonfinite_grads > 0:
+            nonfinite.inc()
+        if report.checkpoint_stall_s >= _STALL_FLOOR_S:
+            m.checkpoint_stall_seconds.observe(report.checkpoint_stall_s)
+        if report.resume_source:
+            m.checkpoint_resumes_total.labels(source=_RESUME_SOURCES.get(report.resume_source, report.resume_source)).inc()
+            m.checkpoint_resume_fallbacks_total.inc(report.resume_fallbacks)
+        if report.rank == 0:
+            # A save commits or fails on every rank alike (commit.py): rank 0 speaks for all of them.
+            self._checkpoint_news(report, now_s)
+
+    def _checkpoint_news(self, report: pb.StepReport, now_s: float) -> None:
+        m = self.metrics
+        failed_before = self._failures_seen.get(report.rank, 0)
+        if report.checkpoint_failures > failed_before:
+            m.checkpoint_failures_total.labels(cause=checkpoint_failure_cause(report.checkpoint_error)).inc(
+                report.checkpoint_failures - failed_before
+            )
+        self._failures_seen[report.rank] = report.checkpoint_failures
+        if report.checkpoint_bytes:
+            m.checkpoint_size_bytes.set(report.checkpoint_bytes)
+        if report.checkpoint_step > self.newest_commit:
+            # Status fields come from one snapshot of the checkpointer: this time is this commit's.
+            if report.checkpoint_persist_s > 0:
+                m.checkpoint_durable_seconds.observe(report.checkpoint_persist_s)
+            m.note_checkpoint_commit(now_s)
+            self.newest_commit = report.checkpoint_step
+            m.checkpoint_last_committed_step.set(report.checkpoint_step)
+
+    def step_completed(self, tally: StepTally, resumed: pb.Incident | None) -> None:
+        m, job = self.metrics, self.job
+        m.step.set(job.step)
+        m.loss.set(job.loss)
+        m.tokens_per_second.set(job.tokens_per_s)
+        m.step_time_seconds.set(job.step_time_s)
+        if tally.nonfinite:
+            m.steps_skipped_total.inc()
+        checkpoint = job.spec.checkpoint
+        if not checkpoint.enabled:
+            interval_s = math.nan
+        elif checkpoint.interval_s > 0:
+            interval_s = checkpoint.interval_s
+        else:
+            interval_s = checkpoint.interval_steps * job.step_time_s if checkpoint.interval_steps > 0 else math.nan
+        m.checkpoint_interval_seconds.set(interval_s)
+        if resumed is not None:
+            m.recovery_resume_seconds.labels(verdict=resumed.verdict).observe(resumed.resumed_at_s - resumed.detected_at_s)
+
+    def generation_started(self, number: int, predicted_step_time_s: float | None, now_s: float) -> None:
+        m = self.metrics
+        m.clear_ranks()
+        self._failures_seen.clear()
+        m.generation.set(number)
+        m.job_running.set(1)
+        m.planner_predicted_step_time_seconds.set(math.nan if predicted_step_time_s is None else predicted_step_time_s)
+        if number == 1 and self.newest_commit < 0:
+            m.note_checkpoint_commit(now_s)  # no checkpoint yet: its age counts from the start of training
+
+    def recovering(self, action: Recover, incident: pb.Incident, now_s: float) -> None:
+        m = self.metrics
+        for verdict in action.verdicts:
+            m.evictions_total.labels(verdict=verdict.kind.value, cause=verdict.evidence.cause.value).inc()
+        # From the last step every rank completed (or the generation's start, if none did).
+        since_s = max(self.job.last_step_s, self.job.generation.started_s if self.job.generation else 0.0)
+        m.recovery_detection_seconds.labels(verdict=incident.verdict).observe(max(0.0, now_s - since_s))
+        cause = action.evidence[0].cause.value if action.evidence else "restart"
+        m.replans_total.labels(cause=cause).inc()
+
+    def job_ended(self) -> None:
+        self.metrics.job_running.set(0)
