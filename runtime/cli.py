@@ -62,10 +62,14 @@ def launch(
     from hyrun.runtime.launch import run_job
     from hyrun.runtime.progress import ProgressView
 
+    from hyrun.runtime.export.index import InitFromError, check_init_from
+
     try:
         job = load_job(job_file)
         check_job(job)
-    except JobFileError as error:
+        if job.model.init_from:
+            check_init_from(job.model.config(), Path(job.model.init_from), training_state=job.model.init_training_state)
+    except (JobFileError, InitFromError) as error:
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
 
@@ -266,6 +270,15 @@ def _mount_ckpt() -> None:
 
 
 _mount_ckpt()
+
+
+def _mount_export() -> None:
+    from hyrun.runtime.export.cli import export
+
+    app.command("export")(export)
+
+
+_mount_export()
 
 chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True,
                         rich_markup_mode=None)

@@ -84,11 +84,19 @@ class ClusterSpec(_Section):
 class ModelSection(_Section):
     preset: str = Field("tiny", description="model preset: tiny, small or hunyuan-large")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to change")
+    init_from: str | None = Field(
+        None, description="start from the weights in this directory (written by `hyrun export`, Hugging Face "
+        "hunyuan_v1_moe layout), resharded onto the job's layout; checked against the preset before launch")
+    init_training_state: bool = Field(
+        False, description="also take the optimizer state, step and data position that `hyrun export "
+        "--training-state` wrote there, and continue that run")
 
     @model_validator(mode="after")
     def _known_preset_and_fields(self) -> ModelSection:
         # Build the config once here so a bad preset or override is refused before launch.
         self.config()
+        if self.init_training_state and not self.init_from:
+            raise ValueError("model.init_training_state needs model.init_from (the directory to take it from)")
         return self
 
     def config(self) -> ModelConfig:

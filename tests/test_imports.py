@@ -30,6 +30,9 @@ FORBIDDEN = (
     ("hyrun.runtime.coordinator", "hyrun.runtime.checkpoint"),
     ("hyrun.runtime.coordinator", "hyrun.runtime.rendezvous"),  # torch's TCPStore: passed in, never imported
     ("hyrun.runtime.jobfile", "hyrun.runtime.coordinator"),  # the schema is read by the coordinator, not the reverse
+    ("hyrun.runtime.coordinator", "hyrun.runtime.export"),
+    ("hyrun.runtime.export", "hyrun.runtime.trainer"),  # the trainer starts from an export, not the reverse
+    ("hyrun.runtime.export", "hyrun.runtime.coordinator"),
 )
 # Torch-free modules of the packages above that the coordinator may use.
 ALLOWED = {
@@ -194,6 +197,8 @@ def test_coordinator_cli_and_agent_load_no_torch():
     # loads it only in the worker it starts.
     code = ("import sys\n"
             "import hyrun.runtime.coordinator.server, hyrun.runtime.cli, hyrun.agent\n"
+            # launch checks an init_from directory before any process starts: without torch
+            "import hyrun.runtime.export.index, hyrun.runtime.export.hf_layout\n"
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,

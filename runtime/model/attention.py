@@ -77,10 +77,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 shared_kv: SharedKV | None) -> tuple[torch.Tensor, SharedKV]:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
         if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = apply_rope(q, cos, sin)
+            q = self.q_norm(q)  # after RoPE, as Hunyuan does: the exported model computes the same
         if self.is_kv_consumer:
             if shared_kv is None:
                 raise ValueError("a CLA consumer layer needs the K/V of its producer layer; run the "
@@ -99,6 +98,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = apply_rope(k, cos, sin)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return SharedKV(key=apply_rope(k, cos, sin), value=v)
+        return SharedKV(key=k, value=v)

@@ -36,6 +36,10 @@ class ModelConfig:
     rope_base: float = 10000.0
     max_seq_len: int = 2048
     capacity_factor: float = 1.25
+    # Gate weights of a token's k experts: False = the raw softmax probabilities (Switch; with top-1
+    # the task loss then trains the gate), True = renormalized to sum to 1 (Mixtral, and the
+    # Hugging Face HunYuan MoE class, which an export must match).
+    router_renormalize: bool = False
     aux_loss_coeff: float = 0.01
     recycle_seed: int = 0
     norm_eps: float = 1e-5
@@ -73,6 +77,8 @@ class ModelConfig:
                 raise ValueError(
                     f"layer {layer}: top_k={self.top_k_in_layer(layer)} exceeds its "
                     f"num_experts={self.experts_in_layer(layer)}")
+        if not isinstance(self.router_renormalize, bool):
+            raise ValueError(f"router_renormalize={self.router_renormalize!r} must be true or false")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 "
                              "(1.0 = exactly enough slots for every token; 1.25 is usual)")

@@ -20,7 +20,8 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = (SwiGLU(config.hidden_size, config.shared_ffn_size)
                               if config.shared_ffn_size > 0 else None)
         self.router = Router(config.hidden_size, num_experts, config.top_k_in_layer(layer_index),
-                             config.capacity_factor, config.recycle_seed, layer_index)
+                             config.capacity_factor, config.recycle_seed, layer_index,
+                             config.router_renormalize)
         self.experts = GroupedExperts(num_experts, config.hidden_size, config.expert_ffn_size, expert_path)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:

@@ -143,15 +143,17 @@ class BalanceLoss(Protocol):
 class Router(nn.Module):
     """Linear gate → softmax → top-k → capacity with recycling.
 
-    Gate weights are the raw softmax probabilities of the chosen experts (not renormalized), so the
-    task loss trains the gate even with top-1. Recycling draws its randomness from a generator seeded
-    by (recycle_seed, layer, routing step): the same step gives the same assignment, which keeps
-    activation recomputation, resumed runs and every data-parallel rank consistent.
+    Gate weights are the raw softmax probabilities of the chosen experts, so the task loss trains the
+    gate even with top-1; or, with `renormalize`, those probabilities divided by their sum. Recycling
+    draws its randomness from a generator seeded by (recycle_seed, layer, routing step): the same step
+    gives the same assignment, which keeps activation recomputation, resumed runs and every
+    data-parallel rank consistent.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, capacity_factor: float,
-                 recycle_seed: int, layer_index: int) -> None:
+                 recycle_seed: int, layer_index: int, renormalize: bool = False) -> None:
         super().__init__()
+        self.renormalize = renormalize
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
@@ -167,6 +169,8 @@ class Router(nn.Module):
         # Router math in fp32: bf16 softmax ties and rounding would make top-k choices unstable.
         probs = F.softmax(self.gate(x).float(), dim=-1)
         gate_weight, expert_choice = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            gate_weight = gate_weight / gate_weight.sum(dim=-1, keepdim=True)
         capacity = capacity_per_expert(self.capacity_factor, x.shape[0], self.top_k, self.num_experts)
         dispatch, stats = recycle_route(expert_choice, gate_weight, self.num_experts, capacity,
                                         self._generator(x.device))
