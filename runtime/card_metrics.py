@@ -84,6 +84,7 @@ class CardCollector:
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, int], CardRow] = {}
         self._quarantined: frozenset[tuple[str, int]] = frozenset()
+        self.fatal_xids: frozenset[int] = frozenset()  # the running job's (HealthSection.fatal_xids)
 
     # ---- the coordinator's loop --------------------------------------------------------------
 
@@ -145,15 +146,17 @@ class CardCollector:
                     lambda r: 1.0 if r.quarantined else 0.0)
         ecc = CounterMetricFamily("hyrun_card_ecc_uncorrected_errors", "Uncorrectable ECC errors (NVML volatile count)",
                                   labels=_LABELS)
-        xid = CounterMetricFamily("hyrun_card_xid_events", "XID events seen, by XID code", labels=_LABELS + ["xid"])
+        xid = CounterMetricFamily("hyrun_card_xid_events", "XID events seen, by XID code; fatal: one the job evicts for",
+                                  labels=_LABELS + ["xid", "fatal"])
         throttle = GaugeMetricFamily("hyrun_card_throttle_reasons",
                                      "1 for each reason the card's clocks are held down now (NVML clocks-event reasons)",
                                      labels=_LABELS + ["reason"])
+        fatal_xids = self.fatal_xids
         for row in exported:
             labels = [row.node, str(row.card), row.card_type]
             ecc.add_metric(labels, row.ecc_uncorrected)
             for code, count in sorted(row.xid_counts.items()):
-                xid.add_metric([*labels, str(code)], count)
+                xid.add_metric([*labels, str(code), "true" if code in fatal_xids else "false"], count)
             for reason in throttle_reasons(row.throttle_mask):
                 throttle.add_metric([*labels, reason], 1.0)
         yield ecc

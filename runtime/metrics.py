@@ -64,8 +64,9 @@ class CoordinatorMetrics:
             "hyrun_stale_reports_total", "Reports ignored because they named an older generation", registry=r
         )
         self.evictions_total = Counter(
-            "hyrun_evictions_total", "Cards taken out of (or replanned within) a generation, by verdict and cause",
-            ["verdict", "cause"], registry=r,
+            "hyrun_evictions_total",
+            "Cards taken out of (or replanned within) a generation, by verdict and cause (bounded: one series per "
+            "card the job ever acted on)", ["verdict", "cause", "node", "card"], registry=r,
         )
         self.steps_lost_total = Counter(
             "hyrun_steps_lost_total", "Steps trained again after resuming from a checkpoint", registry=r

@@ -109,9 +109,18 @@ def test_every_rule_queries_only_metrics_the_coordinator_exports():
         assert names <= known, f"{rule.get('alert') or rule.get('record')}: unknown {sorted(names - known)}"
 
 
+def test_every_alert_has_a_promtool_case():
+    cases = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    tested = {check["alertname"] for case in cases for check in case.get("alert_rule_test", []) if check["exp_alerts"]}
+    alerts = {rule["alert"] for rule in _rules() if "alert" in rule}
+    assert alerts <= tested, f"no promtool case in which {sorted(alerts - tested)} fires"
+
+
 def test_the_rules_cover_lost_nodes_stalls_failures_and_throughput():
     alerts = {rule["alert"]: rule for rule in _rules() if "alert" in rule}
-    assert {"HyrunNodeLost", "HyrunNoStepProgress", "HyrunJobFailed", "HyrunThroughputDrop"} <= set(alerts)
+    assert {"HyrunNodeLost", "HyrunNoStepProgress", "HyrunJobFailed", "HyrunThroughputDrop", "HyrunCardNearSlowdown",
+            "HyrunFatalXid", "HyrunEccErrors", "HyrunRankOverflow", "HyrunCheckpointStale", "HyrunRecoverySlow",
+            "HyrunCoordinatorLoopLag"} <= set(alerts)  # fmt: skip
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
@@ -146,7 +155,7 @@ def test_the_dashboard_queries_only_metrics_the_coordinator_exports():
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-            exprs.append((variable["name"], re.sub(r"^label_values\(\s*([^,]+),.*\)$", r"\1", query)))
+            exprs.append((variable["name"], re.sub(r"^label_values\(\s*(.+),\s*\w+\s*\)$", r"\1", query)))
     used = set()
     for where, expr in exprs:
         names = promql_metric_names(expr)
@@ -222,3 +231,65 @@ def test_the_slurm_example_parses_and_uses_only_real_cli_options():
             tokens = shlex.split(match.group(1).replace('"', ""))
             commands.add(_check_hyrun_command(tokens, f"hyrun.sbatch: {match.group(1).strip()}", options))
     assert commands == {"coordinator", "agent", "launch"}
+
+
+# ------------------------------------------------------------------------------- grafana's model
+
+# Keys Grafana keeps outside its typed dashboard model: the Prometheus data source's own annotation
+# fields (read by the plugin, stored as they are), a built-in annotation's marker, and a query
+# variable's editor text. Everything else must be a field of the model.
+_PLUGIN_KEYS = {"builtIn", "step", "titleFormat", "textFormat", "useValueForTime", "definition"}
+
+
+def _lost_or_changed(ours, theirs, path: str = "") -> list[str]:
+    """Where Grafana's model dropped or altered what we wrote (defaults it adds are fine)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        problems = []
+        for key, value in ours.items():
+            if key not in theirs:
+                if key not in _PLUGIN_KEYS:
+                    problems.append(f"{path}.{key} dropped")
+            else:
+                problems += _lost_or_changed(value, theirs[key], f"{path}.{key}")
+        return problems
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [p for i, (a, b) in enumerate(zip(ours, theirs)) for p in _lost_or_changed(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r} became {theirs!r}"]
+
+
+def test_the_dashboard_survives_grafanas_json_model_unchanged():
+    """Grafana's own dashboard model (grafana-foundation-sdk, generated from Grafana's schema) reads the
+    JSON and writes it back: nothing we wrote may be dropped or changed."""
+    sdk = pytest.importorskip("grafana_foundation_sdk", reason="pip install -e '.[dev]' (grafana-foundation-sdk)")
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    del sdk
+    ours = _dashboard()
+    theirs = json.loads(JSONEncoder(sort_keys=True).encode(Dashboard.from_json(ours)))
+    assert _lost_or_changed(ours, theirs) == []
+
+
+def test_the_dashboard_json_is_what_its_script_writes():
+    import runpy
+
+    script = runpy.run_path(str(DEPLOY / "grafana" / "dashboard.py"))
+    assert (DEPLOY / "grafana" / "hyrun-dashboard.json").read_text() == script["render"](), (
+        "run python deploy/grafana/dashboard.py"
+    )
+
+
+def test_the_dashboard_has_the_monitoring_panels_and_variables():
+    dashboard = _dashboard()
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "job", "instance", "node"}
+    exprs = " ".join(t["expr"] for p in _panels(dashboard["panels"]) for t in p.get("targets", []))
+    for family in ("hyrun_card_temperature_celsius", "hyrun_card_slowdown_temperature_celsius",
+                   "hyrun_card_xid_events_total", "hyrun_card_ecc_uncorrected_errors_total", "hyrun_card_throttle_reasons",
+                   "hyrun_rank_nonfinite_grad_steps_total", "hyrun_rank_grad_norm", "hyrun_rank_time_seconds",
+                   "hyrun_checkpoint_stall_seconds", "hyrun_checkpoint_durable_seconds", "hyrun_checkpoint_age_seconds",
+                   "hyrun_recovery_resume_seconds", "hyrun_planner_predicted_step_time_seconds", "hyrun_loss",
+                   "hyrun_tokens_per_second", "hyrun_coordinator_loop_lag_seconds"):  # fmt: skip
+        assert family in exprs, f"no panel shows {family}"
+    assert any(p["type"] == "heatmap" for p in dashboard["panels"]), "no overflow heat map"
+    annotations = " ".join(a.get("expr", "") for a in dashboard["annotations"]["list"])
+    assert "hyrun_evictions_total" in annotations and "hyrun_generation" in annotations

@@ -30,9 +30,8 @@ class JobExports:
         for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
             m.rank_time_seconds.labels(rank=rank, node=node, part=part).set(seconds)
         m.rank_grad_norm.labels(rank=rank, node=node).set(report.grad_norm)
-        nonfinite = m.rank_nonfinite_grad_steps_total.labels(rank=rank, node=node)  # exists at 0 from the first step
         if report.nonfinite_grads > 0:
-            nonfinite.inc()
+            m.rank_nonfinite_grad_steps_total.labels(rank=rank, node=node).inc()
         if report.checkpoint_stall_s >= _STALL_FLOOR_S:
             m.checkpoint_stall_seconds.observe(report.checkpoint_stall_s)
         if report.resume_source:
@@ -79,9 +78,11 @@ class JobExports:
         if resumed is not None:
             m.recovery_resume_seconds.labels(verdict=resumed.verdict).observe(resumed.resumed_at_s - resumed.detected_at_s)
 
-    def generation_started(self, number: int, predicted_step_time_s: float | None, now_s: float) -> None:
+    def generation_started(self, number: int, slots, predicted_step_time_s: float | None, now_s: float) -> None:
         m = self.metrics
         m.clear_ranks()
+        for slot in slots:  # at 0 before the first step, so increase() sees a first-step overflow
+            m.rank_nonfinite_grad_steps_total.labels(rank=str(slot.rank), node=slot.node)
         self._failures_seen.clear()
         m.generation.set(number)
         m.job_running.set(1)
@@ -92,7 +93,9 @@ class JobExports:
     def recovering(self, action: Recover, incident: pb.Incident, now_s: float) -> None:
         m = self.metrics
         for verdict in action.verdicts:
-            m.evictions_total.labels(verdict=verdict.kind.value, cause=verdict.evidence.cause.value).inc()
+            m.evictions_total.labels(
+                verdict=verdict.kind.value, cause=verdict.evidence.cause.value, node=verdict.card.node, card=str(verdict.card.index)
+            ).inc()
         # From the last step every rank completed (or the generation's start, if none did).
         since_s = max(self.job.last_step_s, self.job.generation.started_s if self.job.generation else 0.0)
         m.recovery_detection_seconds.labels(verdict=incident.verdict).observe(max(0.0, now_s - since_s))

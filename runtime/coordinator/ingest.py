@@ -62,6 +62,7 @@ class JobIngest:
         self.decide_settings = decide_settings(spec, self.heartbeat_timeout_s)  # fixed for the job's life
         self.health = HealthBook(spec.health)
         self.exports = JobExports(self.metrics, self.job)
+        self.metrics.cards_health.fatal_xids = frozenset(spec.health.fatal_xids)
         log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
         self._save_job()
         self._publish()

@@ -257,7 +257,7 @@ class Orchestrator(JobIngest):
         commands = start_commands(gen, info, backend=job.spec.runtime.backend, job_json=job.spec.to_json(), run_dir=job.run_dir)
         for node, command in commands.items():
             self.send(node, command)
-        self.exports.generation_started(gen.number, plan.predicted_step_time_s, now_s)
+        self.exports.generation_started(gen.number, gen.ranks, plan.predicted_step_time_s, now_s)
         log.info("generation %d started: %d ranks on %s (%s)", gen.number, gen.world_size, ", ".join(gen.nodes),
                  gen.layout.describe())
         self.store.put(
