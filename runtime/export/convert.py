@@ -25,7 +25,8 @@ ReadOne = Callable[[str], torch.Tensor]  # an HF name -> its tensor
 _EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(w_gate_up|w_down)(?:#expert(\d+))?$")
 _SHARED_KEY = re.compile(r"^blocks\.(\d+)\.moe\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$")
 
-# hyrun name (after `blocks.L.`) -> HF name (after `model.layers.L.`): the same tensor.
+# hyrun name (after `blocks.L.`) -> HF name (after `model.layers.L.`): the same tensor. In the order
+# `hf_layout.hf_shapes` lists them, which is the order they are written.
 _LAYER_RENAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "attention.q_proj.weight": "self_attn.q_proj.weight",
@@ -44,22 +45,20 @@ _TOP_RENAMES = {
 }
 
 
-def hyrun_layer_keys(config: ModelConfig, layer: int) -> list[str]:
-    """Every hyrun key of one layer (experts one key each), as a checkpoint holds them."""
-    keys = [f"blocks.{layer}.attention_norm.weight", f"blocks.{layer}.attention.q_proj.weight",
-            f"blocks.{layer}.attention.o_proj.weight", f"blocks.{layer}.moe_norm.weight",
-            f"blocks.{layer}.moe.router.gate.weight"]
-    if not config.is_kv_consumer(layer):
-        keys += [f"blocks.{layer}.attention.k_proj.weight", f"blocks.{layer}.attention.v_proj.weight"]
-    if config.qk_norm:
-        keys.append(f"blocks.{layer}.attention.q_norm.weight")
-        if not config.is_kv_consumer(layer):
-            keys.append(f"blocks.{layer}.attention.k_norm.weight")
+def dense_layer_keys(config: ModelConfig, layer: int) -> list[str]:
+    """One layer's hyrun keys other than the routed experts'."""
+    keys = [f"blocks.{layer}.{ours}" for ours in _LAYER_RENAMES
+            if _held(config, layer, ours)]
     if config.shared_ffn_size > 0:
         keys += [f"blocks.{layer}.moe.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
-    for expert in range(config.experts_in_layer(layer)):
-        keys += [f"blocks.{layer}.moe.experts.w_gate_up#expert{expert}", f"blocks.{layer}.moe.experts.w_down#expert{expert}"]
     return keys
+
+
+def _held(config: ModelConfig, layer: int, ours: str) -> bool:
+    """Whether this layer has that parameter: CLA consumers have no K/V, qk_norm off no QK norms."""
+    if ours.startswith(("attention.k_", "attention.v_")) and config.is_kv_consumer(layer):
+        return False
+    return config.qk_norm or not ours.startswith(("attention.q_norm", "attention.k_norm"))
 
 
 def to_hf(config: ModelConfig, read: ReadMany) -> Iterator[tuple[str, torch.Tensor]]:
@@ -70,15 +69,11 @@ def to_hf(config: ModelConfig, read: ReadMany) -> Iterator[tuple[str, torch.Tens
     top = read(["embedding.weight"])
     yield "model.embed_tokens.weight", top["embedding.weight"]
     for layer in range(config.num_layers):
-        got = read([key for key in hyrun_layer_keys(config, layer) if "#expert" not in key])
+        got = read(dense_layer_keys(config, layer))
         src, dst = f"blocks.{layer}.", f"{layer_prefix(layer)}."
-        renamed = {dst + hf: got[src + ours] for ours, hf in _LAYER_RENAMES.items() if src + ours in got}
-        order = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.query_layernorm.weight",
-                 "self_attn.key_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate.wg.weight"]
-        for name in order:
-            if dst + name in renamed:
-                yield dst + name, renamed[dst + name]
+        for ours, hf in _LAYER_RENAMES.items():  # in hf_shapes' order
+            if src + ours in got:
+                yield dst + hf, got[src + ours]
         yield from _shared_to_hf(config, got, src, dst, size)
         for expert in range(config.experts_in_layer(layer)):  # one expert at a time: a layer may exceed RAM
             keys = [f"{src}moe.experts.w_gate_up#expert{expert}", f"{src}moe.experts.w_down#expert{expert}"]
