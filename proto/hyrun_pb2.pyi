@@ -45,16 +45,40 @@ class CardTelemetry(_message.Message):
     def __init__(self, index: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ..., throttle_reasons: _Optional[int] = ..., slowdown_temperature_c: _Optional[float] = ...) -> None: ...
 
 class HostTelemetry(_message.Message):
-    __slots__ = ("cpu_percent", "memory_percent", "net_errors", "net_drops")
+    __slots__ = ("cpu_percent", "memory_percent", "net_errors", "net_drops", "data_nic")
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     NET_ERRORS_FIELD_NUMBER: _ClassVar[int]
     NET_DROPS_FIELD_NUMBER: _ClassVar[int]
+    DATA_NIC_FIELD_NUMBER: _ClassVar[int]
     cpu_percent: float
     memory_percent: float
     net_errors: int
     net_drops: int
-    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., net_errors: _Optional[int] = ..., net_drops: _Optional[int] = ...) -> None: ...
+    data_nic: NicTelemetry
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., net_errors: _Optional[int] = ..., net_drops: _Optional[int] = ..., data_nic: _Optional[_Union[NicTelemetry, _Mapping]] = ...) -> None: ...
+
+class NicTelemetry(_message.Message):
+    __slots__ = ("interface", "carrier", "tx_bytes", "rx_bytes", "errors", "drops", "queue_overlimits", "queue_drops", "queue_backlog_bytes")
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    CARRIER_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_OVERLIMITS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DROPS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    interface: str
+    carrier: bool
+    tx_bytes: int
+    rx_bytes: int
+    errors: int
+    drops: int
+    queue_overlimits: int
+    queue_drops: int
+    queue_backlog_bytes: int
+    def __init__(self, interface: _Optional[str] = ..., carrier: _Optional[bool] = ..., tx_bytes: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., errors: _Optional[int] = ..., drops: _Optional[int] = ..., queue_overlimits: _Optional[int] = ..., queue_drops: _Optional[int] = ..., queue_backlog_bytes: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("node", "cards", "host", "agent_pid")
