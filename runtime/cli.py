@@ -280,6 +280,15 @@ def _mount_export() -> None:
 
 _mount_export()
 
+
+def _mount_data() -> None:
+    from hyrun.runtime.data.cli import app as data_app
+
+    app.add_typer(data_app, name="data", help="Prepare real training data (token shards, tokenizer, manifest).")
+
+
+_mount_data()
+
 chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True,
                         rich_markup_mode=None)
 app.add_typer(chaos_app, name="chaos")

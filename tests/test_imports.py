@@ -33,6 +33,10 @@ FORBIDDEN = (
     ("hyrun.runtime.coordinator", "hyrun.runtime.export"),
     ("hyrun.runtime.export", "hyrun.runtime.trainer"),  # the trainer starts from an export, not the reverse
     ("hyrun.runtime.export", "hyrun.runtime.coordinator"),
+    # Data preparation, shards and sample order are read by workers, eval and the CLI alike: no runtime parts.
+    ("hyrun.runtime.data", "hyrun.runtime.trainer"),
+    ("hyrun.runtime.data", "hyrun.runtime.coordinator"),
+    ("hyrun.runtime.data", "hyrun.runtime.parallel"),
 )
 # Torch-free modules of the packages above that the coordinator may use.
 ALLOWED = {
