@@ -46,7 +46,10 @@ def load_tokenizer(tokenizer_path: str, sha256: str, eos_id: int, single_threade
         os.environ["RAYON_NUM_THREADS"] = "1"
     from tokenizers import Tokenizer
 
-    _tokenizer, _eos_id, _tokenizer_key = Tokenizer.from_file(tokenizer_path), eos_id, (tokenizer_path, sha256)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    # A document that spells "<eos>" (code about tokenizers does) is text: only the appended id ends a document.
+    tokenizer.encode_special_tokens = True
+    _tokenizer, _eos_id, _tokenizer_key = tokenizer, eos_id, (tokenizer_path, sha256)
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

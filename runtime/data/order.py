@@ -127,13 +127,11 @@ class SampleOrder:
         block = position // self._block
         ids = np.empty(len(index), np.int32)
         k = np.empty(len(index), np.int64)
-        keys = stage * (self.total_samples // self._block + 2) + block
-        for key in np.unique(keys):
-            mask = keys == key
-            s, b = int(stage[mask][0]), int(block[mask][0])
+        for rows in _groups(stage * (self.total_samples // self._block + 2) + block):
+            s, b = int(stage[rows[0]]), int(block[rows[0]])
             block_ids, block_k = self._block_of(s, b)
-            within = position[mask] - b * self._block
-            ids[mask], k[mask] = block_ids[within], block_k[within]
+            within = position[rows] - b * self._block
+            ids[rows], k[rows] = block_ids[within], block_k[within]
         return ids, self._offsets[stage, ids] + k
 
     def lookup(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,11 +140,9 @@ class SampleOrder:
         sizes = self.source_samples[ids]
         epoch, rank = q // sizes, q % sizes
         samples = np.empty(len(q), np.int64)
-        groups = ids.astype(np.int64) * (int(epoch.max(initial=0)) + 1) + epoch
-        for group in np.unique(groups):
-            mask = groups == group
-            j, e = int(ids[mask][0]), int(epoch[mask][0])
-            samples[mask] = permute(rank[mask], int(sizes[mask][0]), epoch_keys(self.seed, self.sources[j], e))
+        for rows in _groups(ids.astype(np.int64) * (int(epoch.max(initial=0)) + 1) + epoch):
+            j, e = int(ids[rows[0]]), int(epoch[rows[0]])
+            samples[rows] = permute(rank[rows], int(sizes[rows[0]]), epoch_keys(self.seed, self.sources[j], e))
         return ids, samples
 
     def __call__(self, index: int) -> tuple[str, int]:
@@ -157,6 +153,13 @@ class SampleOrder:
         if not 0 <= index < self.total_samples:
             raise IndexError(f"global sample index {index} not in [0, {self.total_samples})")
         return self.stages[int(np.searchsorted(self._stage_ends, index, side="right"))]
+
+
+def _groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Row numbers of each distinct key (one sort, not one pass per key)."""
+    order = np.argsort(keys, kind="stable")
+    cuts = np.flatnonzero(np.diff(keys[order])) + 1
+    return np.split(order, cuts) if len(order) else []
 
 
 def epoch_keys(seed: int, source: str, epoch: int) -> np.ndarray:

@@ -92,7 +92,8 @@ def prepare(settings: PrepareSettings, progress: Callable[[int, int], None] = la
         hashes = _hash_inputs(files, pool)
         tokenizer = _tokenizer(settings, files, hashes)
         tasks = _plan(settings, files, hashes, tokenizer)
-        plan = hashlib.sha256(json.dumps(sorted(str(t.path) for ts in tasks.values() for t in ts)).encode()).hexdigest()
+        parts = sorted(t.path.relative_to(out).as_posix() for ts in tasks.values() for t in ts)
+        plan = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
         existing = _existing_manifest(out, plan, settings.force)
         if existing is not None:
             return PrepareResult(existing, wall_s=time.perf_counter() - started, up_to_date=True)
