@@ -10,6 +10,7 @@ import math
 import re
 import time
 from collections import deque
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -40,7 +41,9 @@ def checkpoint_failure_cause(error: str) -> str:
 
 
 class CoordinatorMetrics:
-    def __init__(self, card_series_limit: int = CARD_SERIES_LIMIT) -> None:
+    def __init__(self, card_series_limit: int = CARD_SERIES_LIMIT, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the coordinator's (its now_s values), read when a scrape asks for the checkpoint's age."""
+        self.clock = clock
         self.registry = CollectorRegistry()
         r = self.registry
         self.nodes_alive = Gauge("hyrun_nodes_alive", "Nodes whose agent heartbeats are current", registry=r)
@@ -176,10 +179,10 @@ class CoordinatorMetrics:
 
     def note_checkpoint_commit(self, now_s: float | None = None) -> None:
         """A newer checkpoint committed (or training started with none): the age counts from now."""
-        self._age_since_s = time.monotonic() if now_s is None else now_s
+        self._age_since_s = self.clock() if now_s is None else now_s
 
     def _checkpoint_age(self) -> float:
-        return math.nan if self._age_since_s is None else time.monotonic() - self._age_since_s
+        return math.nan if self._age_since_s is None else self.clock() - self._age_since_s
 
     def clear_ranks(self) -> None:
         """A generation starts: the last one's ranks (its numbering, its nodes) are gone."""
