@@ -123,14 +123,15 @@ def test_packed_samples_and_document_starts(prepared):
 
 def test_a_failed_run_keeps_its_parts_and_a_rerun_equals_a_clean_run(prepared, corpus, tmp_path):
     tokenizer = prepared / "tokenizer.json"
-    clean = prepare(_settings(corpus, tmp_path / "clean", tokenizer=tokenizer, train_vocab=None))
+    email_only = dict(tokenizer=tokenizer, train_vocab=None)
+    clean = prepare(_settings(corpus, tmp_path / "clean", sources=(SourceSpec("email", corpus / "email"),), **email_only))
     broken = tmp_path / "corpus"
-    shutil.copytree(corpus, broken)
+    shutil.copytree(corpus / "email", broken / "email")
     victim = broken / "email" / "mime" / "text.py"
     good = victim.read_bytes()
     victim.write_bytes(good + b"\xff\xfe not utf-8")
     out = tmp_path / "resumed"
-    settings = _settings(broken, out, tokenizer=tokenizer, train_vocab=None)
+    settings = _settings(broken, out, sources=(SourceSpec("email", broken / "email"),), **email_only)
     with pytest.raises(DataError, match=r"text\.py: not UTF-8"):
         prepare(settings)
     # Everything else was encoded and kept; nothing looks like a finished corpus.
@@ -164,9 +165,11 @@ def _assert_same_corpus(a: Path, b: Path) -> None:
 
 
 def test_a_process_pool_writes_the_same_bytes(prepared, corpus, tmp_path):
-    pooled = prepare(_settings(corpus, tmp_path / "pooled", workers=2))
-    assert pooled.manifest.tokenizer.sha256 == read_manifest(prepared).tokenizer.sha256  # training is deterministic
-    _assert_same_corpus(prepared, tmp_path / "pooled")
+    pooled = tmp_path / "pooled"
+    prepare(_settings(corpus, pooled, sources=(SourceSpec("email", corpus / "email"),), workers=2,
+                      tokenizer=prepared / "tokenizer.json", train_vocab=None))
+    for name in ("train.bin", "train.idx.npy", "val.bin", "val.idx.npy"):
+        assert (pooled / "email" / name).read_bytes() == (prepared / "email" / name).read_bytes()
 
 
 def test_parquet_source(corpus, prepared, tmp_path):
@@ -205,8 +208,10 @@ def test_bad_input_is_refused_with_an_actionable_message(corpus, prepared, tmp_p
         parse_source(str(tmp_path))
     with pytest.raises(DataError, match="exactly one of --tokenizer"):
         prepare(_settings(corpus, tmp_path / "c", tokenizer=tokenizer))
+    before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
     with pytest.raises(DataError, match="holds a different prepared corpus"):
         prepare(_settings(corpus, prepared, val_fraction=0.1))
+    assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before  # left untouched
 
 
 def test_cli_prepares_and_reports_errors_without_a_traceback(corpus, prepared, tmp_path):

@@ -89,15 +89,18 @@ def prepare(settings: PrepareSettings, progress: Callable[[int, int], None] = la
     files = {spec.name: find_files(spec, settings.globs) for spec in settings.sources}
     workers = worker_count(settings.workers)
     with _pool(workers) as pool:
+        say("hashing inputs")
         hashes = _hash_inputs(files, pool)
-        tokenizer = _tokenizer(settings, files, hashes)
-        tasks = _plan(settings, files, hashes, tokenizer)
-        parts = sorted(t.path.relative_to(out).as_posix() for ts in tasks.values() for t in ts)
-        plan = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        plan = _plan_key(settings, files, hashes)
+        # Checked before anything is written: a refused run must not touch the corpus already there.
         existing = _existing_manifest(out, plan, settings.force)
         if existing is not None:
             return PrepareResult(existing, wall_s=time.perf_counter() - started, up_to_date=True)
+        say("training the tokenizer" if settings.train_vocab else "checking the tokenizer")
+        tokenizer = _tokenizer(settings, files, hashes)
+        tasks = _plan(settings, files, hashes, tokenizer)
         result = PrepareResult(manifest=None)  # type: ignore[arg-type]
+        say("encoding")
         _encode_parts(tasks, pool, tokenizer, result, progress)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     sources = {}
@@ -114,6 +117,15 @@ def prepare(settings: PrepareSettings, progress: Callable[[int, int], None] = la
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # every part is in the outputs now
     result.wall_s = time.perf_counter() - started
     return result
+
+
+def _plan_key(settings: PrepareSettings, files: dict[str, list[InputFile]], hashes: dict[Path, str]) -> str:
+    """Everything the outputs depend on (not the part size: parts concatenate in document order)."""
+    tokenizer = {"sha256": sha256_file(settings.tokenizer), "eos": settings.eos_token} if settings.tokenizer else {
+        "train_vocab": settings.train_vocab}
+    identity = {"version": FORMAT_VERSION, "val": settings.val_fraction, "field": settings.field, "tokenizer": tokenizer,
+                "sources": {name: [(f.relpath, hashes[f.path]) for f in fs] for name, fs in files.items()}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def _given(settings: PrepareSettings) -> str | None:
