@@ -250,7 +250,7 @@ def test_a_faulty_job_fills_every_panel_and_rule_and_fires_the_fault_alerts(
 @pytest.mark.timeout(300)
 def test_a_fault_free_job_fires_no_alert(write_job, launched, tmp_path, start_prometheus):
     prometheus, start_s, end_s, seen = _run(
-        _job([], steps=8), write_job, launched, tmp_path, start_prometheus, timeout_s=200
+        _job([], steps=4), write_job, launched, tmp_path, start_prometheus, timeout_s=200
     )
     assert seen == {}, f"alerts in a fault-free run: {seen}"
     assert prometheus.samples("hyrun_step", start_s, end_s) > 0  # it was scraped
