@@ -48,7 +48,9 @@ _IDLE_POWER_W, _BUSY_POWER_W = 60.0, 300.0  # plausible figures, so dashboards h
 class SimulatedCards:
     """Simulated cards: a steady, healthy temperature, unless the job scripts a fault (the job
     file's `faults` with kind temperature_ramp, xid or ecc), which starts when the card's worker
-    reaches the fault's step."""
+    reaches the fault's step. A card whose worker stepped in the last few seconds reads busy (full
+    utilization, a busy card's power); one at or above its slowdown temperature reads thermally
+    throttled, as NVML would say."""
 
     indices: list[int]
     base_temperature_c: float = 45.0

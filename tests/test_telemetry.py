@@ -22,3 +22,16 @@ def test_xid_is_reported_once_and_ecc_counts_up():
     first, second = cards.sample(now_s=1.0)[0], cards.sample(now_s=2.0)[0]
     assert first.xid_events == (79,) and second.xid_events == ()
     assert first.ecc_uncorrected == second.ecc_uncorrected == 1
+
+
+def test_a_stepping_card_reads_busy_and_a_hot_one_throttled():
+    from hyrun.agent.telemetry import THROTTLE_HW_THERMAL
+
+    cards = SimulatedCards([0, 1])
+    cards.script([{"kind": "temperature_ramp", "node": "n", "card": 1, "at_step": 1, "c_per_s": 10.0}])
+    cards.observe_step(1, 1, now_s=0.0)
+    idle, hot = cards.sample(now_s=4.0)
+    assert idle.utilization == 0.0 and idle.power_w < hot.power_w and hot.utilization == 1.0
+    assert idle.throttle_reasons == 0 and hot.throttle_reasons == 0  # 85 °C: below its 90 °C threshold
+    assert cards.sample(now_s=5.0)[1].throttle_reasons & THROTTLE_HW_THERMAL  # 95 °C
+    assert cards.sample(now_s=60.0)[1].utilization == 0.0  # its worker stopped stepping
