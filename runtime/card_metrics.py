@@ -10,9 +10,11 @@ or not, is counted in a per-type histogram of temperature margin, so a 10,000-no
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily
 
@@ -40,7 +42,7 @@ def throttle_reasons(mask: int) -> list[str]:
     return names + ([f"0x{unknown:x}"] if unknown else [])
 
 
-@dataclass
+@dataclass(slots=True)
 class CardRow:
     """What the coordinator last heard about one card."""
 
@@ -72,8 +74,12 @@ def cards_to_export(rows: list[CardRow], limit: int) -> list[CardRow]:
     first, then the hottest relative to their threshold. Pure, so the choice is tested directly."""
     if len(rows) <= limit:
         return rows
-    ranked = sorted(rows, key=lambda r: (not r.troubled, r.margin_c if not math.isnan(r.margin_c) else math.inf, r.node, r.card))
-    return ranked[:limit]
+    return heapq.nsmallest(limit, rows, key=_risk)
+
+
+def _risk(row: CardRow) -> tuple:
+    margin = row.margin_c
+    return (not row.troubled, margin if not math.isnan(margin) else math.inf, row.node, row.card)
 
 
 class CardCollector:
@@ -92,19 +98,25 @@ class CardCollector:
         """A node registered: (index, card type, memory bytes) of each card."""
         with self._lock:
             for index, card_type, memory_bytes in cards:
-                row = self._rows.setdefault((node, index), CardRow(node, index))
-                row.card_type, row.memory_total_bytes = card_type or "unknown", memory_bytes
+                old = self._rows.get((node, index), CardRow(node, index))
+                self._rows[(node, index)] = replace(old, card_type=card_type or "unknown", memory_total_bytes=memory_bytes)
 
     def ingest(self, node: str, samples) -> None:
-        """A heartbeat's CardTelemetry messages (proto/hyrun.proto)."""
+        """A heartbeat's CardTelemetry messages (proto/hyrun.proto). Each card's row is replaced, never
+        changed in place (its XID counts are copied on write), so a scrape can read rows unlocked."""
         with self._lock:
             for s in samples:
-                row = self._rows.setdefault((node, s.index), CardRow(node, s.index))
-                row.temperature_c, row.slowdown_c = s.temperature_c, s.slowdown_temperature_c
-                row.power_w, row.utilization, row.memory_used_bytes = s.power_w, s.utilization, s.memory_used_bytes
-                row.ecc_uncorrected, row.throttle_mask = s.ecc_uncorrected, s.throttle_reasons
-                for xid in s.xid_events:
-                    row.xid_counts[xid] = row.xid_counts.get(xid, 0) + 1
+                key = (node, s.index)
+                old = self._rows.get(key)
+                card_type, memory_total, xids = (old.card_type, old.memory_total_bytes, old.xid_counts) if old else ("unknown", 0, {})
+                if s.xid_events:
+                    xids = dict(xids)
+                    for xid in s.xid_events:
+                        xids[xid] = xids.get(xid, 0) + 1
+                self._rows[key] = CardRow(
+                    node, s.index, card_type, memory_total, s.temperature_c, s.slowdown_temperature_c, s.power_w,
+                    s.utilization, s.memory_used_bytes, s.ecc_uncorrected, s.throttle_reasons, xids,
+                )  # fmt: skip
 
     def set_quarantined(self, cards: frozenset[tuple[str, int]]) -> None:
         self._quarantined = cards  # one reference swap: the scrape thread sees the old or the new set
@@ -113,11 +125,9 @@ class CardCollector:
 
     def _snapshot(self) -> list[CardRow]:
         quarantined = self._quarantined
-        with self._lock:
-            rows = [CardRow(**{**r.__dict__, "xid_counts": dict(r.xid_counts)}) for r in self._rows.values()]
-        for row in rows:
-            row.quarantined = (row.node, row.card) in quarantined
-        return rows
+        with self._lock:  # only the list is copied: rows are replaced, never changed (see ingest)
+            rows = list(self._rows.values())
+        return [replace(r, quarantined=True) if (r.node, r.card) in quarantined else r for r in rows]
 
     def describe(self):
         return list(self._families([], []))
@@ -175,12 +185,17 @@ def _margin_histogram(rows: list[CardRow]) -> GaugeHistogramMetricFamily:
         "hyrun_cards_temperature_margin_celsius", "Cards by how far below their slowdown temperature they run",
         labels=["card_type"],
     )
-    by_type: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}  # card type -> cards per bucket (not cumulative), +Inf last
+    sums: dict[str, float] = {}
     for row in rows:
         if not math.isnan(row.temperature_c) and row.slowdown_c > 0:
-            by_type.setdefault(row.card_type, []).append(row.margin_c)
-    for card_type, margins in sorted(by_type.items()):
-        buckets = [(str(bound), float(sum(m <= bound for m in margins))) for bound in MARGIN_BUCKETS_C]
-        buckets.append(("+Inf", float(len(margins))))
-        family.add_metric([card_type], buckets, gsum_value=sum(margins))
+            margin = row.slowdown_c - row.temperature_c
+            counts.setdefault(row.card_type, [0] * (len(MARGIN_BUCKETS_C) + 1))[bisect.bisect_left(MARGIN_BUCKETS_C, margin)] += 1
+            sums[row.card_type] = sums.get(row.card_type, 0.0) + margin
+    for card_type, per_bucket in sorted(counts.items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, MARGIN_BUCKETS_C), "+Inf"], per_bucket):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        family.add_metric([card_type], buckets, gsum_value=sums[card_type])
     return family
