@@ -1,7 +1,7 @@
 """Per-card Prometheus series, built at scrape time from the newest heartbeat sample of each card.
 
-Heartbeats only store their sample here (one dict write per card, under a lock shared with the
-scrape thread); the families are made when Prometheus asks. Cardinality is bounded: at most
+A heartbeat replaces each card's row here (under a lock shared with the scrape thread, which copies
+only the list: rows are never changed once stored); the families are made when Prometheus asks. Cardinality is bounded: at most
 `limit` cards are exported one series each, chosen by `cards_to_export` (quarantined cards and cards
 with XID, ECC or throttle events first, then the smallest temperature margin); every card, exported
 or not, is counted in a per-type histogram of temperature margin, so a 10,000-node fleet costs
@@ -44,7 +44,7 @@ def throttle_reasons(mask: int) -> list[str]:
 
 @dataclass(slots=True)
 class CardRow:
-    """What the coordinator last heard about one card."""
+    """What the coordinator last heard about one card (the collector replaces it, never changes it)."""
 
     node: str
     card: int
