@@ -26,7 +26,7 @@ VAL = 0.2  # large enough that a few dozen files give every source a held-out pa
 
 
 def _texts(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.py"))}
+    return {p.relative_to(root).as_posix(): p.read_bytes().decode("utf-8") for p in sorted(root.rglob("*.py"))}
 
 
 @pytest.fixture(scope="module")
