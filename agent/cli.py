@@ -27,6 +27,9 @@ def agent(
         Optional[list[str]], typer.Option(help="simulated cards TYPE:COUNT[:SPEED], repeatable; default: NVML GPUs")
     ] = None,
     host: Annotated[str, typer.Option(help="address other nodes reach this one at (default: hostname)")] = "",
+    data_interface: Annotated[str, typer.Option(help="network interface collectives use (sets GLOO_SOCKET_IFNAME and "
+                                                     "NCCL_SOCKET_IFNAME for the workers); watched and reported "
+                                                     "to the coordinator")] = "",
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 1.0,
     reconnect_timeout: Annotated[float, typer.Option(help="seconds to keep workers while the coordinator is gone")] = 30.0,
     warm_workers: Annotated[int, typer.Option(help="spare worker processes kept ready for fast restarts (-1: one per card)")] = -1,
@@ -57,11 +60,17 @@ def agent(
     cards = simulated_cards(groups) if groups else nvml_cards()
     if not cards:
         _fail("no cards: no NVIDIA GPU found by NVML; describe simulated ones with --simulate cpu-sim:2")
+    if data_interface:
+        # Workers inherit the environment: collectives go over this NIC, not whatever the hostname
+        # resolves to (often the management network). An explicit setting from the user wins.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", data_interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", data_interface)
     token = token_file.read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "")
     settings = AgentSettings(
         coordinator=coordinator, node=node, cards=tuple(cards), host=host,
         heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout, warm_workers=warm_workers,
         token=token, tls=TlsFiles(cert=tls_ca), shm_dir=shm_dir or Path(os.environ.get(SHM_DIR_ENV) or DEFAULT_SHM_DIR),
+        data_interface=data_interface,
     )  # fmt: skip
     if cards[0].simulated:
         telemetry = SimulatedCards([c.index for c in cards])

@@ -22,12 +22,13 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
 from hyrun.agent.cards import LocalCard
+from hyrun.agent.nic import sample_nic
 from hyrun.agent.supervisor import KILL_WAIT_S, STOP_GRACE_S, Supervisor
 from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
 from hyrun.common.security import TlsFiles, call_metadata, open_channel
@@ -54,6 +55,7 @@ class AgentSettings:
     token: str = ""
     tls: TlsFiles = field(default_factory=TlsFiles)
     shm_dir: Path = field(default_factory=shared_memory_dir)  # where this node's RAM snapshots live
+    data_interface: str = ""          # the NIC collectives use: watched and reported; "" = none
 
 
 class Outbox:
@@ -147,6 +149,8 @@ class NodeAgent:
                     memory_percent=host.memory_percent,
                     net_errors=host.net_errors,
                     net_drops=host.net_drops,
+                    data_nic=(pb.NicTelemetry(**asdict(sample_nic(self.settings.data_interface)))
+                              if self.settings.data_interface else None),
                 ),
             )
         )

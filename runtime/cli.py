@@ -54,6 +54,8 @@ def launch(
     token_file: TokenFile = None,
     tls_ca: TlsCa = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="live view (default: on a terminal)")] = None,
+    netns: Annotated[bool, typer.Option("--netns", help="embedded cluster only: every node in its own network namespace "
+                                        "(data and control networks, TLS), so network faults can be injected; needs root")] = False,
 ) -> None:
     """Train a job: by default on an embedded cluster of this machine (coordinator + one agent per node of the job file)."""
     from hyrun.common.security import TlsFiles
@@ -69,6 +71,7 @@ def launch(
         check_job(job)
         if job.model.init_from:
             check_init_from(job.model.config(), Path(job.model.init_from), training_state=job.model.init_training_state)
+        _check_network_mode(job, netns, coordinator)
     except (JobFileError, InitFromError) as error:
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
@@ -82,7 +85,7 @@ def launch(
         with view:
             outcome = run_job(
                 job, job_file.read_text(), coordinator=coordinator, token=_token(token_file),
-                tls=TlsFiles(cert=tls_ca), on_event=view.update, on_started=started,
+                tls=TlsFiles(cert=tls_ca), on_event=view.update, on_started=started, netns=netns,
             )  # fmt: skip
     except KeyboardInterrupt:
         err_console.print("interrupted: every process this launch started has been stopped")
@@ -90,6 +93,19 @@ def launch(
     _print_summary(outcome)
     if not outcome.succeeded:
         _fail(f"job {outcome.job_id} failed: {outcome.message}")
+
+
+def _check_network_mode(job, netns: bool, coordinator: str | None) -> None:
+    from hyrun.runtime.jobfile import JobFileError
+    from hyrun.runtime.network.hosts import unavailable_reason
+
+    network_faults = [f"{f.kind} on {f.node}" for f in job.faults if f.is_network]
+    if netns and coordinator is not None:
+        raise JobFileError("--netns builds an embedded cluster; it cannot be used with --coordinator")
+    if network_faults and not netns:
+        raise JobFileError(f"network faults ({', '.join(network_faults)}) need separate network hosts: add --netns")
+    if netns and unavailable_reason():
+        raise JobFileError(f"--netns: {unavailable_reason()}")
 
 
 def _print_summary(outcome) -> None:

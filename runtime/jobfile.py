@@ -224,9 +224,16 @@ class HealthSection(_Section):
     straggler_window_steps: int = Field(5, ge=1, description="... on every one of this many steps")
     straggler_drain_ratio: float = Field(4.0, gt=1, description="drain a card this much slower")
     fatal_xids: frozenset[int] = Field(FATAL_XIDS, description="XID codes that evict a card at once")
+    link_window_samples: int = Field(5, ge=2, description="heartbeats a data-link congestion verdict looks at")
+    link_strikes: int = Field(3, ge=1, description="... of which the link's egress queue must have held packets back")
+    link_drain_ratio: float = Field(
+        0.5, gt=0, lt=1, description="drain a congested node moving less than this share of its peers' peak rate")
 
     @model_validator(mode="after")
     def _window_holds_strikes(self) -> HealthSection:
+        if self.link_strikes >= self.link_window_samples:
+            raise ValueError(f"link_strikes ({self.link_strikes}) must be below link_window_samples "
+                             f"({self.link_window_samples}): strikes are counted between samples")
         if self.overflow_strikes > self.overflow_window_steps:
             raise ValueError(
                 f"overflow_strikes ({self.overflow_strikes}) cannot exceed overflow_window_steps "
@@ -235,14 +242,21 @@ class HealthSection(_Section):
         return self
 
 
+NETWORK_FAULTS = ("link_slow", "link_down", "partition", "coordinator_unreachable")
+
+
 class FaultSpec(_Section):
     """A fault to inject (tests, benchmarks, `hyrun chaos`): keyed by card and step, so it fires
     on the same card at the same point whatever rank that card holds in a generation."""
 
-    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc"] = Field(
+    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc",
+                  "link_slow", "link_down", "partition", "coordinator_unreachable"] = Field(
         ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
         "gradients; slow: run the card at `speed` from then on; temperature_ramp: its simulated "
-        "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error"
+        "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error. Network "
+        "faults (`hyrun launch --netns` only; the whole node, `card` unused): link_slow caps the node's "
+        "data link at `mbit`; link_down cuts it; partition cuts data and control links; "
+        "coordinator_unreachable cuts only the control link; each for `duration_s` (0: for good)"
     )
     node: str
     card: int = Field(0, ge=0)
@@ -252,6 +266,12 @@ class FaultSpec(_Section):
     c_per_s: float = Field(2.0, gt=0, description="temperature_ramp: degrees per second")
     xid: int = Field(79, ge=1, description="xid: the XID code reported")
     generation: int = Field(1, ge=1, description="fire only in this generation")
+    mbit: float = Field(5.0, gt=0, description="link_slow: the link's new bandwidth, Mbit/s")
+    duration_s: float = Field(0.0, ge=0, description="network faults: repaired after this long; 0 = for good")
+
+    @property
+    def is_network(self) -> bool:
+        return self.kind in NETWORK_FAULTS
 
 
 class MetricsSection(_Section):

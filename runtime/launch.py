@@ -27,6 +27,9 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
 from hyrun.runtime.jobfile import JobSpec, new_job_id
+from hyrun.runtime.network.faults import NetworkFaults
+from hyrun.runtime.network.hosts import DATA_IF, NetnsHosts
+from hyrun.runtime.network.tls import write_self_signed
 from hyrun.runtime.rendezvous import GenerationStore
 from hyrun.common.process import kill_group
 from hyrun.common.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
@@ -44,6 +47,7 @@ class JobOutcome:
     run_dir: Path
     wall_time_s: float
     losses: dict[int, float] = field(default_factory=dict)
+    step_done_s: dict[int, float] = field(default_factory=dict)  # when the launcher heard of it, since submission
     tokens_per_s: list[float] = field(default_factory=list)
     generations: int = 0
     evictions: list[str] = field(default_factory=list)
@@ -58,13 +62,23 @@ class JobOutcome:
 class EmbeddedCluster:
     """The coordinator plus one agent process per node, all on this machine."""
 
-    def __init__(self, job: JobSpec, run_dir: Path, token: str) -> None:
+    def __init__(self, job: JobSpec, run_dir: Path, token: str, hosts: NetnsHosts | None = None) -> None:
         self.job = job
         self.run_dir = run_dir
         self.token = token
+        self.hosts = hosts  # each node in its own network namespace, or all on loopback
         runtime = job.runtime
+        listen, self.tls = "127.0.0.1", TlsFiles()
+        if hosts is not None:
+            # As on a real cluster: the coordinator on the control network, with TLS and the token.
+            listen = hosts.bridge_ip["control"]
+            cert, key = write_self_signed(run_dir / "tls", listen)
+            self.tls = TlsFiles(cert=cert, key=key)
         self.coordinator = CoordinatorService(
             CoordinatorSettings(
+                host=listen,
+                advertise_host=listen,
+                tls=self.tls,
                 heartbeat_interval_s=runtime.heartbeat_interval_s,
                 heartbeat_timeout_s=runtime.heartbeat_timeout_s,
                 token=token,
@@ -100,6 +114,11 @@ class EmbeddedCluster:
             "--parent-pid", str(os.getpid()),
             "--warm-workers", str(self.job.runtime.warm_workers),
         ]  # fmt: skip
+        if self.hosts is not None:
+            host = self.hosts.hosts[node]
+            command[command.index("--host") + 1] = host.data_ip
+            command += ["--data-interface", DATA_IF, "--tls-ca", str(self.tls.cert)]
+            command = self.hosts.command(node, command)
         log_path = self.run_dir / f"agent-{node}.log"
         with open(log_path, "ab") as log_file:
             # Its own session: Ctrl-C reaches only us, and we can signal the agent and its
@@ -174,9 +193,11 @@ def run_job(
     tls: TlsFiles,
     on_event: Callable[[pb.JobEvent], None],
     on_started: Callable[[str, Path], None] = lambda address, run_dir: None,
+    netns: bool = False,
 ) -> JobOutcome:
     """Runs a job to its end, embedded or on a remote coordinator. Raises KeyboardInterrupt on
-    Ctrl-C / SIGTERM after everything it started has been stopped."""
+    Ctrl-C / SIGTERM after everything it started has been stopped. With `netns` every node of an
+    embedded cluster is its own network host, and the job's network faults fire."""
     job_id = new_job_id(job.name)
     run_dir = Path(job.runtime.run_dir).resolve() / job_id
     cluster = None
@@ -186,9 +207,15 @@ def run_job(
     started_s = time.monotonic()
     outcome = JobOutcome(job_id, "FAILED", "", run_dir, 0.0)
 
+    hosts = faults = None
+    submitted_s = time.monotonic()
+
     def record(event: pb.JobEvent) -> None:
+        if faults is not None and event.step:
+            faults.on_step(event.step)
         if event.step and event.step not in outcome.losses:
             outcome.losses[event.step] = event.loss
+            outcome.step_done_s[event.step] = time.monotonic() - submitted_s
             outcome.tokens_per_s.append(event.tokens_per_s)
         outcome.generations = max(outcome.generations, event.generation)
         outcome.evictions = list(event.evictions)
@@ -202,11 +229,19 @@ def run_job(
     try:
         if coordinator is None:
             token = token or secrets.token_urlsafe(24)
-            cluster = EmbeddedCluster(job, run_dir, token)
             _log_to(run_dir / "coordinator.log")
+            if netns:
+                hosts = NetnsHosts([node.name for node in job.cluster.nodes])
+                faults = NetworkFaults(hosts, job.faults)
+            cluster = EmbeddedCluster(job, run_dir, token, hosts)
             cluster.start()
             coordinator = cluster.coordinator.address
+            if hosts is not None:
+                tls = TlsFiles(cert=cluster.tls.cert)
         on_started(coordinator, run_dir)
+        submitted_s = time.monotonic()
+        if faults is not None:
+            faults.job_started_s = submitted_s
         try:
             final = follow_job(coordinator, job_text, job_id=job_id, token=token, tls=tls, on_event=record)
             outcome.state, outcome.message = final.state, final.message
@@ -215,8 +250,12 @@ def run_job(
             if cluster is not None and cluster.agent_failures():
                 outcome.message += "; " + "; ".join(cluster.agent_failures())
     finally:
+        if faults is not None:
+            faults.close()
         if cluster is not None:
             cluster.stop()
+        if hosts is not None:
+            hosts.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     outcome.wall_time_s = time.monotonic() - started_s
@@ -233,6 +272,8 @@ def run_job(
                     "steps_lost": outcome.steps_lost,
                     "incidents": outcome.incidents,
                     "losses": {str(k): v for k, v in sorted(outcome.losses.items())},
+                    "step_done_s": {str(k): v for k, v in sorted(outcome.step_done_s.items())},
+                    "network_faults": [vars(f) for f in faults.fired] if faults is not None else [],
                 },
                 indent=2,
             )

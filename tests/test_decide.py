@@ -121,7 +121,14 @@ ROWS = [
      view(gen(exited_ok=frozenset(range(8)))), [("FinishJob", "finished")]),
     ("a finished job decides nothing", NOW, view(job_state=JobState.COMPLETED), []),
     # --- node liveness
-    ("silent past its lease: lost, its cards evicted", NOW, view(nodes_=nodes(SILENT_B)),
+    ("silent past its lease, its generation stalled since: lost, its cards evicted", NOW,
+     view(gen(last_progress_s=NOW - 5.5), nodes_=nodes(SILENT_B)),
+     [("MarkNodeLost", "b", "node_silent"),
+      ("Recover", R(("evict", "b/card0", "node_silent"), ("evict", "b/card1", "node_silent")))]),
+    ("silent past its lease, but steps went on after it fell silent (a control link cut): wait", NOW,
+     view(nodes_=nodes(SILENT_B)), []),
+    ("silent, steps went on after it fell silent but stopped a lease ago: lost", NOW,
+     view(gen(last_progress_s=NOW - 4.5), nodes_=nodes({"b": NOW - 10.0})),
      [("MarkNodeLost", "b", "node_silent"),
       ("Recover", R(("evict", "b/card0", "node_silent"), ("evict", "b/card1", "node_silent")))]),
     ("silent but its generation is starting: startup grace", NOW,
@@ -131,11 +138,14 @@ ROWS = [
     ("silent only because the coordinator stalled: not charged", NOW,
      View(view(nodes_=nodes(SILENT_B)).job, nodes(SILENT_B), {}, stalled_until_s=NOW - 1.0), []),
     ("mass silence (3 of 4): hold evictions, suspect ourselves", NOW,
-     view(nodes_=nodes({"a": NOW - 5, "b": NOW - 5, "c": NOW - 5})), [("HoldEvictions", "mass_silence")]),
+     view(gen(last_progress_s=NOW - 5.5), nodes_=nodes({"a": NOW - 5, "b": NOW - 5, "c": NOW - 5})),
+     [("HoldEvictions", "mass_silence")]),
     ("mass silence held within the bound: still nothing", NOW,
-     View(view().job, nodes({"a": NOW - 9, "b": NOW - 9, "c": NOW - 9}), {}, hold_since_s=NOW - 10), []),
+     View(view(gen(last_progress_s=NOW - 9.5)).job, nodes({"a": NOW - 9, "b": NOW - 9, "c": NOW - 9}), {},
+          hold_since_s=NOW - 10), []),
     ("mass silence past the bound: evict after all", NOW,
-     View(view(gen(steps_by_rank={})).job, nodes({"a": NOW - 40, "b": NOW - 40, "c": NOW - 40}), {}, hold_since_s=NOW - 31),
+     View(view(gen(steps_by_rank={}, last_progress_s=NOW - 40.5)).job, nodes({"a": NOW - 40, "b": NOW - 40, "c": NOW - 40}),
+          {}, hold_since_s=NOW - 31),
      [("MarkNodeLost", "a", "node_silent"), ("MarkNodeLost", "b", "node_silent"), ("MarkNodeLost", "c", "node_silent"),
       ("Recover", R(*((("evict", f"{n}/card{i}", "node_silent") for n in "abc" for i in (0, 1)))))]),
     ("mass silence over: release the hold", NOW, View(view().job, nodes(), {}, hold_since_s=NOW - 3), [("ReleaseHold",)]),
@@ -212,7 +222,7 @@ ROWS = [
               drain_verdicts=(drain(VerdictKind.DRAIN, card("a"), Cause.TEMPERATURE_NEAR),))),
      [("Recover", R(("drain", "a/card0", "temperature_near")))]),
     ("a node lost mid-drain: evict now, carrying the drain along", NOW,
-     view(gen(GenState.DRAINING, drain_after_step=7, drain_deadline_s=NOW + 10,
+     view(gen(GenState.DRAINING, drain_after_step=7, drain_deadline_s=NOW + 10, last_progress_s=NOW - 5.5,
               drain_verdicts=(drain(VerdictKind.DRAIN, card("a"), Cause.TEMPERATURE_NEAR),)), nodes_=nodes(SILENT_B)),
      [("MarkNodeLost", "b", "node_silent"),
       ("Recover", R(("drain", "a/card0", "temperature_near"), ("evict", "b/card0", "node_silent"),
@@ -256,7 +266,7 @@ def test_decide(now_s, state, expected):
 
 
 def test_evidence_renders_only_at_the_edge():
-    (action,) = [a for a in decide(NOW, view(nodes_=nodes(SILENT_B)), SETTINGS) if isinstance(a, MarkNodeLost)]
+    (action,) = [a for a in decide(NOW, view(gen(last_progress_s=NOW - 5.5), nodes_=nodes(SILENT_B)), SETTINGS) if isinstance(a, MarkNodeLost)]
     assert action.evidence["silent_s"] == pytest.approx(5.0)
     assert action.evidence.describe() == "node b lost: no heartbeat for 5.0 s"
 

@@ -38,6 +38,9 @@ class Cause(enum.Enum):
     NODES_MISSING = "nodes_missing"
     MASS_SILENCE = "mass_silence"
     SILENT_WITH_PROGRESS = "silent_with_progress"
+    LINK_DOWN = "link_down"
+    LINK_CONGESTED = "link_congested"
+    LINK_BACK = "link_back"
     FINISHED = "finished"
 
 
@@ -68,6 +71,11 @@ _TEMPLATES: dict[Cause, str] = {
     "holding evictions for up to {hold_s:.0f} s",
     Cause.SILENT_WITH_PROGRESS: "node {node} silent for {silent_s:.1f} s, but its peers completed step {peer_step} "
     "with it (its ranks last reported step {own_step}): not dead",
+    Cause.LINK_DOWN: "node {node}'s data link {interface} is down (no carrier) while its agent still reports: "
+    "its peers cannot reach it",
+    Cause.LINK_CONGESTED: "node {node}'s data link {interface} is congested: its egress queue held packets back on "
+    "{strikes} of the last {window} heartbeats, moving {mbit:.1f} Mbit/s where its peers reached {peers_mbit:.1f} Mbit/s",
+    Cause.LINK_BACK: "node {node}'s data link {interface} is up again: its cards rejoin at the next checkpoint",
     Cause.FINISHED: "trained {steps} steps in {elapsed_s:.1f} s",
 }
 

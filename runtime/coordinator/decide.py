@@ -30,6 +30,7 @@ from hyrun.runtime.coordinator.actions import (
     VerdictKind,
 )
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
+from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down
 from hyrun.runtime.coordinator.policy import (
     blame_exits,
     hang_evidence,
@@ -88,6 +89,8 @@ def _running(
         Verdict(VerdictKind.EVICT, card, lost[card.node]) for card in gen.cards if card.node in lost
     ]
     evictions += _hardware(view, gen, settings)
+    cut = {node: e for node in gen.nodes if node not in lost and (e := link_down(node, view.data_nics.get(node, ())))}
+    evictions += [Verdict(VerdictKind.EVICT, card, cut[card.node]) for card in gen.cards if card.node in cut]
     if evictions:
         if not job.fault_tolerance:
             return [FailJob(_why(evictions))]
@@ -182,6 +185,8 @@ def _drains(now_s: float, view: View, gen: GenerationView, settings: DecideSetti
     corrupt = suspected_corruption({s: dict(r) for s, r in gen.nonfinite_by_step.items()}, latest, settings.health)
     verdicts += [Verdict(VerdictKind.DRAIN, gen.ranks[rank].card, evidence) for rank, evidence in corrupt.items()]
     verdicts += [Verdict(VerdictKind.DRAIN, card, evidence) for card, evidence in job.drain_requests.items() if card in cards]
+    congested = congested_links({n: view.data_nics[n] for n in gen.nodes if n in view.data_nics}, settings.health)
+    verdicts += [Verdict(VerdictKind.DRAIN, card, congested[card.node]) for card in cards if card.node in congested]
     actions: list[Action] = []
     outside = tuple(card for card in job.drain_requests if card not in cards)
     if outside:
@@ -215,14 +220,18 @@ def _joins(view: View, gen: GenerationView) -> tuple[list[Verdict], list]:
         node = view.nodes.get(name)
         if node is None or not node.alive or not node.connected or name in gen.nodes:
             continue
-        if node.registered_s <= gen.started_s:
-            continue  # left out of this generation on purpose
         cards = _refs(node)
-        back = [c for c in cards if c in job.evicted and job.evicted[c].cause in NODE_LOSS_CAUSES]
+        relinked = [c for c in cards if c in job.evicted and job.evicted[c].cause is Cause.LINK_DOWN
+                    and link_back(name, view.data_nics.get(name, ()))]
+        if node.registered_s <= gen.started_s and not relinked:
+            continue  # left out of this generation on purpose
+        back = [c for c in cards if c in job.evicted and job.evicted[c].cause in NODE_LOSS_CAUSES] + relinked
         usable = [c for c in cards if (c not in job.evicted or c in back) and c not in job.drain_requests]
         if usable:
             readmit += back
             evidence = Evidence.of(Cause.NODE_JOINED, node=name, cards=len(usable))
+            if relinked:
+                evidence = Evidence.of(Cause.LINK_BACK, node=name, interface=view.data_nics[name][-1].interface)
             verdicts.append(Verdict(VerdictKind.JOIN, usable[0], evidence))
     return verdicts, readmit
 
@@ -250,6 +259,8 @@ def _liveness(now_s: float, view: View, settings: DecideSettings) -> tuple[dict[
                                    peer_step=progress[0], own_step=progress[1])
             notes.append(Note(evidence))
             continue
+        if _moving_since_silent(node, gen, now_s, lease_s):
+            continue  # its peers' steps go on; a dead node would stop them within a step: wait for proof
         silent[node.name] = silent_s
     in_job = [n for n in silent if job is not None and n in job.node_names]
     total = len(job.node_names) if job is not None else len(view.nodes)
@@ -264,6 +275,15 @@ def _liveness(now_s: float, view: View, settings: DecideSettings) -> tuple[dict[
         notes.append(ReleaseHold())
     lost = {name: Evidence.of(Cause.NODE_SILENT, node=name, silent_s=silent_s) for name, silent_s in silent.items()}
     return lost, notes
+
+
+def _moving_since_silent(node: NodeView, gen: GenerationView | None, now_s: float, lease_s: float) -> bool:
+    """The generation made progress after this node fell silent, and recently: the node may only have
+    lost its control link (its collectives still run). A dead node stalls every collective, so this
+    holds for at most one lease after it dies."""
+    if gen is None or gen.state not in (GenState.RUNNING, GenState.DRAINING) or node.name not in gen.nodes:
+        return False
+    return gen.last_progress_s > node.last_heartbeat_s and now_s - gen.last_progress_s <= lease_s
 
 
 def _progress_without(node: NodeView, gen: GenerationView | None) -> tuple[int, int] | None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.actions import CardRef
 from hyrun.runtime.jobfile import HealthSection
-from hyrun.runtime.coordinator.view import CardHealthView
+from hyrun.runtime.coordinator.view import CardHealthView, NicSampleView
 
 _TEMPERATURE_SAMPLES = 30
+_NIC_SAMPLES = 30
 
 
 @dataclass
@@ -33,6 +34,7 @@ class HealthBook:
         self.cards: dict[CardRef, CardHealth] = {}
         self.nonfinite_by_step: dict[int, dict[int, bool]] = {}  # current generation only
         self.seconds_per_micro_batch: dict[CardRef, list[float]] = {}  # current generation only
+        self.data_nics: dict[str, deque] = {}  # node -> recent NicSampleView, oldest first
 
     def ingest_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
         for sample in heartbeat.cards:
@@ -43,6 +45,10 @@ class HealthBook:
                 health.ecc_new += sample.ecc_uncorrected - health.ecc_uncorrected
             health.ecc_uncorrected = sample.ecc_uncorrected
             health.xids.extend(sample.xid_events)
+        if heartbeat.host.HasField("data_nic"):
+            nic = heartbeat.host.data_nic
+            self.data_nics.setdefault(node, deque(maxlen=_NIC_SAMPLES)).append(NicSampleView(
+                now_s, nic.interface, nic.carrier, nic.tx_bytes, nic.queue_overlimits, nic.queue_backlog_bytes))
 
     def forget(self, card: CardRef) -> None:
         """A card leaves the job: its evidence must not fire again if it is ever readmitted."""

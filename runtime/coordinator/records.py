@@ -144,4 +144,5 @@ def build_view(
         evicted=dict(job.evicted), measured_speed=dict(job.measured_speed), drain_requests=dict(job.drain_requests),
         blamed_errors=dict(job.blamed_errors), generation=gen_view,
     )  # fmt: skip
-    return View(job_view, nodes, cards, stalled_until_s, hold_since_s)
+    nics = {node: tuple(samples) for node, samples in health.data_nics.items()}
+    return View(job_view, nodes, cards, stalled_until_s, hold_since_s, nics)

@@ -32,6 +32,18 @@ class CardHealthView:
 
 
 @dataclass(frozen=True)
+class NicSampleView:
+    """One heartbeat's reading of a node's data NIC (cumulative counters)."""
+
+    time_s: float
+    interface: str
+    carrier: bool
+    tx_bytes: int
+    queue_overlimits: int
+    queue_backlog_bytes: int
+
+
+@dataclass(frozen=True)
 class GenerationView:
     number: int
     state: GenState
@@ -88,6 +100,7 @@ class View:
     # The end of the coordinator's own last stall: silence before it is the coordinator's, not the agents'.
     stalled_until_s: float = float("-inf")
     hold_since_s: float | None = None  # evictions held since (mass silence)
+    data_nics: Mapping[str, tuple[NicSampleView, ...]] = field(default_factory=dict)  # node -> recent samples
 
 
 @dataclass(frozen=True)

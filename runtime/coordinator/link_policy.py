@@ -1,0 +1,60 @@
+"""The data-network rules, pure functions of each node's recent NIC samples: a link without carrier
+(the node's peers cannot reach it, though its agent still reports over the control network), and a
+congested link (its egress queue keeps holding packets back while its peers' queues do not: the link,
+not the job, sets the pace of every collective)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from hyrun.runtime.coordinator.actions import Cause, Evidence
+from hyrun.runtime.coordinator.view import NicSampleView
+from hyrun.runtime.jobfile import HealthSection
+
+_BITS_PER_MBIT = 1e6
+
+
+def link_down(node: str, samples: Sequence[NicSampleView]) -> Evidence | None:
+    """The node's data NIC lost carrier in its latest sample."""
+    if samples and not samples[-1].carrier:
+        return Evidence.of(Cause.LINK_DOWN, node=node, interface=samples[-1].interface)
+    return None
+
+
+def link_back(node: str, samples: Sequence[NicSampleView]) -> bool:
+    """Carrier in the last two samples: up again, and not flapping within one heartbeat."""
+    return len(samples) >= 2 and samples[-1].carrier and samples[-2].carrier
+
+
+def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: HealthSection) -> dict[str, Evidence]:
+    """Nodes whose data link is congested and far slower than their peers have shown they can go.
+
+    Congested: the egress queue held packets back between at least `link_strikes` of the last
+    `link_window_samples` heartbeats while no peer's did. In a collective every node moves at the
+    pace of the slowest link, so its peers' rates *now* say nothing; their peak over the samples kept
+    (before the link degraded) is what the job can reach without it."""
+    window = settings.link_window_samples
+    strikes, rates, peaks = {}, {}, {}
+    for node, samples in nics.items():
+        samples = list(samples)
+        if len(samples) < window + 1:
+            continue
+        recent = list(zip(samples[-(window + 1):], samples[-window:]))
+        strikes[node] = sum(1 for a, b in recent if b.queue_overlimits > a.queue_overlimits)
+        rates[node] = sum(_mbit(a, b) for a, b in recent) / window
+        peaks[node] = max(_mbit(a, b) for a, b in zip(samples, samples[1:]))
+    found = {}
+    for node, count in strikes.items():
+        peers = [peaks[p] for p in strikes if p != node and strikes[p] < settings.link_strikes]
+        if count < settings.link_strikes or not peers:
+            continue
+        peers_mbit = sorted(peers)[len(peers) // 2]
+        if rates[node] < settings.link_drain_ratio * peers_mbit:
+            found[node] = Evidence.of(Cause.LINK_CONGESTED, node=node, interface=nics[node][-1].interface,
+                                      strikes=count, window=window, mbit=rates[node], peers_mbit=peers_mbit)
+    return found
+
+
+def _mbit(a: NicSampleView, b: NicSampleView) -> float:
+    elapsed_s = b.time_s - a.time_s
+    return 0.0 if elapsed_s <= 0 else (b.tx_bytes - a.tx_bytes) * 8 / elapsed_s / _BITS_PER_MBIT

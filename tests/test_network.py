@@ -1,0 +1,177 @@
+"""Every node its own host: real network namespaces, veth links to a data and a control bridge, real
+`tc` bandwidth caps and links taken down. Needs root (CAP_NET_ADMIN) and iproute2; skips saying why
+without them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyrun.runtime.coordinator.actions import Evidence
+from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down
+from hyrun.runtime.coordinator.view import NicSampleView
+from hyrun.runtime.jobfile import HealthSection, parse_job
+from hyrun.runtime.network.hosts import NetnsHosts, run, sweep_stale, unavailable_reason
+from hyrun.runtime.trainer.loop import RankWork, train
+from hyrun.runtime.trainer.reporting import Reporter
+
+from conftest import job_dict
+
+needs_netns = pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+# ---- the link rules, pure ------------------------------------------------------------------------
+
+
+def _samples(rates_mbit: list[float], queued: list[bool], carrier: bool = True) -> tuple[NicSampleView, ...]:
+    """One sample per heartbeat (1 s apart) moving `rates_mbit[i]` in the interval before it."""
+    out, tx, overlimits = [NicSampleView(0.0, "data0", carrier, 0, 0, 0)], 0, 0
+    for i, (rate, held) in enumerate(zip(rates_mbit, queued), start=1):
+        tx += int(rate * 1e6 / 8)
+        overlimits += 7 if held else 0
+        out.append(NicSampleView(float(i), "data0", carrier, tx, overlimits, 0))
+    return tuple(out)
+
+
+def test_a_link_whose_queue_holds_back_and_moves_far_less_than_peers_reached_is_congested():
+    health = HealthSection()
+    fast, before = [50.0] * 5, [50.0] * 5
+    nics = {"a": _samples(fast + fast, [False] * 10), "b": _samples(fast + fast, [False] * 10),
+            "c": _samples(before + [4.0] * 5, [False] * 5 + [True] * 5)}
+    found = congested_links(nics, health)
+    assert list(found) == ["c"]
+    described = found["c"].describe()
+    assert "data0" in described and "5 of the last 5" in described and "4.0 Mbit/s" in described
+
+
+@pytest.mark.parametrize("case", ["peers also queue", "too few strikes", "rate near peers", "too few samples"])
+def test_congestion_needs_all_of_its_conditions(case):
+    health = HealthSection()
+    slow_queued = _samples([50.0] * 5 + [4.0] * 5, [False] * 5 + [True] * 5)
+    nics = {"a": _samples([50.0] * 10, [False] * 10), "c": slow_queued}
+    if case == "peers also queue":
+        nics["a"] = _samples([50.0] * 10, [False] * 5 + [True] * 5)
+    elif case == "too few strikes":
+        nics["c"] = _samples([50.0] * 5 + [4.0] * 5, [False] * 8 + [True] * 2)
+    elif case == "rate near peers":
+        nics["c"] = _samples([50.0] * 10, [False] * 5 + [True] * 5)
+    elif case == "too few samples":
+        nics = {node: samples[:health.link_window_samples] for node, samples in nics.items()}
+    assert congested_links(nics, health) == {}
+
+
+def test_carrier_lost_is_a_link_down_and_two_samples_with_carrier_bring_it_back():
+    down = _samples([10.0, 10.0], [False, False], carrier=False)
+    assert isinstance(link_down("a", down), Evidence) and not link_back("a", down)
+    up = down + (NicSampleView(3.0, "data0", True, 0, 0, 0),)
+    assert link_down("a", up) is None and not link_back("a", up)  # one sample could be a flap
+    assert link_back("a", up + (NicSampleView(4.0, "data0", True, 0, 0, 0),))
+
+
+# ---- namespaces --------------------------------------------------------------------------------------
+
+
+@needs_netns
+def test_hosts_are_reachable_and_removed_and_stale_ones_are_swept():
+    with NetnsHosts(["a", "b"]) as hosts:
+        a, b = hosts.hosts["a"], hosts.hosts["b"]
+        assert run("ip", "netns", "list").count(hosts.tag) == 2
+        server = subprocess.Popen(hosts.command("b", ["python", "-c", (
+            "import socket; s = socket.create_server(('%s', 0)); print(s.getsockname()[1], flush=True); "
+            "c, _ = s.accept(); c.sendall(c.recv(5))") % b.data_ip]), stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            reply = subprocess.run(hosts.command("a", ["python", "-c", (
+                "import socket; c = socket.create_connection(('%s', %s), timeout=10); c.sendall(b'hello'); "
+                "print(c.recv(5).decode())") % (b.data_ip, port)]), capture_output=True, text=True, timeout=30)
+            assert reply.stdout.strip() == "hello", reply.stderr
+        finally:
+            server.kill()
+            server.wait()
+        tag = hosts.tag
+    assert tag not in run("ip", "netns", "list") and tag not in run("ip", "link", "show")
+    # A namespace left by a process that no longer exists (pid 2**22 + 1 is above pid_max) is swept.
+    stale = f"hy{2**22 + 1}n0"
+    run("ip", "netns", "add", stale)
+    assert stale in sweep_stale() and stale not in run("ip", "netns", "list")
+
+
+def _four_node_job(name: str, steps: int, faults: list[dict] | None = None) -> dict:
+    return job_dict(
+        name=name,
+        cluster={"nodes": [{"name": f"n{i}", "cards": [{"type": "cpu-sim", "count": 1}]} for i in range(4)]},
+        training={"steps": steps, "global_batch": 8},
+        checkpoint={"interval_steps": 2},
+        runtime={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S},
+        faults=faults or [],
+    )
+
+
+def _run(launched, write_job, tmp_path, job: dict, timeout_s: float) -> dict:
+    result = launched("launch", str(write_job(job, f"{job['name']}.yaml")), "--no-progress", "--netns")
+    _, stderr = result.proc.communicate(timeout=timeout_s)
+    assert result.proc.returncode == 0, stderr[-4000:]
+    (summary,) = (tmp_path / "runs").glob(f"{job['name']}-*/summary.json")
+    assert not [line for line in run("ip", "netns", "list").splitlines() if line.startswith("hy")]
+    return json.loads(summary.read_text())
+
+
+@needs_netns
+@pytest.mark.timeout(300)
+def test_four_nodes_in_their_own_namespaces_train_exactly_like_one_process(launched, write_job, tmp_path):
+    job = _four_node_job("plain", steps=3)
+    summary = _run(launched, write_job, tmp_path, job, 280)
+    torch.set_num_threads(1)
+    reference = Reporter(None)
+    train(parse_job(job), RankWork(), reference)
+    for record in reference.history:
+        assert summary["losses"][str(record.step)] == pytest.approx(record.loss, rel=1e-5, abs=1e-6), record.step
+
+
+def _incidents(summary: dict, cause_text: str) -> list[dict]:
+    return [i for i in summary["incidents"] if cause_text in i["reason"]]
+
+
+@needs_netns
+@pytest.mark.timeout(420)
+def test_a_control_plane_cut_evicts_nothing_and_a_capped_link_is_named_and_drained(launched, write_job, tmp_path):
+    job = _four_node_job("cut-then-cap", steps=14, faults=[
+        {"kind": "coordinator_unreachable", "node": "n1", "at_step": 3, "duration_s": 3 * HEARTBEAT_TIMEOUT_S},
+        {"kind": "link_slow", "node": "n2", "at_step": 8, "mbit": 4},
+    ])
+    summary = _run(launched, write_job, tmp_path, job, 400)
+    assert sorted(map(int, summary["losses"])) == list(range(1, 15))
+    # The control cut: n1's agent was unreachable for 3x the heartbeat timeout, its ranks kept training
+    # with their peers, so nothing was evicted for it.
+    assert not [i for i in summary["incidents"] if "n1/card0" in i["cards"]], summary["incidents"]
+    # The cap: named as congested within 10 steps, with the link and the rates as evidence, and drained.
+    (congested,) = _incidents(summary, "congested")
+    assert congested["cards"] == ["n2/card0"] and congested["verdict"] == "drain"
+    assert "data0" in congested["reason"] and "Mbit/s" in congested["reason"]
+    assert 8 <= int(congested["step_at_failure"]) + 1 <= 8 + 10
+    assert [e for e in summary["evictions"] if e.startswith("n2/card0")]
+
+
+@needs_netns
+@pytest.mark.timeout(420)
+def test_a_link_down_for_a_while_comes_back_and_one_down_for_good_is_evicted(launched, write_job, tmp_path):
+    job = _four_node_job("links-down", steps=14, faults=[
+        {"kind": "link_down", "node": "n1", "at_step": 3, "duration_s": 5},
+        {"kind": "link_down", "node": "n3", "at_step": 10},
+    ])
+    summary = _run(launched, write_job, tmp_path, job, 400)
+    assert sorted(map(int, summary["losses"])) == list(range(1, 15))
+    fired = {f["node"]: f["at_job_s"] for f in summary["network_faults"]}
+    downs = _incidents(summary, "is down (no carrier)")
+    assert [i["cards"] for i in downs] == [["n1/card0"], ["n3/card0"]]
+    for incident in downs:  # detected within the heartbeat timeout + 2 s of the link going down
+        node = incident["cards"][0].split("/")[0]
+        assert incident["detected_at_s"] - fired[node] <= HEARTBEAT_TIMEOUT_S + 2.0, incident
+    (back,) = _incidents(summary, "up again")
+    assert back["cards"] == ["n1/card0"] and back["verdict"] == "join"
+    assert summary["evictions"] and all(e.startswith("n3/card0") for e in summary["evictions"])
