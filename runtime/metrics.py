@@ -72,7 +72,8 @@ class CoordinatorMetrics:
             "card the job ever acted on)", ["verdict", "cause", "node", "card"], registry=r,
         )
         self.steps_lost_total = Counter(
-            "hyrun_steps_lost_total", "Steps trained again after resuming from a checkpoint", registry=r
+            "hyrun_steps_lost_total", "Steps trained again after resuming from a checkpoint, by the recovery's verdict",
+            ["verdict"], registry=r,
         )
         self.job_failures_total = Counter("hyrun_job_failures_total", "Jobs ended by a failure", registry=r)
         self.loop_lag_seconds = Gauge(
@@ -158,6 +159,7 @@ class CoordinatorMetrics:
         r.register(self.cards_health)
         # Series with a known, bounded label set exist from the start at 0, so increase() sees the first event.
         for verdict in VERDICTS:
+            self.steps_lost_total.labels(verdict=verdict)
             self.recovery_detection_seconds.labels(verdict=verdict)
             self.recovery_resume_seconds.labels(verdict=verdict)
         for cause in CHECKPOINT_FAILURE_CAUSES:

@@ -191,9 +191,10 @@ def test_a_recovery_counts_its_verdict_cause_detection_and_resume_times(running)
     assert _value(metrics, "hyrun_recovery_detection_seconds_sum", verdict="evict") == pytest.approx(4.0)
     assert _value(metrics, "hyrun_rank_step_time_seconds", rank="3", node="node-b") is None  # the old ranks are gone
     assert math.isnan(_value(metrics, "hyrun_planner_predicted_step_time_seconds"))  # an even split has no prediction
-    for rank in range(3):
-        _report(orch, rank, 2, 7.0, resume_source="shared_memory" if rank else "disk", resume_fallbacks=1 if rank == 0 else 0)
+    for rank in range(3):  # no checkpoint: the new generation trains step 1 again
+        _report(orch, rank, 1, 7.0, resume_source="shared_memory" if rank else "disk", resume_fallbacks=1 if rank == 0 else 0)
     assert _value(metrics, "hyrun_recovery_resume_seconds_sum", verdict="evict") == pytest.approx(2.0)
+    assert _value(metrics, "hyrun_steps_lost_total", verdict="evict") == 1
     assert _value(metrics, "hyrun_checkpoint_resumes_total", source="ram") == 2
     assert _value(metrics, "hyrun_checkpoint_resumes_total", source="disk") == 1
     assert _value(metrics, "hyrun_checkpoint_resume_fallbacks_total") == 1

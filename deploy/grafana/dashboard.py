@@ -66,7 +66,8 @@ def panels() -> list[dict]:
         stat("Generation", "Current generation: a new one starts after every recovery.", 8, 1, f"hyrun_generation{{{COORD}}}"),
         stat("Step", "Last step every rank completed.", 12, 1, f"hyrun_step{{{COORD}}}"),
         stat("Job failures", "Jobs that ended FAILED.", 16, 1, f"hyrun_job_failures_total{{{COORD}}}"),
-        stat("Steps lost", "Steps trained again after resuming from a checkpoint.", 20, 1, f"hyrun_steps_lost_total{{{COORD}}}"),
+        stat("Steps lost", "Steps trained again after resuming from a checkpoint.", 20, 1,
+             f"sum by (instance) (hyrun_steps_lost_total{{{COORD}}})"),
         series("Loss", "Training loss of the last completed step; generation changes are marked.", 0, 5, 12,
                [q(f"hyrun_loss{{{COORD}}}", "{{instance}}")]),
         series("Tokens/s", "Training throughput of the last completed step.", 12, 5, 12,
@@ -169,9 +170,12 @@ def panels() -> list[dict]:
     ]
     out.append(row("Recoveries", 88))
     out += [
-        series("Evictions, drains and replans", "Cards acted on, by verdict and the cause of its evidence; the "
-               "annotations mark each one.", 0, 89, 8,
-               [q(f"sum by (verdict, cause) (hyrun_evictions_total{{{COORD}}})", "{{verdict}}: {{cause}}")]),
+        series("Recovery timeline: evictions, drains, replans", "Cards acted on so far, by verdict and the cause of "
+               "its evidence (each step up is one card), and steps trained again; the annotations mark each one.",
+               0, 89, 8,
+               [q(f"sum by (verdict, cause) (hyrun_evictions_total{{{COORD}}})", "{{verdict}}: {{cause}}"),
+                q(f"sum by (verdict) (hyrun_steps_lost_total{{{COORD}}})", "steps lost ({{verdict}})")],
+               defaults={"custom": {"lineInterpolation": "stepAfter"}}),
         series("Recovery time by verdict", "Detection: from the last step every rank completed to the verdict. "
                "Resume: from the verdict to the next generation's first step. Means since the coordinator started.",
                8, 89, 8,

@@ -76,6 +76,7 @@ class JobExports:
             interval_s = checkpoint.interval_steps * job.step_time_s if checkpoint.interval_steps > 0 else math.nan
         m.checkpoint_interval_seconds.set(interval_s)
         if resumed is not None:
+            m.steps_lost_total.labels(verdict=resumed.verdict).inc(resumed.steps_lost)
             m.recovery_resume_seconds.labels(verdict=resumed.verdict).observe(resumed.resumed_at_s - resumed.detected_at_s)
 
     def generation_started(self, number: int, slots, predicted_step_time_s: float | None, now_s: float) -> None:

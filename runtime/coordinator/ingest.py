@@ -123,9 +123,7 @@ class JobIngest:
     def _complete_step(self, step: int, tally: StepTally, now_s: float) -> None:
         job = self.job
         resuming = job.step_at_failure is not None
-        lost = job.complete_step(step, tally, now_s)
-        if lost:
-            self.metrics.steps_lost_total.inc(lost)
+        job.complete_step(step, tally, now_s)
         self.exports.step_completed(tally, job.incidents[-1] if resuming else None)
         # The store is written on every state change but at most once a second for progress:
         # a slow etcd must not stall the event loop that also takes heartbeats.
