@@ -54,7 +54,7 @@ def prepare_cmd(
             result = prepare(settings, progress=lambda done, total: bar.update(task, completed=done, total=total),
                              say=lambda text: bar.update(task, description=text))
     except DataError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: finished parts are kept; run the same command again to go on")

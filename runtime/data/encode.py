@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import Piece, is_validation, read_documents
+from .sources import DataError, Piece, is_validation, read_documents
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,17 @@ def encode_part(task: PartTask) -> PartCounts:
         np.savez(f, **arrays)
     tmp.replace(task.path)
     return PartCounts({s: len(arrays[f"{s}_ends"]) for s in texts}, {s: len(arrays[f"{s}_tokens"]) for s in texts})
+
+
+def run_part(task: PartTask, tokenizer_path: str, tokenizer_sha256: str, eos_id: int, *, single_threaded: bool) -> str | None:
+    """What a pool worker runs (this module imports only numpy and the readers: a worker starts quickly).
+    A bad input is returned as its message, so one bad file does not stop the other parts."""
+    try:
+        load_tokenizer(tokenizer_path, tokenizer_sha256, eos_id, single_threaded)
+        encode_part(task)
+        return None
+    except DataError as error:
+        return str(error)
 
 
 def read_part(path: Path) -> dict[str, np.ndarray]:

@@ -21,8 +21,8 @@ import numpy as np
 from . import encode
 from .manifest import (FORMAT_VERSION, MANIFEST, SPLITS, InputEntry, Manifest, SourceEntry, SplitEntry,
                        TokenizerEntry, read_manifest, write_manifest)
-from .sources import (DataError, InputFile, SourceSpec, find_files, group_pieces, is_validation, pieces_of,
-                      read_documents, sha256_file)
+from .sources import (DataError, InputFile, SourceSpec, find_files, group_pieces, hash_input, is_validation,
+                      pieces_of, read_documents, sha256_file)
 from .tokenizer import TokenizerInfo, describe, train_bpe, training_key
 
 PART_BYTES = 8 << 20  # a part is a few seconds of one core's work: small enough to lose little on a kill
@@ -154,14 +154,7 @@ def _pool(workers: int):
 
 def _hash_inputs(files: dict[str, list[InputFile]], pool) -> dict[Path, str]:
     paths = sorted({f.path for fs in files.values() for f in fs})
-    return dict(zip(paths, pool.map(_hash_one, paths, chunksize=16)))
-
-
-def _hash_one(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError as error:
-        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+    return dict(zip(paths, pool.map(hash_input, paths, chunksize=16)))
 
 
 def _tokenizer(settings: PrepareSettings, files: dict[str, list[InputFile]], hashes: dict[Path, str]) -> TokenizerInfo:
@@ -237,30 +230,28 @@ def _encode_parts(tasks: dict[str, list[encode.PartTask]], pool, tokenizer: Toke
     result.parts_reused = len(all_tasks) - len(todo)
     progress(done, total)
     errors: list[str] = []
+    loaded = (str(tokenizer.path), tokenizer.sha256, tokenizer.eos_id)
     if isinstance(pool, _Inline):
-        outcomes = ((t, _run(t, tokenizer, False)) for t in todo)
+        outcomes = ((t, encode.run_part(t, *loaded, single_threaded=False)) for t in todo)
     else:
-        futures = {pool.submit(_run, t, tokenizer, True): t for t in todo}
+        futures = {pool.submit(encode.run_part, t, *loaded, single_threaded=True): t for t in todo}
         outcomes = ((futures[f], f.result()) for f in as_completed(futures))
-    for task, error in outcomes:
-        if error:
-            errors.append(error)
-        else:
-            result.parts_written += 1
-        done += sum(p.size_bytes for p in task.pieces)
-        progress(done, total)
+    try:
+        for task, error in outcomes:
+            if error:
+                errors.append(error)
+            else:
+                result.parts_written += 1
+            done += sum(p.size_bytes for p in task.pieces)
+            progress(done, total)
+    except BaseException:
+        # Ctrl-C or a dead worker: parts not started are dropped, not waited for (finished ones stay on disk).
+        for future in futures if not isinstance(pool, _Inline) else ():
+            future.cancel()
+        raise
     if errors:
         raise DataError(f"{len(errors)} of {len(todo)} parts failed (the other parts are kept; rerun after "
                         "fixing):\n  " + "\n  ".join(sorted(set(errors))[:20]))
-
-
-def _run(task: encode.PartTask, tokenizer: TokenizerInfo, single_threaded: bool) -> str | None:
-    try:
-        encode.load_tokenizer(str(tokenizer.path), tokenizer.sha256, tokenizer.eos_id, single_threaded)
-        encode.encode_part(task)
-        return None
-    except DataError as error:
-        return str(error)
 
 
 def _merge_source(out: Path, spec: SourceSpec, inputs: list[InputEntry], tasks: Sequence[encode.PartTask],

@@ -206,3 +206,11 @@ def sha256_file(path: Path, block_bytes: int = 1 << 20) -> str:
         while block := f.read(block_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def hash_input(path: Path) -> str:
+    """An input's SHA-256 (run in the pool's workers, which import only this module and `encode`)."""
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
