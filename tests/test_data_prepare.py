@@ -7,7 +7,11 @@ from __future__ import annotations
 import email
 import hashlib
 import json
+import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +154,30 @@ def test_a_failed_run_keeps_its_parts_and_a_rerun_equals_a_clean_run(prepared, c
     _assert_same_corpus(tmp_path / "clean", out)
     again = prepare(settings)
     assert again.up_to_date and again.parts_written == 0
+
+
+def test_a_sigkilled_run_is_finished_by_the_same_command(prepared, corpus, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "hyrun.runtime.cli", "data", "prepare", f"email={corpus / 'email'}",
+               f"lines={corpus / 'docs.jsonl'}", "--glob", "*.py", "--glob", "*.jsonl", "--out", str(out),
+               "--tokenizer", str(prepared / "tokenizer.json"), "--val-fraction", str(VAL), "--workers", "1",
+               "--part-mib", "0.02"]  # about 40 parts: the kill lands after the first, long before the last
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / PARTS_DIR).rglob("*.npz")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    finished = (out / "manifest.json").exists()  # only if this box ran all of it within one poll
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "up to date" in rerun.stdout if finished else re.search(r"[1-9]\d* reused", rerun.stdout), rerun.stdout
+    clean = tmp_path / "clean"
+    subprocess.run(command[:command.index("--out") + 1] + [str(clean)] + command[command.index("--out") + 2:],
+                   check=True, capture_output=True, timeout=120)
+    _assert_same_corpus(clean, out)
 
 
 def _assert_same_corpus(a: Path, b: Path) -> None:
