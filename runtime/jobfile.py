@@ -228,9 +228,14 @@ class HealthSection(_Section):
     link_strikes: int = Field(3, ge=1, description="... of which the link's egress queue must have held packets back")
     link_drain_ratio: float = Field(
         0.5, gt=0, lt=1, description="drain a congested node moving less than this share of its peers' peak rate")
+    link_replan_ratio: float = Field(
+        0.8, gt=0, le=1, description="... replan with its measured bandwidth one moving less than this share")
 
     @model_validator(mode="after")
     def _window_holds_strikes(self) -> HealthSection:
+        if self.link_drain_ratio > self.link_replan_ratio:
+            raise ValueError(f"link_drain_ratio ({self.link_drain_ratio}) cannot exceed link_replan_ratio "
+                             f"({self.link_replan_ratio}): a link slow enough to drain is slow enough to replan")
         if self.link_strikes >= self.link_window_samples:
             raise ValueError(f"link_strikes ({self.link_strikes}) must be below link_window_samples "
                              f"({self.link_window_samples}): strikes are counted between samples")

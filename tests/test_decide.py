@@ -30,7 +30,7 @@ from hyrun.runtime.coordinator.generation import RankSlot
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
 from hyrun.runtime.coordinator.policy import RankFailure
 from hyrun.runtime.jobfile import HealthSection
-from hyrun.runtime.coordinator.view import CardHealthView, DecideSettings, GenerationView, JobView, NodeView, View
+from hyrun.runtime.coordinator.view import CardHealthView, DecideSettings, GenerationView, JobView, NicSampleView, NodeView, View
 
 NODES = ("a", "b", "c", "d")  # two cards each; ranks 0..7 in node order
 SETTINGS = DecideSettings(
@@ -61,11 +61,26 @@ def gen(state=GenState.RUNNING, **fields) -> GenerationView:
     return GenerationView(**{**defaults, **fields})
 
 
-def view(generation=None, *, job_state=JobState.RUNNING, nodes_=None, health=None, **job_fields) -> View:
+def view(generation=None, *, job_state=JobState.RUNNING, nodes_=None, health=None, nics=None, **job_fields) -> View:
     job = JobView(state=job_state, node_names=NODES, submitted_s=0.0, step=7, total_steps=50,
                   generation=generation if generation is not None else (gen() if job_state is JobState.RUNNING else None),
                   **job_fields)  # fmt: skip
-    return View(job, nodes_ if nodes_ is not None else nodes(), health or {}, **{})
+    return View(job, nodes_ if nodes_ is not None else nodes(), health or {}, data_nics=nics or {})
+
+
+def nic_samples(mbit_then: float, mbit_now: float, *, queued_now: bool, carrier: bool = True) -> tuple:
+    """Ten heartbeats 1 s apart: five at `mbit_then`, five at `mbit_now` (egress queue holding back or not)."""
+    out, tx, held = [NicSampleView(NOW - 10, "data0", True, 0, 0, 0)], 0, 0
+    for i, rate in enumerate([mbit_then] * 5 + [mbit_now] * 5, start=1):
+        tx, held = tx + int(rate * 1e6 / 8), held + (3 if queued_now and i > 5 else 0)
+        out.append(NicSampleView(NOW - 10 + i, "data0", carrier or i < 10, tx, held, 0))
+    return tuple(out)
+
+
+def link_view(**per_node) -> View:
+    """Nodes a..d with healthy data links at 50 Mbit/s unless given."""
+    healthy = nic_samples(50, 50, queued_now=False)
+    return view(nics={n: per_node.get(n, healthy) for n in NODES})
 
 
 def failure(rank: int, code: int, reason: str, at: float) -> RankFailure:
@@ -120,6 +135,20 @@ ROWS = [
     ("every rank finished: the job completes", NOW,
      view(gen(exited_ok=frozenset(range(8)))), [("FinishJob", "finished")]),
     ("a finished job decides nothing", NOW, view(job_state=JobState.COMPLETED), []),
+    # --- data links
+    ("a data link loses carrier while its agent reports: evict the node's cards now", NOW,
+     link_view(b=nic_samples(50, 50, queued_now=False, carrier=False)),
+     [("Recover", R(("evict", "b/card0", "link_down"), ("evict", "b/card1", "link_down")))]),
+    ("a congested link far below its peers: drain the node", NOW,
+     link_view(c=nic_samples(50, 5, queued_now=True)),
+     [("BeginDrain", R(("drain", "c/card0", "link_congested"), ("drain", "c/card1", "link_congested")))]),
+    ("a congested link not far off: replan with its bandwidth", NOW,
+     link_view(c=nic_samples(50, 30, queued_now=True)),
+     [("BeginDrain", R(("replan", "c/card0", "link_congested"), ("replan", "c/card1", "link_congested")))]),
+    ("... unless the plan already expects that bandwidth", NOW,
+     replace(link_view(c=nic_samples(50, 30, queued_now=True)),
+             job=replace(link_view().job, measured_link_mbit={"c": 30.0})), []),
+    ("a busy link whose queue never held back is not congested", NOW, link_view(c=nic_samples(50, 5, queued_now=False)), []),
     # --- node liveness
     ("silent past its lease, its generation stalled since: lost, its cards evicted", NOW,
      view(gen(last_progress_s=NOW - 5.5), nodes_=nodes(SILENT_B)),

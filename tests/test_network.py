@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyrun.runtime.coordinator.actions import Evidence
+from hyrun.runtime.coordinator.actions import Evidence, VerdictKind
+from hyrun.runtime.coordinator.planning import Measured, planner_inputs
 from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down
 from hyrun.runtime.coordinator.view import NicSampleView
 from hyrun.runtime.jobfile import HealthSection, parse_job
@@ -45,8 +46,25 @@ def test_a_link_whose_queue_holds_back_and_moves_far_less_than_peers_reached_is_
             "c": _samples(before + [4.0] * 5, [False] * 5 + [True] * 5)}
     found = congested_links(nics, health)
     assert list(found) == ["c"]
-    described = found["c"].describe()
+    kind, evidence = found["c"]
+    assert kind is VerdictKind.DRAIN  # 4 Mbit/s where peers reached 50: far off
+    described = evidence.describe()
     assert "data0" in described and "5 of the last 5" in described and "4.0 Mbit/s" in described
+
+
+def test_a_congested_link_not_far_off_is_replanned_with_its_measured_bandwidth():
+    nics = {"a": _samples([50.0] * 10, [False] * 10), "c": _samples([50.0] * 5 + [30.0] * 5, [False] * 5 + [True] * 5)}
+    ((kind, evidence),) = congested_links(nics, HealthSection()).values()
+    assert kind is VerdictKind.REPLAN and evidence["mbit"] == pytest.approx(30.0, rel=1e-3)
+
+
+def test_the_planner_is_given_a_congested_links_measured_bandwidth():
+    job = parse_job(_four_node_job("plan", steps=2))
+    cluster, _, _ = planner_inputs(job)
+    measured = Measured(link_mbit={"n2": 40.0}).apply(cluster)
+    by_node = {card.node: card.spec.inter_node_bandwidth_bytes_per_s for card in measured.cards}
+    assert by_node["n2"] == pytest.approx(40e6 / 8)
+    assert by_node["n0"] == next(c.spec for c in cluster.cards if c.node == "n0").inter_node_bandwidth_bytes_per_s
 
 
 @pytest.mark.parametrize("case", ["peers also queue", "too few strikes", "rate near peers", "too few samples"])

@@ -186,7 +186,11 @@ def _drains(now_s: float, view: View, gen: GenerationView, settings: DecideSetti
     verdicts += [Verdict(VerdictKind.DRAIN, gen.ranks[rank].card, evidence) for rank, evidence in corrupt.items()]
     verdicts += [Verdict(VerdictKind.DRAIN, card, evidence) for card, evidence in job.drain_requests.items() if card in cards]
     congested = congested_links({n: view.data_nics[n] for n in gen.nodes if n in view.data_nics}, settings.health)
-    verdicts += [Verdict(VerdictKind.DRAIN, card, congested[card.node]) for card in cards if card.node in congested]
+    for card in cards:
+        if card.node in congested:
+            kind, evidence = congested[card.node]
+            if not _replanned_at(job, card.node, kind, evidence):
+                verdicts.append(Verdict(kind, card, evidence))
     actions: list[Action] = []
     outside = tuple(card for card in job.drain_requests if card not in cards)
     if outside:
@@ -208,6 +212,13 @@ def _drains(now_s: float, view: View, gen: GenerationView, settings: DecideSetti
         # No checkpoint to wait for (none configured, or no step trained yet): leave now.
         return actions + [Recover(gen.drain_verdicts + fresh, _why(fresh))]
     return actions + [BeginDrain(fresh)]
+
+
+def _replanned_at(job, node: str, kind: VerdictKind, evidence: Evidence) -> bool:
+    """A replan for a congested link the plan already expects (measured at no more than 1.25x the
+    pace seen now): replanning again would only cost a checkpoint."""
+    known = job.measured_link_mbit.get(node)
+    return kind is VerdictKind.REPLAN and known is not None and evidence["mbit"] >= 0.8 * known
 
 
 def _joins(view: View, gen: GenerationView) -> tuple[list[Verdict], list]:

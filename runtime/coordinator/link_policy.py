@@ -1,13 +1,14 @@
 """The data-network rules, pure functions of each node's recent NIC samples: a link without carrier
 (the node's peers cannot reach it, though its agent still reports over the control network), and a
 congested link (its egress queue keeps holding packets back while its peers' queues do not: the link,
-not the job, sets the pace of every collective)."""
+not the job, sets the pace of every collective), drained when far off, else replanned with the bandwidth
+it was measured to move."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from hyrun.runtime.coordinator.actions import Cause, Evidence
+from hyrun.runtime.coordinator.actions import Cause, Evidence, VerdictKind
 from hyrun.runtime.coordinator.view import NicSampleView
 from hyrun.runtime.jobfile import HealthSection
 
@@ -26,8 +27,10 @@ def link_back(node: str, samples: Sequence[NicSampleView]) -> bool:
     return len(samples) >= 2 and samples[-1].carrier and samples[-2].carrier
 
 
-def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: HealthSection) -> dict[str, Evidence]:
-    """Nodes whose data link is congested and far slower than their peers have shown they can go.
+def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: HealthSection) -> dict[str, tuple[VerdictKind, Evidence]]:
+    """Nodes whose data link is congested and slower than their peers have shown they can go: far
+    slower (below `link_drain_ratio` of them) → drain; else below `link_replan_ratio` → replan with
+    the measured bandwidth.
 
     Congested: the egress queue held packets back between at least `link_strikes` of the last
     `link_window_samples` heartbeats while no peer's did. In a collective every node moves at the
@@ -49,9 +52,11 @@ def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: Healt
         if count < settings.link_strikes or not peers:
             continue
         peers_mbit = sorted(peers)[len(peers) // 2]
-        if rates[node] < settings.link_drain_ratio * peers_mbit:
-            found[node] = Evidence.of(Cause.LINK_CONGESTED, node=node, interface=nics[node][-1].interface,
-                                      strikes=count, window=window, mbit=rates[node], peers_mbit=peers_mbit)
+        if rates[node] >= settings.link_replan_ratio * peers_mbit:
+            continue
+        kind = VerdictKind.DRAIN if rates[node] < settings.link_drain_ratio * peers_mbit else VerdictKind.REPLAN
+        found[node] = (kind, Evidence.of(Cause.LINK_CONGESTED, node=node, interface=nics[node][-1].interface,
+                                         strikes=count, window=window, mbit=rates[node], peers_mbit=peers_mbit))
     return found
 
 

@@ -40,6 +40,7 @@ from hyrun.runtime.coordinator.ingest import JobIngest, JobRejected
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
 from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.ranks import plan_ranks
+from hyrun.runtime.coordinator.planning import Measured
 from hyrun.runtime.coordinator.records import build_view
 from hyrun.runtime.coordinator.store import Store
 from hyrun.runtime.jobfile import JobSpec
@@ -59,7 +60,7 @@ class Rendezvous(Protocol):
 # (bind_host, advertise_host, job_id, generation, world_size) -> Rendezvous. Injected so the
 # coordinator needs no torch (the real one is torch's TCPStore) and tests need no sockets.
 RendezvousFactory = Callable[[str, str, str, int, int], Rendezvous]
-PlanFn = Callable[[JobSpec, Membership, set, dict], RankPlan]
+PlanFn = Callable[[JobSpec, Membership, set, Measured], RankPlan]
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,9 @@ class Orchestrator(JobIngest):
             # Commits are all-ranks: nothing up to the committed step will be trained again.
             job.step = max(job.step, action.committed_step)
         for verdict in action.verdicts:
-            if verdict.kind is VerdictKind.REPLAN:
+            if verdict.kind is VerdictKind.REPLAN and verdict.evidence.cause is Cause.LINK_CONGESTED:
+                job.measured_link_mbit[verdict.card.node] = verdict.evidence["mbit"]  # stays in the job, planned for
+            elif verdict.kind is VerdictKind.REPLAN:
                 job.measured_speed[verdict.card] = verdict.speed  # stays in the job, planned for
             elif verdict.kind is not VerdictKind.JOIN:
                 job.evicted[verdict.card] = verdict.evidence
@@ -225,7 +228,7 @@ class Orchestrator(JobIngest):
             self._fail_job(f"{reason}; gave up after {job.generations_started} generations")
             return
         try:
-            ranks = self.plan(job.spec, self.membership, set(job.evicted), job.measured_speed)
+            ranks = self.plan(job.spec, self.membership, set(job.evicted), Measured(job.measured_speed, job.measured_link_mbit))
         except ValueError as error:
             self._fail_job(f"{reason}; {error}")
             return
@@ -238,7 +241,7 @@ class Orchestrator(JobIngest):
 
     def _start_first(self, now_s: float) -> None:
         try:
-            ranks = self.plan(self.job.spec, self.membership, set(self.job.evicted), {})
+            ranks = self.plan(self.job.spec, self.membership, set(self.job.evicted), Measured())
         except ValueError as error:
             self._fail_job(str(error))
             return

@@ -13,6 +13,8 @@ process starts (by `hyrun launch`, `hyrun plan` and the coordinator's submit).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from hyrun.planner import (
     DATA_PARALLEL_ONLY,
@@ -43,23 +45,43 @@ def card_ids(cluster: Cluster) -> dict[CardRef, int]:
     return {CardRef(card.node, card.local_index): card.global_id for card in cluster.cards}
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What a running job measured that the job file does not say: stragglers' speeds, and the
+    inter-node bandwidth of congested links (Mbit/s per node, for every card on it)."""
+
+    speed: Mapping[CardRef, float] = field(default_factory=dict)
+    link_mbit: Mapping[str, float] = field(default_factory=dict)
+
+    def apply(self, cluster: Cluster) -> Cluster:
+        ids = card_ids(cluster)
+        specs = {}
+        for card, speed in self.speed.items():
+            if card in ids:
+                specs[ids[card]] = dataclasses.replace(cluster.card(ids[card]).spec, speed=speed)
+        for card in cluster.cards:
+            if card.node in self.link_mbit:
+                spec = specs.get(card.global_id, card.spec)
+                bandwidth = min(spec.inter_node_bandwidth_bytes_per_s, self.link_mbit[card.node] * 1e6 / 8)
+                specs[card.global_id] = dataclasses.replace(spec, inter_node_bandwidth_bytes_per_s=bandwidth)
+        return cluster.with_specs(specs) if specs else cluster
+
+
 def plan_job(
     job: JobSpec,
     *,
     excluded: set[CardRef] | frozenset[CardRef] = frozenset(),
     data_parallel_only: bool = False,
-    measured_speed: dict[CardRef, float] | None = None,
+    measured: Measured | None = None,
 ) -> SearchResult:
-    """The planner's search for this job, without the excluded cards and with the speeds measured
-    for stragglers. Explicit degrees in the job constrain it (dp only while every card is usable:
-    after a loss the other degrees stay and dp shrinks to what is left). Raises ValueError (with
-    what is short) when no plan fits."""
+    """The planner's search for this job, without the excluded cards and with what the run measured
+    (stragglers' speeds, congested links' bandwidth). Explicit degrees in the job constrain it (dp
+    only while every card is usable: after a loss the other degrees stay and dp shrinks to what is
+    left). Raises ValueError (with what is short) when no plan fits."""
     cluster, shape, training = planner_inputs(job)
     ids = card_ids(cluster)
-    if measured_speed:
-        cluster = cluster.with_specs(
-            {ids[card]: dataclasses.replace(cluster.card(ids[card]).spec, speed=speed) for card, speed in measured_speed.items() if card in ids}
-        )
+    if measured is not None:
+        cluster = measured.apply(cluster)
     return search(
         cluster,
         shape,
@@ -73,12 +95,12 @@ def plan_for_run(
     job: JobSpec,
     *,
     excluded: set[CardRef] | frozenset[CardRef] = frozenset(),
-    measured_speed: dict[CardRef, float] | None = None,
+    measured: Measured | None = None,
 ) -> Plan:
     """The plan a generation runs: the search's best, or with `parallelism.split: even` the uniform
     plan of the job's degrees. Raises ValueError (with what is short) when none fits."""
     if job.parallelism == "auto" or job.parallelism.split == "planned":
-        return plan_job(job, excluded=excluded, measured_speed=measured_speed).best
+        return plan_job(job, excluded=excluded, measured=measured).best
     cluster, shape, training = planner_inputs(job)
     ids = card_ids(cluster)
     plan = naive_plan(cluster, shape, training, excluded={ids[card] for card in excluded if card in ids},

@@ -10,7 +10,7 @@ from hyrun.runtime.coordinator.generation import RankPlan, RankSlot
 from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.parallel.layout import ParallelLayout
-from hyrun.runtime.coordinator.planning import plan_for_run, planner_inputs, rank_plan
+from hyrun.runtime.coordinator.planning import Measured, plan_for_run, planner_inputs, rank_plan
 
 log = logging.getLogger("hyrun.coordinator")
 
@@ -42,7 +42,7 @@ def plan_ranks(
     spec: JobSpec,
     membership: Membership,
     excluded: frozenset[CardRef] | set[CardRef] = frozenset(),
-    measured_speed: dict[CardRef, float] | None = None,
+    measured: Measured | None = None,
 ) -> RankPlan:
     """The ranks of the next generation on the usable cards: the planner's plan (`parallelism: auto`:
     any layout, each card's work in proportion to its capability; explicit degrees: those degrees,
@@ -57,7 +57,7 @@ def plan_ranks(
     unusable = {CardRef(c.node, c.local_index) for c in cluster.cards} - usable
     speeds = {CardRef(s.node, s.card_index): s.speed for s in even.slots}
     try:
-        plan = plan_for_run(spec, excluded=unusable, measured_speed=measured_speed)
+        plan = plan_for_run(spec, excluded=unusable, measured=measured)
     except (ValueError, KeyError) as error:
         if spec.parallelism != "auto":
             raise ValueError(f"the job's parallelism {spec.parallelism.degrees()} does not fit the "

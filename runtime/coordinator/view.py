@@ -86,6 +86,7 @@ class JobView:
     checkpoints: bool = True
     evicted: Mapping[CardRef, Evidence] = field(default_factory=dict)
     measured_speed: Mapping[CardRef, float] = field(default_factory=dict)
+    measured_link_mbit: Mapping[str, float] = field(default_factory=dict)  # congested links the plan expects
     drain_requests: Mapping[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
     # error signature (digits masked) -> cards evicted for raising it in earlier generations
     blamed_errors: Mapping[str, tuple[CardRef, ...]] = field(default_factory=dict)
