@@ -67,7 +67,9 @@ class NetnsHosts:
         if reason:
             raise NetnsUnavailable(reason)
         sweep_stale()
-        self.tag = f"{_PREFIX}{os.getpid()}"
+        # The pid (for sweeping), then a letter per instance: one process may build hosts again
+        # while the kernel still tears down its last namespaces. Names stay within IFNAMSIZ (15).
+        self.tag = f"{_PREFIX}{os.getpid()}{_next_letter()}"
         self._created_namespaces: list[str] = []
         self._created_links: list[str] = []
         data_net, control_net = _free_subnets(2)
@@ -88,6 +90,8 @@ class NetnsHosts:
             raise
 
     def _add_host(self, node: str, index: int, data_net, control_net) -> NodeHost:
+        if index > 99:
+            raise NetnsUnavailable("--netns builds at most 100 nodes (interface names are 15 characters)")
         namespace = f"{self.tag}n{index}"
         run("ip", "netns", "add", namespace)
         self._created_namespaces.append(namespace)
@@ -96,6 +100,7 @@ class NetnsHosts:
         for kind, net, inner in (("data", data_net, DATA_IF), ("control", control_net, CONTROL_IF)):
             outer = f"{self.tag}{kind[0]}{index}"
             run("ip", "link", "add", outer, "type", "veth", "peer", "name", f"{outer}p")
+            self._created_links.append(outer)
             run("ip", "link", "set", f"{outer}p", "netns", namespace)
             run("ip", "link", "set", f"{outer}p", "name", inner, namespace=namespace)
             ips[kind] = str(net[10 + index])
@@ -110,11 +115,12 @@ class NetnsHosts:
         return ["ip", "netns", "exec", self.hosts[node].namespace, *argv]
 
     def close(self) -> None:
-        # Deleting a namespace deletes the veth ends inside it, and with them their peers.
-        for namespace in reversed(self._created_namespaces):
-            run("ip", "netns", "delete", namespace, check=False)
+        # Links first (deleting one end of a veth pair deletes both), then the namespaces: the kernel
+        # tears a namespace down only once its last process is gone, links with it.
         for link in reversed(self._created_links):
             run("ip", "link", "delete", link, check=False)
+        for namespace in reversed(self._created_namespaces):
+            run("ip", "netns", "delete", namespace, check=False)
         self._created_namespaces.clear()
         self._created_links.clear()
 
@@ -123,6 +129,15 @@ class NetnsHosts:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+_instances = 0
+
+
+def _next_letter() -> str:
+    global _instances
+    _instances += 1
+    return "abcdefghijklmnopqrstuvwxyz"[(_instances - 1) % 26]
 
 
 def sweep_stale() -> list[str]:
