@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,11 @@ def test_a_link_down_for_a_while_comes_back_and_one_down_for_good_is_evicted(lau
     (back,) = _incidents(summary, "up again")
     assert back["cards"] == ["n1/card0"] and back["verdict"] == "join"
     assert summary["evictions"] and all(e.startswith("n3/card0") for e in summary["evictions"])
+
+
+def test_network_faults_without_netns_are_refused_before_anything_starts(write_job, tmp_path):
+    job = write_job(_four_node_job("refused", steps=2, faults=[{"kind": "link_down", "node": "n1", "at_step": 2}]))
+    out = subprocess.run([sys.executable, "-m", "hyrun.runtime.cli", "launch", str(job), "--no-progress"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and "link_down on n1" in out.stderr and "--netns" in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
