@@ -129,3 +129,23 @@ def launched(tmp_path):
     yield start
     for process in started:
         process.kill_everything()
+
+
+@pytest.fixture
+def netns_hosts():
+    """A factory of `NetnsHosts` (each node its own network namespace on two bridges); every one it
+    made is removed at teardown, whatever the test did. Skips, saying why, without root or iproute2."""
+    from hyrun.runtime.network.hosts import NetnsHosts, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[NetnsHosts] = []
+
+    def make(nodes: list[str]) -> NetnsHosts:
+        made.append(NetnsHosts(nodes))
+        return made[-1]
+
+    yield make
+    for hosts in made:
+        hosts.close()

@@ -17,7 +17,7 @@ from hyrun.runtime.coordinator.planning import Measured, planner_inputs
 from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down
 from hyrun.runtime.coordinator.view import NicSampleView
 from hyrun.runtime.jobfile import HealthSection, parse_job
-from hyrun.runtime.network.hosts import NetnsHosts, run, sweep_stale, unavailable_reason
+from hyrun.runtime.network.hosts import run, sweep_stale, unavailable_reason
 from hyrun.runtime.trainer.loop import RankWork, train
 from hyrun.runtime.trainer.reporting import Reporter
 
@@ -95,10 +95,9 @@ def test_carrier_lost_is_a_link_down_and_two_samples_with_carrier_bring_it_back(
 # ---- namespaces --------------------------------------------------------------------------------------
 
 
-@needs_netns
-def test_hosts_are_reachable_and_removed_and_stale_ones_are_swept():
-    with NetnsHosts(["a", "b"]) as hosts:
-        a, b = hosts.hosts["a"], hosts.hosts["b"]
+def test_hosts_are_reachable_and_removed_and_stale_ones_are_swept(netns_hosts):
+    with netns_hosts(["a", "b"]) as hosts:
+        b = hosts.hosts["b"]
         assert run("ip", "netns", "list").count(hosts.tag) == 2
         server = subprocess.Popen(hosts.command("b", ["python", "-c", (
             "import socket; s = socket.create_server(('%s', 0)); print(s.getsockname()[1], flush=True); "
