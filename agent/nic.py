@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _SYSFS = Path("/sys/class/net")
+_RDMA_SYSFS = Path("/sys/class/infiniband")
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,15 @@ class NicSample:
     queue_overlimits: int = 0
     queue_drops: int = 0
     queue_backlog_bytes: int = 0
+    rdma_tx_bytes: int = 0
+    rdma_rx_bytes: int = 0
+    rdma_xmit_wait: int = 0
+    rdma_link_downed: int = 0
 
 
-def sample_nic(interface: str) -> NicSample:
-    """One reading of `interface` (as this process's network namespace sees it)."""
+def sample_nic(interface: str, rdma_root: Path = _RDMA_SYSFS) -> NicSample:
+    """One reading of `interface` (as this process's network namespace sees it), with the host's
+    RDMA port counters where readable."""
     base = _SYSFS / interface
     stats = {name: _read_int(base / "statistics" / name) for name in
              ("tx_bytes", "rx_bytes", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")}
@@ -36,7 +42,21 @@ def sample_nic(interface: str) -> NicSample:
         tx_bytes=stats["tx_bytes"], rx_bytes=stats["rx_bytes"],
         errors=stats["rx_errors"] + stats["tx_errors"], drops=stats["rx_dropped"] + stats["tx_dropped"],
         queue_overlimits=overlimits, queue_drops=drops, queue_backlog_bytes=backlog,
+        **rdma_counters(rdma_root),
     )
+
+
+def rdma_counters(root: Path = _RDMA_SYSFS) -> dict[str, int]:
+    """Every RDMA port's counters summed (`/sys/class/infiniband/DEV/ports/N/counters`). The data
+    counters count 4-byte words (the InfiniBand spec); xmit_wait counts ticks a port waited for
+    credit to send, the fabric's congestion signal. Zeros where there is no RDMA hardware."""
+    totals = {"rdma_tx_bytes": 0, "rdma_rx_bytes": 0, "rdma_xmit_wait": 0, "rdma_link_downed": 0}
+    for counters in sorted(root.glob("*/ports/*/counters")):
+        totals["rdma_tx_bytes"] += 4 * _read_int(counters / "port_xmit_data")
+        totals["rdma_rx_bytes"] += 4 * _read_int(counters / "port_rcv_data")
+        totals["rdma_xmit_wait"] += _read_int(counters / "port_xmit_wait")
+        totals["rdma_link_downed"] += _read_int(counters / "link_downed")
+    return totals
 
 
 def _read_int(path: Path) -> int:

@@ -59,7 +59,7 @@ class HostTelemetry(_message.Message):
     def __init__(self, cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., net_errors: _Optional[int] = ..., net_drops: _Optional[int] = ..., data_nic: _Optional[_Union[NicTelemetry, _Mapping]] = ...) -> None: ...
 
 class NicTelemetry(_message.Message):
-    __slots__ = ("interface", "carrier", "tx_bytes", "rx_bytes", "errors", "drops", "queue_overlimits", "queue_drops", "queue_backlog_bytes")
+    __slots__ = ("interface", "carrier", "tx_bytes", "rx_bytes", "errors", "drops", "queue_overlimits", "queue_drops", "queue_backlog_bytes", "rdma_tx_bytes", "rdma_rx_bytes", "rdma_xmit_wait", "rdma_link_downed")
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     CARRIER_FIELD_NUMBER: _ClassVar[int]
     TX_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,10 @@ class NicTelemetry(_message.Message):
     QUEUE_OVERLIMITS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DROPS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RDMA_TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RDMA_RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RDMA_XMIT_WAIT_FIELD_NUMBER: _ClassVar[int]
+    RDMA_LINK_DOWNED_FIELD_NUMBER: _ClassVar[int]
     interface: str
     carrier: bool
     tx_bytes: int
@@ -78,7 +82,11 @@ class NicTelemetry(_message.Message):
     queue_overlimits: int
     queue_drops: int
     queue_backlog_bytes: int
-    def __init__(self, interface: _Optional[str] = ..., carrier: _Optional[bool] = ..., tx_bytes: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., errors: _Optional[int] = ..., drops: _Optional[int] = ..., queue_overlimits: _Optional[int] = ..., queue_drops: _Optional[int] = ..., queue_backlog_bytes: _Optional[int] = ...) -> None: ...
+    rdma_tx_bytes: int
+    rdma_rx_bytes: int
+    rdma_xmit_wait: int
+    rdma_link_downed: int
+    def __init__(self, interface: _Optional[str] = ..., carrier: _Optional[bool] = ..., tx_bytes: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., errors: _Optional[int] = ..., drops: _Optional[int] = ..., queue_overlimits: _Optional[int] = ..., queue_drops: _Optional[int] = ..., queue_backlog_bytes: _Optional[int] = ..., rdma_tx_bytes: _Optional[int] = ..., rdma_rx_bytes: _Optional[int] = ..., rdma_xmit_wait: _Optional[int] = ..., rdma_link_downed: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("node", "cards", "host", "agent_pid")

@@ -201,3 +201,24 @@ def test_network_faults_without_netns_are_refused_before_anything_starts(write_j
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 2 and "link_down on n1" in out.stderr and "--netns" in out.stderr, out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_rdma_port_counters_are_summed_and_their_credit_waits_count_as_congestion(tmp_path):
+    from hyrun.agent.nic import rdma_counters
+
+    for device, port, words, wait in (("mlx5_0", 1, 100, 7), ("mlx5_1", 1, 50, 0)):
+        counters = tmp_path / device / "ports" / str(port) / "counters"
+        counters.mkdir(parents=True)
+        for name, value in (("port_xmit_data", words), ("port_rcv_data", 2 * words), ("port_xmit_wait", wait),
+                            ("link_downed", 0)):
+            (counters / name).write_text(f"{value}\n")
+    assert rdma_counters(tmp_path) == {"rdma_tx_bytes": 600, "rdma_rx_bytes": 1200, "rdma_xmit_wait": 7,
+                                       "rdma_link_downed": 0}
+    assert rdma_counters(tmp_path / "absent") == {"rdma_tx_bytes": 0, "rdma_rx_bytes": 0, "rdma_xmit_wait": 0,
+                                                  "rdma_link_downed": 0}
+    # A link whose RDMA port keeps waiting for credit (no kernel queue involved) is congested too.
+    fast = _samples([50.0] * 10, [False] * 10)
+    waiting = [NicSampleView(s.time_s, "ib0", True, 0, 0, 0, rdma_tx_bytes=s.tx_bytes if i <= 5 else s.tx_bytes // 10,
+                             rdma_xmit_wait=0 if i <= 5 else 100 * i) for i, s in enumerate(fast)]
+    ((kind, evidence),) = congested_links({"a": fast, "b": fast, "c": tuple(waiting)}, HealthSection()).values()
+    assert kind is VerdictKind.DRAIN and evidence["interface"] == "ib0"

@@ -48,7 +48,8 @@ class HealthBook:
         if heartbeat.host.HasField("data_nic"):
             nic = heartbeat.host.data_nic
             self.data_nics.setdefault(node, deque(maxlen=_NIC_SAMPLES)).append(NicSampleView(
-                now_s, nic.interface, nic.carrier, nic.tx_bytes, nic.queue_overlimits, nic.queue_backlog_bytes))
+                now_s, nic.interface, nic.carrier, nic.tx_bytes, nic.queue_overlimits, nic.queue_backlog_bytes,
+                nic.rdma_tx_bytes, nic.rdma_xmit_wait))
 
     def forget(self, card: CardRef) -> None:
         """A card leaves the job: its evidence must not fire again if it is ever readmitted."""

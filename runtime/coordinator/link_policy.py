@@ -32,8 +32,8 @@ def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: Healt
     slower (below `link_drain_ratio` of them) → drain; else below `link_replan_ratio` → replan with
     the measured bandwidth.
 
-    Congested: the egress queue held packets back between at least `link_strikes` of the last
-    `link_window_samples` heartbeats while no peer's did. In a collective every node moves at the
+    Congested: the egress queue held packets back (or an RDMA port waited for credit) between at
+    least `link_strikes` of the last `link_window_samples` heartbeats while no peer's did. In a collective every node moves at the
     pace of the slowest link, so its peers' rates *now* say nothing; their peak over the samples kept
     (before the link degraded) is what the job can reach without it."""
     window = settings.link_window_samples
@@ -43,7 +43,7 @@ def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: Healt
         if len(samples) < window + 1:
             continue
         recent = list(zip(samples[-(window + 1):], samples[-window:]))
-        strikes[node] = sum(1 for a, b in recent if b.queue_overlimits > a.queue_overlimits)
+        strikes[node] = sum(1 for a, b in recent if _held_back(a, b))
         rates[node] = sum(_mbit(a, b) for a, b in recent) / window
         peaks[node] = max(_mbit(a, b) for a, b in zip(samples, samples[1:]))
     found = {}
@@ -60,6 +60,12 @@ def congested_links(nics: Mapping[str, Sequence[NicSampleView]], settings: Healt
     return found
 
 
+def _held_back(a: NicSampleView, b: NicSampleView) -> bool:
+    """Between two samples the egress queue held packets back, or an RDMA port waited for credit."""
+    return b.queue_overlimits > a.queue_overlimits or b.rdma_xmit_wait > a.rdma_xmit_wait
+
+
 def _mbit(a: NicSampleView, b: NicSampleView) -> float:
     elapsed_s = b.time_s - a.time_s
-    return 0.0 if elapsed_s <= 0 else (b.tx_bytes - a.tx_bytes) * 8 / elapsed_s / _BITS_PER_MBIT
+    moved = (b.tx_bytes - a.tx_bytes) + (b.rdma_tx_bytes - a.rdma_tx_bytes)
+    return 0.0 if elapsed_s <= 0 else moved * 8 / elapsed_s / _BITS_PER_MBIT

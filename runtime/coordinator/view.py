@@ -41,6 +41,8 @@ class NicSampleView:
     tx_bytes: int
     queue_overlimits: int
     queue_backlog_bytes: int
+    rdma_tx_bytes: int = 0  # RDMA traffic bypasses the kernel's interface counters
+    rdma_xmit_wait: int = 0  # ticks an RDMA port waited for credit: the fabric's congestion signal
 
 
 @dataclass(frozen=True)
