@@ -24,6 +24,8 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click help: rendering it with rich costs a third of a second per call
 )
 console = Console()
+# Captured output (a pipe, a file, a CI log) has no width: rich would wrap at 80 columns, mid-cell.
+console.soft_wrap = not console.is_terminal
 err_console = Console(stderr=True)
 
 EXIT_FAILED = 1
@@ -227,6 +229,9 @@ def _call(coordinator, run, token_file, tls_ca, method: str, request, *, timeout
     try:
         return getattr(stub, method)(request, metadata=metadata, timeout=timeout_s)
     except grpc.RpcError as error:
+        if run is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+            _fail(f"the coordinator of {run} does not answer and the run has no summary.json: its launch "
+                  f"was stopped without finishing (killed?); logs in {run}")
         _fail(f"coordinator: {error.details() or error.code().name}")
     finally:
         channel.close()
@@ -240,7 +245,12 @@ RunOpt = Annotated[Optional[Path], typer.Option(help="a run directory of an embe
 def status(coordinator: CoordinatorOpt = None, run: RunOpt = None, token_file: TokenFile = None, tls_ca: TlsCa = None) -> None:
     """Show a running job: nodes and their health, generation, step, loss, throughput, evictions."""
     from hyrun.proto import hyrun_pb2 as pb
+    from hyrun.runtime.run_dir import ended_job_lines
 
+    ended = ended_job_lines(run) if run is not None and coordinator is None else None
+    if ended is not None:  # the launch wrote its summary and stopped its coordinator
+        console.print("\n".join(ended), highlight=False, markup=False)
+        return
     reply = _call(coordinator, run, token_file, tls_ca, "Status", pb.StatusRequest(), timeout_s=5)
     for job in reply.jobs:
         console.print(
@@ -348,7 +358,7 @@ def chaos_run(
             "final_loss": report.final_loss,
             "reference_loss": report.reference_loss,
             "loss_matches": report.loss_matches,
-            "faults": [dict(asdict(f), fault=f.fault.model_dump()) for f in report.faults],
+            "faults": [dict(asdict(f), fault=f.fault.model_dump(include=f.fault.used_fields())) for f in report.faults],
         }
         json_out.write_text(json.dumps(payload, indent=2))
     if not report.passed:

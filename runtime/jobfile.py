@@ -248,6 +248,17 @@ class HealthSection(_Section):
 
 
 NETWORK_FAULTS = ("link_slow", "link_down", "partition", "coordinator_unreachable")
+# The parameters each fault kind reads beyond where and when it fires (FaultSpec's field docs).
+_FAULT_PARAMETERS = {
+    "nan_grad": ("repeat_steps",),
+    "slow": ("speed",),
+    "temperature_ramp": ("c_per_s",),
+    "xid": ("xid",),
+    "link_slow": ("mbit", "duration_s"),
+    "link_down": ("duration_s",),
+    "partition": ("duration_s",),
+    "coordinator_unreachable": ("duration_s",),
+}
 
 
 class FaultSpec(_Section):
@@ -277,6 +288,11 @@ class FaultSpec(_Section):
     @property
     def is_network(self) -> bool:
         return self.kind in NETWORK_FAULTS
+
+    def used_fields(self) -> set[str]:
+        """The fields this kind of fault reads (a report lists these, not every default)."""
+        where = {"kind", "node", "at_step"} | (set() if self.is_network else {"card", "generation"})
+        return where | set(_FAULT_PARAMETERS.get(self.kind, ()))
 
 
 class MetricsSection(_Section):

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from hyrun.runtime.run_dir import checkpoint_directory
+
 from .manifest import Manifest
 from .storage import LocalDirectoryStorage, step_name
 from .verify import find_damage
@@ -16,14 +18,22 @@ from .verify import find_damage
 app = typer.Typer(help="List and verify checkpoints.", no_args_is_help=True, rich_markup_mode=None)
 
 
-def _storage_and_steps(directory: Path) -> tuple[LocalDirectoryStorage, list[int]]:
-    """A job's checkpoint directory, or one checkpoint folder (step-000000123) inside it."""
+def _storage_and_steps(directory: Path) -> tuple[LocalDirectoryStorage, list[int], Path]:
+    """A job's checkpoint directory, a run directory (its `checkpoints/`), or one checkpoint folder
+    (step-000000123) inside one: the storage, its committed steps, and the folder they are in."""
     if not directory.is_dir():
         typer.echo(f"error: {directory} is not a directory", err=True)
         raise typer.Exit(2)
     if directory.name.startswith("step-") and (directory / "manifest.json").is_file():
-        return LocalDirectoryStorage(directory.parent), [int(directory.name.removeprefix("step-"))]
-    return LocalDirectoryStorage(directory), LocalDirectoryStorage(directory).committed_steps()
+        return LocalDirectoryStorage(directory.parent), [int(directory.name.removeprefix("step-"))], directory
+    directory = checkpoint_directory(directory)
+    return LocalDirectoryStorage(directory), LocalDirectoryStorage(directory).committed_steps(), directory
+
+
+def _nothing_committed(directory: Path) -> str:
+    leftovers = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
+    why = f" (only {', '.join(leftovers[:3])}: saves that never committed)" if leftovers else ""
+    return f"no committed checkpoints in {directory}{why}; give a checkpoint directory or a run directory (runs/JOB)"
 
 
 def _size(size_bytes: int) -> str:
@@ -36,15 +46,15 @@ def _size(size_bytes: int) -> str:
 
 @app.command("ls")
 def list_checkpoints(
-    directory: Annotated[Path, typer.Argument(help="The job's checkpoint directory.")],
+    directory: Annotated[Path, typer.Argument(help="The job's checkpoint directory, or its run directory.")],
     hashes: Annotated[
         bool, typer.Option("--hash", help="Re-hash every file (slow); by default sizes only.")
     ] = False,
 ) -> None:
     """Committed checkpoints, oldest first: step, time, size, ranks, and whether they are intact."""
-    storage, steps = _storage_and_steps(directory)
+    storage, steps, folder = _storage_and_steps(directory)
     if not steps:
-        typer.echo(f"no committed checkpoints in {directory}")
+        typer.echo(_nothing_committed(folder))
         return
     typer.echo(f"{'checkpoint':<16} {'created':<19} {'size':>10} {'ranks':>5}  intact")
     for step in steps:
@@ -61,13 +71,14 @@ def list_checkpoints(
 
 @app.command("verify")
 def verify_checkpoints(
-    directory: Annotated[Path, typer.Argument(help="A checkpoint directory, or one step-* folder.")],
+    directory: Annotated[Path, typer.Argument(help="A checkpoint directory, a run directory, or one step-* folder.")],
 ) -> None:
-    """Re-hash every file of every committed checkpoint; exit 1 if any is damaged, naming the file."""
-    storage, steps = _storage_and_steps(directory)
+    """Re-hash every file of every committed checkpoint; exit 1 if any is damaged, naming the file, or
+    if there was nothing to verify."""
+    storage, steps, folder = _storage_and_steps(directory)
     if not steps:
-        typer.echo(f"no committed checkpoints in {directory}")
-        return
+        typer.echo(f"error: nothing verified: {_nothing_committed(folder)}", err=True)
+        raise typer.Exit(1)
     damaged = 0
     for step in steps:
         damage = find_damage(storage, step)
