@@ -4,7 +4,7 @@ hyrun's figure is the whole command: hashing every input, encoding in a process 
 parts into shards and writing the manifest. Also shown: one process calling `encode_batch` (the Rust
 thread pool on every core), the best a single process gets. Runs alternate; medians are printed.
 
-    python benchmarks/data_prepare.py [--repeats 3] [--workers 0] [--vocab 8192] [--packages email asyncio ...]
+    python benchmarks/data_prepare.py [--repeats 3] [--workers 0] [--vocab 8192] [--mib 12] [--part-mib 1]
 """
 
 from __future__ import annotations
@@ -22,17 +22,27 @@ from hyrun.runtime.data.prepare import PrepareSettings, prepare, worker_count
 from hyrun.runtime.data.sources import SourceSpec
 from hyrun.runtime.data.tokenizer import train_bpe
 
-PACKAGES = ("email", "asyncio", "logging", "http", "xml", "unittest", "importlib", "multiprocessing", "idlelib",
-            "lib2to3")
-
-
-def corpus_files(packages: list[str]) -> dict[str, list[Path]]:
+def build_corpus(directory: Path, mib: float) -> list[Path]:
+    """The first `mib` MiB of the standard library's UTF-8 `.py` files (site-packages left out), copied
+    into `directory` so both sides read exactly the same files."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = {}
-    for name in packages:
-        found = sorted(p for p in (root / name).rglob("*.py") if "__pycache__" not in p.parts)
-        if found:
-            files[name] = found
+    files, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] == "site-packages" or "__pycache__" in relative.parts:
+            continue
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:  # a few test files are latin-1 on purpose
+            continue
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        files.append(target)
+        total += len(data)
+        if total >= mib * 2**20:
+            break
     return files
 
 
@@ -58,11 +68,8 @@ def batch_in_one_process(tokenizer_path: Path, files: list[Path]) -> tuple[int, 
     return sum(len(e.ids) for e in encodings), time.perf_counter() - started
 
 
-def hyrun_prepare(tokenizer_path: Path, packages: dict[str, list[Path]], workers: int, part_mib: float,
-                  out: Path) -> tuple[int, float]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    settings = PrepareSettings(out=out, sources=tuple(SourceSpec(name, root / name) for name in packages),
-                               globs=("*.py",), tokenizer=tokenizer_path, workers=workers,
+def hyrun_prepare(tokenizer_path: Path, corpus: Path, workers: int, part_mib: float, out: Path) -> tuple[int, float]:
+    settings = PrepareSettings(out=out, sources=(SourceSpec("stdlib", corpus),), tokenizer=tokenizer_path, workers=workers,
                                part_bytes=int(part_mib * 2**20), val_fraction=0.01)
     started = time.perf_counter()
     result = prepare(settings)
@@ -76,17 +83,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="hyrun's encoding processes (0: one per core)")
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--part-mib", type=float, default=0.5, help="hyrun's part size (small corpus: small parts)")
-    parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="standard-library packages to read")
+    parser.add_argument("--part-mib", type=float, default=1.0, help="hyrun's part size")
+    parser.add_argument("--mib", type=float, default=12.0, help="corpus size: the standard library's first MiB")
     args = parser.parse_args()
 
-    packages = corpus_files(args.packages)
-    files = [p for fs in packages.values() for p in fs]
-    size_mib = sum(p.stat().st_size for p in files) / 2**20
     workers = worker_count(args.workers)
-    print(f"corpus: {len(files)} files, {size_mib:.1f} MiB of Python sources from {len(packages)} packages; "
-          f"{os.cpu_count()} cores, hyrun with {workers} workers")
     with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        files = build_corpus(corpus, args.mib)
+        size_mib = sum(p.stat().st_size for p in files) / 2**20
+        print(f"corpus: {len(files)} files, {size_mib:.1f} MiB of the standard library's Python sources; "
+              f"{len(os.sched_getaffinity(0))} usable cores, hyrun with {workers} workers")
         tokenizer = Path(tmp) / "tokenizer.json"
         started = time.perf_counter()
         train_bpe((p.read_bytes().decode("utf-8") for p in files), args.vocab, tokenizer)
@@ -96,7 +103,7 @@ def main() -> int:
         for repeat in range(args.repeats):
             for name, run in (("plain", lambda: plain_loop(tokenizer, files)),
                               ("batch", lambda: batch_in_one_process(tokenizer, files)),
-                              ("hyrun", lambda: hyrun_prepare(tokenizer, packages, args.workers, args.part_mib,
+                              ("hyrun", lambda: hyrun_prepare(tokenizer, corpus, args.workers, args.part_mib,
                                                               Path(tmp) / f"out-{repeat}"))):
                 tokens, wall_s = run()
                 counts.add(tokens)

@@ -148,8 +148,12 @@ class _Inline:
 def _pool(workers: int):
     if workers == 1:
         return _Inline()
-    # spawn, not fork: the parent may have trained a tokenizer, and a forked tokenizers thread pool deadlocks.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # Not fork: the parent may hold the tokenizer's thread pool (it trained one) and a progress thread, and a
+    # child forked mid-lock can deadlock. Not spawn either: every worker would start Python and re-import the
+    # caller's main module. A fork server starts once per process, with the workers' modules already loaded.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["hyrun.runtime.data.encode", "tokenizers"])
+    return ProcessPoolExecutor(workers, mp_context=context)
 
 
 def _hash_inputs(files: dict[str, list[InputFile]], pool) -> dict[Path, str]:
