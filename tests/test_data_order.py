@@ -53,8 +53,8 @@ def test_mixture_counts_follow_the_weights_over_every_prefix():
         counts = np.cumsum(np.eye(len(order.sources))[ids], axis=0)
         prefix = np.arange(1, n + 1)[:, None]
         deviation = np.abs(counts - prefix * weights)
-        # Within one sample of the weights after every prefix, for these two- and three-source mixtures ...
-        assert deviation.max() <= 1.0 + 1e-9, (mixture, deviation.max())
+        # Within one sample of the weights after every prefix for these mixtures (half a sample for two) ...
+        assert deviation.max() <= (0.5 if len(mixture) == 2 else 1.0) + 1e-9, (mixture, deviation.max())
         # ... so within 1% of them over the stage.
         assert np.all(np.abs(counts[-1] - n * weights) <= 0.01 * n * weights + 1e-9)
 

@@ -2,9 +2,10 @@
 rank of any layout, after any eviction or resume, asks for any index and gets the same answer.
 
 Within a stage the sources are interleaved by merging their arrival times (k + 0.5) / w: after any
-prefix of p samples each source has had about p * w of them (within one sample for usual mixtures). A
-source's draws count on across stages, and draw q of a source is sample `perm(q mod size)` of epoch
-q div size, where perm is a seeded Feistel permutation computed per index: every sample of a source is
+prefix of p samples a source of weight w has had p * w of them to within 0.5 + w * sources / 2 (half a
+sample for two sources, under one for the three-source mixtures tested). A source's draws count on
+across stages, and draw q of a source is sample `perm(q mod size)` of epoch q div size, where perm is
+a seeded Feistel permutation computed per index: every sample of a source is
 seen exactly once per epoch, and nothing of size O(source) or O(stage) is ever built."""
 
 from __future__ import annotations
