@@ -213,6 +213,26 @@ def test_parquet_source(corpus, prepared, tmp_path):
     assert [tokenizer.decode(docs.document(i)[:-1].tolist()) for i in range(docs.documents)] == texts
 
 
+def test_a_vocabulary_over_65536_is_stored_as_uint32(corpus, tmp_path):
+    from tokenizers import models, pre_tokenizers
+
+    text = (corpus / "json" / "decoder.py").read_text()
+    words = sorted(set(text.split()))
+    # Real words get ids above 65,535, so a uint16 cast anywhere would show.
+    vocab = {f"filler{i}": i for i in range(66_000)} | {w: 66_000 + i for i, w in enumerate(words)}
+    vocab |= {"[UNK]": len(vocab), "</s>": len(vocab) + 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "big.json"))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "decoder.txt").write_text(text)
+    result = prepare(PrepareSettings(out=tmp_path / "out", sources=(SourceSpec("t", tmp_path / "in"),),
+                                     tokenizer=tmp_path / "big.json", val_fraction=0.0, workers=1))
+    assert result.manifest.dtype == "uint32" and result.manifest.tokenizer.eos_token == "</s>"
+    document = TokenShards(tmp_path / "out").source("t").document(0)
+    assert document.tolist() == tokenizer.encode(text).ids + [vocab["</s>"]] and document.max() > 65_535
+
+
 def test_parquet_without_pyarrow_says_what_to_install(monkeypatch, tmp_path, prepared):
     (tmp_path / "a.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)

@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ class PrepareSettings:
             raise DataError("--part-mib and --workers must be positive")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareResult:
     manifest: Manifest
     parts_written: int = 0
@@ -66,7 +66,6 @@ class PrepareResult:
     input_bytes: int = 0
     wall_s: float = 0.0
     up_to_date: bool = False  # the directory already held this exact corpus
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -99,24 +98,22 @@ def prepare(settings: PrepareSettings, progress: Callable[[int, int], None] = la
         say("training the tokenizer" if settings.train_vocab else "checking the tokenizer")
         tokenizer = _tokenizer(settings, files, hashes)
         tasks = _plan(settings, files, hashes, tokenizer)
-        result = PrepareResult(manifest=None)  # type: ignore[arg-type]
         say("encoding")
-        _encode_parts(tasks, pool, tokenizer, result, progress)
+        counts = _encode_parts(tasks, pool, tokenizer, progress)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     sources = {}
     for spec in settings.sources:
         say(f"writing {spec.name}")
         inputs = [InputEntry(path=f.relpath, bytes=f.size_bytes, sha256=hashes[f.path]) for f in files[spec.name]]
         sources[spec.name] = _merge_source(out, spec, inputs, tasks[spec.name], dtype)
-    result.manifest = Manifest(format_version=FORMAT_VERSION, plan=plan, dtype=np.dtype(dtype).name,
-                               val_fraction=settings.val_fraction, sources=sources,
-                               tokenizer=TokenizerEntry(path=TOKENIZER_FILE, given_path=_given(settings), sha256=tokenizer.sha256,
-                                                        vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                                                        eos_token=tokenizer.eos_token, trained=tokenizer.trained))
-    write_manifest(out, result.manifest)
+    manifest = Manifest(format_version=FORMAT_VERSION, plan=plan, dtype=np.dtype(dtype).name,
+                        val_fraction=settings.val_fraction, sources=sources,
+                        tokenizer=TokenizerEntry(path=TOKENIZER_FILE, given_path=_given(settings), sha256=tokenizer.sha256,
+                                                 vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                                                 eos_token=tokenizer.eos_token, trained=tokenizer.trained))
+    write_manifest(out, manifest)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # every part is in the outputs now
-    result.wall_s = time.perf_counter() - started
-    return result
+    return PrepareResult(manifest, *counts, wall_s=time.perf_counter() - started)
 
 
 def _plan_key(settings: PrepareSettings, files: dict[str, list[InputFile]], hashes: dict[Path, str]) -> str:
@@ -222,16 +219,16 @@ def _existing_manifest(out: Path, plan: str, force: bool) -> Manifest | None:
     return None
 
 
-def _encode_parts(tasks: dict[str, list[encode.PartTask]], pool, tokenizer: TokenizerInfo, result: PrepareResult,
-                  progress: Callable[[int, int], None]) -> None:
-    """Encode the parts not on disk yet. A bad input fails its part only: the others are still written (a
-    rerun after the fix redoes just that one) and every failure is reported together."""
+def _encode_parts(tasks: dict[str, list[encode.PartTask]], pool, tokenizer: TokenizerInfo,
+                  progress: Callable[[int, int], None]) -> tuple[int, int, int]:
+    """Encode the parts not on disk yet; (parts written, parts reused, input bytes). A bad input fails its
+    part only: the others are still written (a rerun after the fix redoes just that one) and every failure
+    is reported together."""
     all_tasks = [t for ts in tasks.values() for t in ts]
     total = sum(p.size_bytes for t in all_tasks for p in t.pieces)
-    result.input_bytes = total
     todo = [t for t in all_tasks if not t.path.exists()]
     done = total - sum(p.size_bytes for t in todo for p in t.pieces)
-    result.parts_reused = len(all_tasks) - len(todo)
+    written = 0
     progress(done, total)
     errors: list[str] = []
     loaded = (str(tokenizer.path), tokenizer.sha256, tokenizer.eos_id)
@@ -245,7 +242,7 @@ def _encode_parts(tasks: dict[str, list[encode.PartTask]], pool, tokenizer: Toke
             if error:
                 errors.append(error)
             else:
-                result.parts_written += 1
+                written += 1
             done += sum(p.size_bytes for p in task.pieces)
             progress(done, total)
     except BaseException:
@@ -256,6 +253,7 @@ def _encode_parts(tasks: dict[str, list[encode.PartTask]], pool, tokenizer: Toke
     if errors:
         raise DataError(f"{len(errors)} of {len(todo)} parts failed (the other parts are kept; rerun after "
                         "fixing):\n  " + "\n  ".join(sorted(set(errors))[:20]))
+    return written, len(all_tasks) - len(todo), total
 
 
 def _merge_source(out: Path, spec: SourceSpec, inputs: list[InputEntry], tasks: Sequence[encode.PartTask],
