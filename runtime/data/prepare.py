@@ -94,6 +94,7 @@ def prepare(settings: PrepareSettings, progress: Callable[[int, int], None] = la
         # Checked before anything is written: a refused run must not touch the corpus already there.
         existing = _existing_manifest(out, plan, settings.force)
         if existing is not None:
+            shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # left if a kill came between manifest and clean-up
             return PrepareResult(existing, wall_s=time.perf_counter() - started, up_to_date=True)
         say("training the tokenizer" if settings.train_vocab else "checking the tokenizer")
         tokenizer = _tokenizer(settings, files, hashes)
@@ -175,7 +176,7 @@ def _tokenizer(settings: PrepareSettings, files: dict[str, list[InputFile]], has
         stamp.unlink(missing_ok=True)
 
         def texts():
-            for name, fs in files.items():
+            for fs in files.values():
                 for f in fs:
                     for piece in pieces_of(f, settings.part_bytes):
                         for doc_key, text in read_documents(piece, settings.field):
