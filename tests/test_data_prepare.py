@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from hyrun.runtime.data import DataError, TokenShards
+from hyrun.runtime.data import DataError, Stage, TokenShards
+from hyrun.runtime.data.loader import PackedLoader
 from hyrun.runtime.data.manifest import read_manifest
 from hyrun.runtime.data.prepare import PARTS_DIR, PrepareSettings, prepare
 from hyrun.runtime.data.sources import SourceSpec, is_validation, parse_source
@@ -123,6 +124,30 @@ def test_packed_samples_and_document_starts(prepared):
         assert segments[0] == 0 and np.all(np.diff(segments) >= 0) and segments[-1] == len(after_eos)
     with pytest.raises(IndexError):
         shards.sample("email", shards.num_samples(seq_len)["email"], seq_len)
+
+
+def test_an_epoch_of_batches_reads_every_window_once(prepared):
+    seq_len = 128
+    shards = TokenShards(prepared)
+    sizes = shards.num_samples(seq_len)
+    stages = [Stage("pretrain", sizes["email"] + sizes["lines"], {"email": 0.5, "lines": 0.5})]
+    loader = PackedLoader.open(prepared, 7, stages, seq_len)
+    # Two ranks, each reading its own strided indices, together cover the stage.
+    seen = {name: [] for name in loader.sources}
+    for rank in range(2):
+        batch = loader.batch(np.arange(rank, stages[0].samples, 2))
+        assert batch.tokens.shape == (len(batch.samples), seq_len + 1) and batch.segment_ids.dtype == np.int32
+        for j, sample, tokens in zip(batch.sources, batch.samples, batch.tokens):
+            expected = shards.sample(loader.sources[j], int(sample), seq_len).tokens
+            assert np.array_equal(tokens, expected)
+            seen[loader.sources[j]].append(int(sample))
+    # Equal weights over a stage as long as both sources: the larger is not finished (no sample twice),
+    # the smaller is read whole and wraps into its next epoch.
+    small, large = sorted(("email", "lines"), key=lambda name: sizes[name])
+    assert len(set(seen[large])) == len(seen[large]) < sizes[large] + 1
+    assert set(seen[small]) == set(range(sizes[small]))
+    with pytest.raises(DataError, match="does not hold"):
+        PackedLoader(shards, 0, [Stage("s", 10, {"books": 1.0})], seq_len)
 
 
 def test_a_failed_run_keeps_its_parts_and_a_rerun_equals_a_clean_run(prepared, corpus, tmp_path):

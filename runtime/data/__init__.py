@@ -1,6 +1,7 @@
 """Real training data: `prepare` turns text, JSONL or Parquet into memory-mapped token shards (a `.bin`
 of token ids plus an index of document ends per source and split, and a manifest), `shards` reads them
-as packed samples, and `order` says which sample every global index is, whatever the layout.
+as packed samples, `order` says which sample every global index is, whatever the layout, and `loader`
+puts the two together: global indices in, token windows and document segments out.
 
 Torch-free and independent of the trainer, coordinator and parallel code: a worker, the eval process
 and `hyrun data prepare` all read the same files through this package."""
@@ -9,7 +10,7 @@ from importlib import import_module
 
 # Loaded on first use: `hyrun --help` imports this package's CLI and must not pay for numpy or pydantic.
 _EXPORTS = {"DataError": "sources", "PackedSample": "shards", "TokenShards": "shards", "SampleOrder": "order",
-            "Stage": "order"}
+            "Stage": "order", "PackedLoader": "loader", "Batch": "loader"}
 __all__ = sorted(_EXPORTS)
 
 
