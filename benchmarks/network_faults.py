@@ -3,14 +3,14 @@ each fault, in one run, one table. Needs root (`hyrun launch --netns`).
 
 Every scenario is the same job (4 nodes x 1 simulated card, data parallel, tiny model) with one
 network fault at step FAULT_AT. The capped link runs twice: once with the congestion verdict off
-(`health.link_drain_ratio` near zero: capped but not replanned, the baseline) and once with it on;
+(`health.link_drain_ratio` and `link_replan_ratio` near zero: capped but not replanned, the baseline) and once with it on;
 the last column's ratio is the headline (goal: >= 1.3x).
 
     python benchmarks/network_faults.py [--steps 24] [--fault-at 8] [--mbit 4]
 
 tokens/s are taken from when the launcher heard of each step (the same clock the coordinator uses),
 over whole steps: before = steps 2 .. fault-1, during = fault .. the incident's step, after = the
-steps after the next generation's first.
+steps the next generation was first to complete (recovery itself excluded).
 """
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ def row(name: str, outcome: JobOutcome, fired_s: float | None, fault_at: int) ->
         "detected_s": detected, "verdict": incident["verdict"] if incident else "-",
         "before": tokens_per_s(outcome, 2, fault_at - 1),
         "during": tokens_per_s(outcome, fault_at, max(at_failure, fault_at)),
-        "after": tokens_per_s(outcome, resumed + 1, max(outcome.losses)) if resumed else None,
+        # Steps the next generation was first to complete: past both its resume and the failure.
+        "after": tokens_per_s(outcome, max(resumed, at_failure) + 2, max(outcome.losses)) if resumed else None,
         "evidence": incident["reason"] if incident else "no verdict",
+        "verdicts": ", ".join(i["verdict"] for i in outcome.incidents) or "-",
+        "steps_lost": outcome.steps_lost,
     }
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     at, mbit = args.fault_at, args.mbit
     scenarios = [
         ("link_slow, verdict off (baseline)", [{"kind": "link_slow", "node": "n2", "at_step": at, "mbit": mbit}],
-         {"link_drain_ratio": 1e-6}),
+         {"link_drain_ratio": 1e-6, "link_replan_ratio": 1e-6}),
         ("link_slow", [{"kind": "link_slow", "node": "n2", "at_step": at, "mbit": mbit}], None),
         ("link_down for good", [{"kind": "link_down", "node": "n2", "at_step": at}], None),
         ("link_down 5 s", [{"kind": "link_down", "node": "n2", "at_step": at, "duration_s": 5}], None),
@@ -106,10 +109,11 @@ def main() -> None:
 
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"\n4 nodes x 1 card in namespaces, fault at step {at} of {args.steps}, cap {mbit:g} Mbit/s; tokens/s")
-    print(f"{'fault':<36} {'state':<10} {'detected':>9} {'verdict':<8} {'before':>8} {'during':>8} {'after':>8}")
+    print(f"{'fault':<36} {'state':<10} {'detected':>9} {'before':>7} {'during':>7} {'after':>7} {'lost':>5}  verdicts")
     for r in rows:
-        print(f"{r['fault']:<36} {r['state']:<10} {fmt(r['detected_s'], '8.2f') + 's':>9} {r['verdict']:<8} "
-              f"{fmt(r['before'], '8.0f'):>8} {fmt(r['during'], '8.0f'):>8} {fmt(r['after'], '8.0f'):>8}")
+        detected = "-" if r["detected_s"] is None else f"{r['detected_s']:.2f} s"
+        print(f"{r['fault']:<36} {r['state']:<10} {detected:>9} {fmt(r['before'], '7.0f'):>7} "
+              f"{fmt(r['during'], '7.0f'):>7} {fmt(r['after'], '7.0f'):>7} {r['steps_lost']:>5}  {r['verdicts']}")
     for r in rows:
         print(f"  {r['fault']}: {r['evidence']}")
     # The baseline never recovers: its "during" spans every step from the fault to the end.
