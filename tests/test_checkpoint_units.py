@@ -4,6 +4,7 @@ test_checkpoint_distributed.py."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,7 +22,9 @@ from typer.testing import CliRunner
 
 from hyrun.common.snapshots import remove_snapshots
 from hyrun.runtime.checkpoint.checkpointer import Checkpointer
-from hyrun.runtime.checkpoint.manifest import Manifest
+from hyrun.runtime.checkpoint.hashing import HashingFileSystem
+from hyrun.runtime.checkpoint.manifest import Manifest, hash_file
+from hyrun.runtime.checkpoint.writer import BackgroundWriter
 from hyrun.runtime.checkpoint.resume import CheckpointsUnusable
 from hyrun.runtime.checkpoint.settings import CheckpointSettings
 from hyrun.runtime.checkpoint.storage import LocalDirectoryStorage
@@ -95,6 +98,28 @@ class FullDisk(LocalDirectoryStorage):
                 return super().write_data(plan, planner)
 
         return Writer(self.staging_path(step))
+
+
+class TearingFileSystem(HashingFileSystem):
+    """Cuts every tensor file to half its size once DCP has written and fsynced it, before the stream
+    closes: a torn write, as a dying disk or a second writer would leave it."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield stream
+            if Path(path).suffix == ".distcp":
+                os.truncate(path, stream.size_bytes // 2)
+
+
+class TornWrites(LocalDirectoryStorage):
+    torn = False
+
+    def dcp_writer(self, step):
+        writer = super().dcp_writer(step)
+        if self.torn:
+            writer.fs = writer.hashing = TearingFileSystem()
+        return writer
 
 
 # ---- pure pieces ----------------------------------------------------------------------------------
@@ -572,3 +597,72 @@ def test_cli_lists_committed_checkpoints(tmp_path, job):
     assert all(line.rstrip().endswith("sizes ok") for line in lines[1:])
     assert CliRunner().invoke(app, ["verify", str(tmp_path / "step-000000003")]).exit_code == 0
     assert CliRunner().invoke(app, ["ls", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_the_manifest_records_each_files_real_hash_taken_while_writing(tmp_path, job, monkeypatch):
+    """No file is read back to hash it, and the hashes recorded on the way out are the files' own."""
+    reads = []
+    monkeypatch.setattr(LocalDirectoryStorage, "file_entry", lambda *a, **k: reads.append(a) or 1 / 0)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, interval_steps=2, io_threads=2)
+    train(model, optimizer, ckpt, range(1, 5))
+    assert ckpt.status().saves_failed == 0, ckpt.status().last_error
+    ckpt.close()
+    assert reads == [], "the commit re-read files to hash them"
+    for step in (2, 4):
+        folder = tmp_path / f"step-{step:09d}"
+        manifest = Manifest.from_json((folder / "manifest.json").read_bytes())
+        on_disk = {path.name for path in folder.iterdir()} - {"manifest.json"}
+        assert set(manifest.files) == on_disk
+        assert {name: hash_file(folder / name) for name in on_disk} == manifest.files
+
+
+def test_a_writer_that_does_not_hash_gets_its_files_hashed_from_disk(tmp_path, job):
+    """A storage backend whose DCP writer records nothing still gets a complete, exact manifest."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class PlainWriter(LocalDirectoryStorage):
+        def dcp_writer(self, step):
+            return FileSystemWriter(self.staging_path(step), single_file_per_rank=True, sync_files=True)
+
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=PlainWriter(tmp_path), interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    assert ckpt.status().last_committed_step == 2, ckpt.status().last_error
+    ckpt.close()
+    folder = tmp_path / "step-000000002"
+    manifest = Manifest.from_json((folder / "manifest.json").read_bytes())
+    assert manifest.files == {p.name: hash_file(p) for p in folder.iterdir() if p.name != "manifest.json"}
+
+
+def test_a_torn_write_is_refused_and_resume_picks_the_previous_checkpoint(tmp_path, job):
+    storage = TornWrites(tmp_path)
+    model, optimizer = build()
+    ckpt = checkpointer(tmp_path, job, storage=storage, interval_steps=2)
+    train(model, optimizer, ckpt, range(1, 3))
+    storage.torn = True
+    train(model, optimizer, ckpt, range(3, 5))
+    status = ckpt.status()
+    assert (status.last_committed_step, status.saves_failed) == (2, 1)
+    assert "torn write" in status.last_error and ".distcp" in status.last_error
+    assert storage.committed_steps() == [2]
+    assert not (tmp_path / "step-000000004.tmp").exists()
+    ckpt.close()
+    remove_snapshots(SHM, job)  # a restart elsewhere: only disk counts
+    fresh_model, fresh_optimizer = build()
+    restarted = checkpointer(tmp_path, job)
+    info = restarted.load_latest(fresh_model, fresh_optimizer)
+    assert info is not None and (info.step, info.source) == (2, "disk")
+    restarted.close()
+
+
+def test_the_persisting_thread_runs_niced_and_the_staging_copy_does_not(tmp_path):
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+    writer = BackgroundWriter("unit", persist_nice=5)
+    writer.submit(lambda: seen.update(stage=nice()), lambda: seen.update(persist=nice()))
+    assert writer.wait_idle(30)
+    assert writer.close(30)
+    assert seen == {"stage": nice(), "persist": min(19, nice() + 5)}

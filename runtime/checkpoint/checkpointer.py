@@ -89,7 +89,7 @@ class Checkpointer:
         # share one (see group.py).
         self._commit_group = RankGroup.create(rank, world_size, settings.commit_timeout_s)
         self._vote_group = RankGroup.create(rank, world_size, settings.commit_timeout_s)
-        self._writer = BackgroundWriter(f"hyrun-checkpoint-rank{rank}")
+        self._writer = BackgroundWriter(f"hyrun-checkpoint-rank{rank}", persist_nice=settings.writer_nice)
         self._snapshot_file = snapshot_path(settings.shared_memory_dir, job_id, rank)
         self._snapshot: SharedSnapshot | None = None
         self._views: tuple[str, list[torch.Tensor]] | None = None
@@ -363,7 +363,6 @@ class Checkpointer:
                 self._storage,
                 self._commit_group,
                 keep_last=self.settings.keep_last,
-                io_threads=self.settings.io_threads,
             )
         except Exception as exc:  # a bug, not an I/O failure: keep its traceback in the log
             log.exception("rank %d: checkpoint %s: internal error", self.rank, step_name(request.step))

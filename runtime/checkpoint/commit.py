@@ -6,7 +6,7 @@ that another rank will enter, so a failed save cannot leave ranks waiting on eac
 
   1. rank 0 prepares the staging area   -> vote (with each rank's staging outcome)
   2. DCP save: each rank writes its file, rank 0 the .metadata (DCP raises on all ranks alike)
-  3. each rank hashes a share of files  -> vote (hashes, RNG state)
+  3. each rank reports the hashes of its files, taken as they were written -> vote (hashes, RNG)
   4. rank 0 writes the manifest, renames the staging area into place -> broadcast the outcome
 """
 
@@ -24,7 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .group import RankGroup
-from .manifest import FileEntry, Manifest, map_in_threads, share_of_files
+from .hashing import HashingWriter
+from .manifest import FileEntry, Manifest
 from .storage import CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def describe_error(error: BaseException) -> str:
 
 
 def persist(
-    request: SaveRequest, storage: CheckpointStorage, group: RankGroup, *, keep_last: int, io_threads: int = 1
+    request: SaveRequest, storage: CheckpointStorage, group: RankGroup, *, keep_last: int
 ) -> SaveOutcome:
     start_s = time.perf_counter()
 
@@ -88,9 +89,10 @@ def persist(
     # 2. DCP gathers every rank's write result on rank 0 and broadcasts the verdict, so when save
     #    returns (or raises) on one rank, every rank's file is durable (or the save failed everywhere).
     try:
+        writer = storage.dcp_writer(request.step)
         metadata = dcp.save(
             request.state,
-            storage_writer=storage.dcp_writer(request.step),
+            storage_writer=writer,
             process_group=group.process_group,
             no_dist=not group.distributed,
         )
@@ -98,15 +100,15 @@ def persist(
         _discard(storage, group)
         return outcome(f"write failed: {describe_error(exc)}")
 
-    # 3. Hash in parallel: rank r hashes every world_size-th file.
+    # 3. Every rank reports the files it wrote, hashed as their bytes went out (no second read); a
+    #    file whose size on disk is not what went through its stream fails the vote.
     names = {info.relative_path for info in metadata.storage_data.values()} | {_DCP_METADATA}
-    share = share_of_files(names, group.rank, group.world_size)
-
-    def hash_share() -> dict[str, FileEntry]:
-        hash_one = functools.partial(storage.file_entry, request.step, committed=False)
-        return dict(zip(share, map_in_threads(hash_one, share, io_threads), strict=True))
-
-    entries, error = _attempt(hash_share)
+    entries: dict[str, FileEntry] = {}
+    error = None
+    if isinstance(writer, HashingWriter):
+        entries = {name: entry for name, entry in writer.written_files().items() if name in names}
+        torn = writer.torn_files()
+        error = f"torn write: {torn[0]}" if torn else None
     votes = group.all_gather_object((error, entries, request.rng))
 
     # 4. Rank 0 publishes; everyone learns the outcome from it.
@@ -114,7 +116,7 @@ def persist(
     if group.rank == 0:
         # Guarded as a whole: rank 0 must reach the broadcast whatever happens, or every other
         # rank waits in it until the commit timeout.
-        result, crash = _attempt(lambda: _publish(request, storage, votes, group.world_size, keep_last))
+        result, crash = _attempt(lambda: _publish(request, storage, votes, names, group.world_size, keep_last))
         if crash is not None:
             _discard(storage, group)
             result = (f"commit failed: {crash}", ())
@@ -126,16 +128,21 @@ def _publish(
     request: SaveRequest,
     storage: CheckpointStorage,
     votes: list[tuple[str | None, dict[str, Any], dict[str, Any]]],
+    names: set[str],
     world_size: int,
     keep_last: int,
 ) -> tuple[str | None, tuple[int, ...]]:
     errors = [f"rank {rank}: {error}" for rank, (error, _, _) in enumerate(votes) if error is not None]
     if errors:
         storage.sweep()  # raising here is caught by the caller
-        return f"hashing failed: {errors[0]}", ()
+        return f"write refused: {errors[0]}", ()
     files: dict[str, Any] = {}
     for _, entries, _ in votes:
         files.update(entries)
+    # A file no rank hashed on its way out (a writer that does not hash, a file written around it):
+    # hashed here from disk, so the manifest always covers every file DCP lists.
+    for name in sorted(names - set(files)):
+        files[name] = storage.file_entry(request.step, name, committed=False)
     manifest = Manifest(
         step=request.step,
         job_id=request.job_id,

@@ -26,6 +26,10 @@ class CheckpointSettings:
     # Files per rank, written and hashed in parallel (DCP's thread_count). More helps where cores
     # are spare (a GPU node); on a small CPU host the threads compete with training.
     io_threads: int = 1
+    # How much to lower the priority (raise the nice value) of the thread that serializes, hashes and
+    # writes a save, so it takes the cores training leaves idle instead of preempting the trainer's
+    # threads; 0 keeps the trainer's priority (a host with cores to spare, or a deadline to meet).
+    writer_nice: int = 10
     # Where each rank's host snapshot lives; tmpfs so that it outlives the worker process.
     shared_memory_dir: Path = Path("/dev/shm")
 
@@ -40,5 +44,7 @@ class CheckpointSettings:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer_nice must be within 0..19, got {self.writer_nice}")
         if self.commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {self.commit_timeout_s}")

@@ -38,7 +38,8 @@ class CheckpointStorage(Protocol):
         """An empty staging area for `step`, replacing one left by an earlier, killed attempt."""
 
     def dcp_writer(self, step: int) -> StorageWriter:
-        """A DCP writer into the staging area of `step`; files must be durable when it finishes."""
+        """A DCP writer into the staging area of `step`; files must be durable when it finishes. A
+        HashingWriter (hashing.py) spares the commit a second read of every file to hash it."""
 
     def dcp_reader(self, step: int) -> StorageReader:
         """A DCP reader of the committed checkpoint `step`."""
@@ -111,12 +112,11 @@ class LocalDirectoryStorage:
         staging.mkdir(parents=True)
 
     def dcp_writer(self, step: int) -> StorageWriter:
-        from torch.distributed.checkpoint import FileSystemWriter  # torch only where a rank writes (start-up cost)
+        from .hashing import HashingWriter  # torch only where a rank writes (start-up cost)
 
-        # io_threads files per rank, each fsynced by DCP before it reports the write done.
-        return FileSystemWriter(
-            self.staging_path(step), single_file_per_rank=True, sync_files=True, thread_count=self.io_threads
-        )
+        # io_threads files per rank, each fsynced by DCP before it reports the write done, each
+        # SHA-256'd as its bytes go out.
+        return HashingWriter(self.staging_path(step), io_threads=self.io_threads)
 
     def dcp_reader(self, step: int) -> StorageReader:
         from torch.distributed.checkpoint import FileSystemReader  # torch only where a rank reads (start-up cost)
