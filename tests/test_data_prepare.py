@@ -7,8 +7,10 @@ from __future__ import annotations
 import email
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -181,20 +183,43 @@ def test_a_failed_run_keeps_its_parts_and_a_rerun_equals_a_clean_run(prepared, c
     assert again.up_to_date and again.parts_written == 0
 
 
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
 def test_a_sigkilled_run_is_finished_by_the_same_command(prepared, corpus, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "hyrun.runtime.cli", "data", "prepare", f"email={corpus / 'email'}",
                f"lines={corpus / 'docs.jsonl'}", "--glob", "*.py", "--glob", "*.jsonl", "--out", str(out),
-               "--tokenizer", str(prepared / "tokenizer.json"), "--val-fraction", str(VAL), "--workers", "1",
+               "--tokenizer", str(prepared / "tokenizer.json"), "--val-fraction", str(VAL), "--workers", "2",
                "--part-mib", "0.02"]  # about 40 parts: the kill lands after the first, long before the last
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group: the fork server, the pool's workers and multiprocessing's resource tracker join it.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not list((out / PARTS_DIR).rglob("*.npz")) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-    finally:
         process.kill()
         process.wait()
+        # Nothing it started outlives it: the workers notice within their watch interval and the rest follows.
+        deadline = time.monotonic() + 30
+        while _group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_members(process.pid)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     finished = (out / "manifest.json").exists()  # only if this box ran all of it within one poll
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr

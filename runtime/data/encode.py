@@ -5,11 +5,15 @@ and document ends under a temporary name, renamed into place only when complete.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
+
+from hyrun.common.process import is_same_process
 
 from .sources import DataError, Piece, is_validation, read_documents
 
@@ -76,6 +80,19 @@ def encode_part(task: PartTask) -> PartCounts:
         np.savez(f, **arrays)
     tmp.replace(task.path)
     return PartCounts({s: len(arrays[f"{s}_ends"]) for s in texts}, {s: len(arrays[f"{s}_tokens"]) for s in texts})
+
+
+def watch_caller(pid: int, start_ticks: int, interval_s: float = 0.5) -> None:
+    """Pool initializer: end this worker when the process that asked for it is gone. A worker holds its
+    own call queue's write end (and the fork server's liveness pipe), so after a SIGKILLed `hyrun data
+    prepare` it would wait for work forever, keeping the fork server alive with it."""
+
+    def watch() -> None:
+        while is_same_process(pid, start_ticks):
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-caller", daemon=True).start()
 
 
 def run_part(task: PartTask, tokenizer_path: str, tokenizer_sha256: str, eos_id: int, *, single_threaded: bool) -> str | None:

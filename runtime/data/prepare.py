@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hyrun.common.process import process_start_ticks
+
 from . import encode
 from .manifest import (FORMAT_VERSION, MANIFEST, SPLITS, InputEntry, Manifest, SourceEntry, SplitEntry,
                        TokenizerEntry, read_manifest, write_manifest)
@@ -151,7 +153,9 @@ def _pool(workers: int):
     # caller's main module. A fork server starts once per process, with the workers' modules already loaded.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["hyrun.runtime.data.encode", "tokenizers"])
-    return ProcessPoolExecutor(workers, mp_context=context)
+    me = os.getpid()
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=encode.watch_caller,
+                               initargs=(me, process_start_ticks(me)))
 
 
 def _hash_inputs(files: dict[str, list[InputFile]], pool) -> dict[Path, str]:
