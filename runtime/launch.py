@@ -29,7 +29,6 @@ from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSett
 from hyrun.runtime.jobfile import JobSpec, new_job_id
 from hyrun.runtime.network.faults import NetworkFaults
 from hyrun.runtime.network.hosts import DATA_IF, NetnsHosts
-from hyrun.runtime.network.tls import write_self_signed
 from hyrun.runtime.rendezvous import GenerationStore
 from hyrun.common.process import kill_group
 from hyrun.common.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
@@ -71,6 +70,8 @@ class EmbeddedCluster:
         listen, self.tls = "127.0.0.1", TlsFiles()
         if hosts is not None:
             # As on a real cluster: the coordinator on the control network, with TLS and the token.
+            from hyrun.runtime.network.tls import write_self_signed  # cryptography: only for --netns
+
             listen = hosts.bridge_ip["control"]
             cert, key = write_self_signed(run_dir / "tls", listen)
             self.tls = TlsFiles(cert=cert, key=key)
