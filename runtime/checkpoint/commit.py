@@ -102,7 +102,7 @@ def persist(
 
     # 3. Every rank reports the files it wrote, hashed as their bytes went out (no second read); a
     #    file whose size on disk is not what went through its stream fails the vote.
-    names = {info.relative_path for info in metadata.storage_data.values()} | {_DCP_METADATA}
+    names = _written_names(metadata, storage, request.step)
     entries: dict[str, FileEntry] = {}
     error = None
     if isinstance(writer, HashingWriter):
@@ -190,3 +190,13 @@ def _attempt(action: Callable[[], Any]) -> tuple[Any, str | None]:
         return action(), None
     except IO_FAILURES as exc:
         return None, describe_error(exc)
+
+
+def _written_names(metadata, storage: CheckpointStorage, step: int) -> set[str]:
+    """The files DCP wrote for this save. torch before 2.13 returns the plan's metadata without the
+    files its FileSystemWriter recorded (seen on torch 2.11 + CUDA); they are in the `.metadata` file
+    it wrote to the (shared) staging folder."""
+    storage_data = getattr(metadata, "storage_data", None)
+    if not storage_data:
+        storage_data = storage.staged_dcp_metadata(step).storage_data
+    return {info.relative_path for info in storage_data.values()} | {_DCP_METADATA}

@@ -44,6 +44,9 @@ class CheckpointStorage(Protocol):
     def dcp_reader(self, step: int) -> StorageReader:
         """A DCP reader of the committed checkpoint `step`."""
 
+    def staged_dcp_metadata(self, step: int):
+        """DCP's own `.metadata` of save `step`, read back from its staging area."""
+
     def file_entry(self, step: int, name: str, *, committed: bool) -> FileEntry:
         """Size and SHA-256 of one file, staged or committed; FileNotFoundError if it is missing."""
 
@@ -122,6 +125,11 @@ class LocalDirectoryStorage:
         from torch.distributed.checkpoint import FileSystemReader  # torch only where a rank reads (start-up cost)
 
         return FileSystemReader(self.committed_path(step))
+
+    def staged_dcp_metadata(self, step: int):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(self.staging_path(step)).read_metadata()
 
     def file_entry(self, step: int, name: str, *, committed: bool) -> FileEntry:
         folder = self.committed_path(step) if committed else self.staging_path(step)
