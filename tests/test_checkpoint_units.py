@@ -609,6 +609,9 @@ def test_the_manifest_records_each_files_real_hash_taken_while_writing(tmp_path,
     assert ckpt.status().saves_failed == 0, ckpt.status().last_error
     ckpt.close()
     assert reads == [], "the commit re-read files to hash them"
+    from torch.utils.serialization import config
+
+    assert config.save.compute_crc32, "the CRC switch is restored once the save is written"
     for step in (2, 4):
         folder = tmp_path / f"step-{step:09d}"
         manifest = Manifest.from_json((folder / "manifest.json").read_bytes())

@@ -28,8 +28,9 @@ class CheckpointSettings:
     io_threads: int = 1
     # How much to lower the priority (raise the nice value) of the thread that serializes, hashes and
     # writes a save, so it takes the cores training leaves idle instead of preempting the trainer's
-    # threads; 0 keeps the trainer's priority (a host with cores to spare, or a deadline to meet).
-    writer_nice: int = 10
+    # threads; 0 keeps the trainer's priority (a host with cores to spare, or a deadline to meet). Too
+    # nice (10) and on a shared host every other process starves it (benchmarks/checkpoint_stall.py).
+    writer_nice: int = 3
     # Where each rank's host snapshot lives; tmpfs so that it outlives the worker process.
     shared_memory_dir: Path = Path("/dev/shm")
 
