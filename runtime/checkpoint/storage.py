@@ -73,8 +73,8 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new file is durable only once its directory entry is: fsync the folder.
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder: a rename or a new file is durable only once its directory entry is."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -144,7 +144,7 @@ class LocalDirectoryStorage:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        _fsync_dir(staging)
+        fsync_path(staging)
 
     def read_manifest(self, step: int) -> bytes:
         return (self.committed_path(step) / MANIFEST_NAME).read_bytes()
@@ -154,7 +154,7 @@ class LocalDirectoryStorage:
         if final.exists():  # the same step saved again (a rerun in an old directory): replace it
             self._unpublish(step)
         os.rename(self.staging_path(step), final)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         self._remove_trash(step)
 
     def delete(self, step: int) -> None:
@@ -175,7 +175,7 @@ class LocalDirectoryStorage:
         # Rename first, then remove: a process killed mid-delete leaves a `.trash` folder that is
         # never listed, not a published checkpoint with files missing.
         os.rename(self.committed_path(step), self.root / f"{step_name(step)}.trash")
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def _remove_trash(self, step: int) -> None:
         shutil.rmtree(self.root / f"{step_name(step)}.trash", ignore_errors=True)

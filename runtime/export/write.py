@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hyrun.runtime.checkpoint.manifest import hash_file
+from hyrun.runtime.checkpoint.storage import fsync_path
 from hyrun.runtime.model.config import ModelConfig
 
 from .convert import to_hf
@@ -133,7 +134,7 @@ def _write_shards(directory: Path, prefix: str, tensors: Iterator[tuple[str, tor
             path = directory / file_names[shard_of[name]]
             save_file(pending, str(path), metadata={"format": "pt"})
             os.chmod(path, 0o644)  # shared like any model directory (safetensors writes 0600)
-            _fsync(path)
+            fsync_path(path)
             files[path.name] = hash_file(path)
             progress(sum(t.numel() * t.element_size() for t in pending.values()))
             pending = {}
@@ -155,12 +156,5 @@ def _torch_dtype_name(dtype: str) -> str:
 
 def _write_json(path: Path, text: str) -> None:
     path.write_text(text + "\n")
-    _fsync(path)
+    fsync_path(path)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
