@@ -156,22 +156,32 @@ def _incidents(summary: dict, cause_text: str) -> list[dict]:
 
 
 @needs_netns
-@pytest.mark.timeout(420)
-def test_a_control_plane_cut_evicts_nothing_and_a_capped_link_is_named_and_drained(launched, write_job, tmp_path):
-    job = _four_node_job("cut-then-cap", steps=20, faults=[
+@pytest.mark.timeout(300)
+def test_a_control_plane_cut_evicts_nothing(launched, write_job, tmp_path):
+    job = _four_node_job("cut", steps=10, faults=[
         {"kind": "coordinator_unreachable", "node": "n1", "at_step": 3, "duration_s": 3 * HEARTBEAT_TIMEOUT_S},
-        {"kind": "link_slow", "node": "n2", "at_step": 8, "mbit": 4},
     ])
+    summary = _run(launched, write_job, tmp_path, job, 280)
+    assert sorted(map(int, summary["losses"])) == list(range(1, 11))
+    # n1's agent was unreachable for 3x the heartbeat timeout; its ranks kept training with their
+    # peers (the data network was fine), so nothing was evicted and one generation did it all.
+    assert summary["incidents"] == [] and summary["evictions"] == [], summary["incidents"]
+    assert summary["generations"] == 1
+
+
+# Its own job: during a control cut the coordinator hears of steps late (the cut node's reports wait),
+# so a fault keyed by a step would fire later than that step.
+@needs_netns
+@pytest.mark.timeout(420)
+def test_a_capped_link_is_named_congested_and_drained(launched, write_job, tmp_path):
+    job = _four_node_job("cap", steps=16, faults=[{"kind": "link_slow", "node": "n2", "at_step": 6, "mbit": 4}])
     summary = _run(launched, write_job, tmp_path, job, 400)
-    assert sorted(map(int, summary["losses"])) == list(range(1, 21))
-    # The control cut: n1's agent was unreachable for 3x the heartbeat timeout, its ranks kept training
-    # with their peers, so nothing was evicted for it.
-    assert not [i for i in summary["incidents"] if "n1/card0" in i["cards"]], summary["incidents"]
-    # The cap: named as congested within 10 steps, with the link and the rates as evidence, and drained.
+    assert sorted(map(int, summary["losses"])) == list(range(1, 17))
+    # Named as congested within 10 steps, with the link and the rates as evidence, and drained.
     (congested,) = _incidents(summary, "congested")
     assert congested["cards"] == ["n2/card0"] and congested["verdict"] == "drain"
     assert "data0" in congested["reason"] and "Mbit/s" in congested["reason"]
-    assert 8 <= int(congested["step_at_failure"]) + 1 <= 8 + 10
+    assert 6 <= int(congested["step_at_failure"]) + 1 <= 6 + 10
     assert [e for e in summary["evictions"] if e.startswith("n2/card0")]
 
 
