@@ -81,14 +81,10 @@ def _fill_optimizer(config: ModelConfig, key: str, value: Any, moments: _Files, 
 
 def _fill(key: str, target: torch.Tensor, whole: torch.Tensor) -> None:
     """Copies this rank's part of `whole` into `target` (a plain tensor, or a DTensor's local shard)."""
-    if isinstance(target, DTensor):
-        if tuple(whole.shape) != tuple(target.shape):
-            raise ValueError(f"{key}: the export has {list(whole.shape)}, the model {list(target.shape)}")
-        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
-        part = whole[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        local_part(target).copy_(part)
-        return
     if tuple(whole.shape) != tuple(target.shape):
         raise ValueError(f"{key}: the export has {list(whole.shape)}, the model {list(target.shape)}")
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        whole = whole[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
     with torch.no_grad():
-        target.copy_(whole)
+        local_part(target).copy_(whole)

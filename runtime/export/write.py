@@ -66,7 +66,7 @@ def export_checkpoint(source: CheckpointTensors, config: ModelConfig, out: Path,
         model_index = _write_shards(partial, "model", to_hf(config, source.read_model), shapes,
                                     DTYPES[dtype], max_shard_bytes, progress)
         _write_json(partial / MODEL_INDEX, model_index.to_json())
-        _write_json(partial / "config.json", json.dumps(hf_config(config, dtype=_torch_dtype_name(dtype)), indent=1))
+        _write_json(partial / "config.json", json.dumps(hf_config(config, dtype=str(DTYPES[dtype]).removeprefix("torch.")), indent=1))
         indexes = [model_index]
         if training_state:
             indexes.append(_write_training_state(partial, source, config, shapes, max_shard_bytes, progress))
@@ -148,10 +148,6 @@ def _nbytes(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for size in shape:
         numel *= size
     return numel * (4 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype.itemsize)
-
-
-def _torch_dtype_name(dtype: str) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16"}[dtype]
 
 
 def _write_json(path: Path, text: str) -> None:
