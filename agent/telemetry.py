@@ -42,6 +42,7 @@ TELEMETRY_FAULTS = ("temperature_ramp", "xid", "ecc")
 THROTTLE_SW_THERMAL, THROTTLE_HW_THERMAL = 0x20, 0x40
 _BUSY_WINDOW_S = 5.0  # a card whose worker completed a step this recently counts as busy
 _IDLE_POWER_W, _BUSY_POWER_W = 60.0, 300.0  # plausible figures, so dashboards have a shape to show
+_SHUTDOWN_ABOVE_SLOWDOWN_C = 10.0  # a ramp stops here: a real card shuts down rather than go on heating
 
 
 @dataclass
@@ -50,20 +51,34 @@ class SimulatedCards:
     file's `faults` with kind temperature_ramp, xid or ecc), which starts when the card's worker
     reaches the fault's step. A card whose worker stepped in the last few seconds reads busy (full
     utilization, a busy card's power); one at or above its slowdown temperature reads thermally
-    throttled, as NVML would say."""
+    throttled, as NVML would say. Heat outlives the generation that scripted it: when the next
+    generation's faults replace a ramp, the card cools from where it was at `cooling_c_per_s`
+    instead of reading cold at once, so a card that got hot is seen hot however fast the job moved on."""
 
     indices: list[int]
     base_temperature_c: float = 45.0
     slowdown_temperature_c: float = 90.0
+    cooling_c_per_s: float = 1.0
     faults: list[dict] = field(default_factory=list)
     _started_s: dict[int, float] = field(default_factory=dict)  # fault number -> when it fired
     _last_step_s: dict[int, float] = field(default_factory=dict)  # card -> when its worker last stepped
     _reported: set[int] = field(default_factory=set)            # one-shot faults already sent
+    _cooling: dict[int, tuple[float, float]] = field(default_factory=dict)  # card -> (°C, since when)
 
-    def script(self, faults: list[dict]) -> None:
+    def script(self, faults: list[dict], now_s: float | None = None) -> None:
+        now_s = time.monotonic() if now_s is None else now_s
+        self._cooling = {index: (self._temperature(index, now_s), now_s) for index in self.indices}
         self.faults = [f for f in faults if f.get("kind") in TELEMETRY_FAULTS]
         self._started_s.clear()
         self._reported.clear()
+
+    def _temperature(self, index: int, now_s: float) -> float:
+        carried_c, since_s = self._cooling.get(index, (self.base_temperature_c, now_s))
+        temperature = max(self.base_temperature_c, carried_c - self.cooling_c_per_s * max(0.0, now_s - since_s))
+        for number, fault in enumerate(self.faults):
+            if fault["kind"] == "temperature_ramp" and fault.get("card", 0) == index and number in self._started_s:
+                temperature += fault.get("c_per_s", 2.0) * (now_s - self._started_s[number])
+        return min(temperature, self.slowdown_temperature_c + _SHUTDOWN_ABOVE_SLOWDOWN_C)
 
     def observe_step(self, card: int, step: int, now_s: float) -> None:
         self._last_step_s[card] = now_s
@@ -75,15 +90,13 @@ class SimulatedCards:
         now_s = time.monotonic() if now_s is None else now_s
         samples = []
         for index in self.indices:
-            temperature, xids, ecc = self.base_temperature_c, [], 0
+            temperature, xids, ecc = self._temperature(index, now_s), [], 0
             for number, fault in enumerate(self.faults):
                 if fault.get("card", 0) != index or number not in self._started_s:
                     continue
-                if fault["kind"] == "temperature_ramp":
-                    temperature += fault.get("c_per_s", 2.0) * (now_s - self._started_s[number])
-                elif fault["kind"] == "ecc":
+                if fault["kind"] == "ecc":
                     ecc += 1  # a cumulative counter, like NVML's
-                elif number not in self._reported:  # an XID is an event: reported once
+                elif fault["kind"] == "xid" and number not in self._reported:  # an event: reported once
                     self._reported.add(number)
                     xids.append(int(fault.get("xid", 79)))
             busy = now_s - self._last_step_s.get(index, float("-inf")) <= _BUSY_WINDOW_S

@@ -33,7 +33,9 @@ FAULTS = [  # one per generation, each on a card the next plan still uses (the p
     {"kind": "xid", "node": "node-b", "card": 0, "at_step": 2, "xid": 79, "generation": 2},
     {"kind": "ecc", "node": "node-b", "card": 0, "at_step": 2, "generation": 2},
     {"kind": "nan_grad", "node": "node-a", "card": 1, "at_step": 2, "repeat_steps": 3, "generation": 3},
-    {"kind": "temperature_ramp", "node": "node-a", "card": 1, "at_step": 2, "c_per_s": 40.0, "generation": 3},
+    # Hot past slowdown within 0.2 s of its step, however soon the overflow ends generation 3: a
+    # simulated card then cools slowly, so its throttle shows for several scrapes.
+    {"kind": "temperature_ramp", "node": "node-a", "card": 1, "at_step": 2, "c_per_s": 400.0, "generation": 3},
 ]  # fmt: skip
 EXPECTED_ALERTS = {"HyrunCardsEvicted", "HyrunFatalXid", "HyrunEccErrors", "HyrunRankOverflow", "HyrunCardNearSlowdown"}
 

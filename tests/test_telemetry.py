@@ -35,3 +35,13 @@ def test_a_stepping_card_reads_busy_and_a_hot_one_throttled():
     assert idle.throttle_reasons == 0 and hot.throttle_reasons == 0  # 85 °C: below its 90 °C threshold
     assert cards.sample(now_s=5.0)[1].throttle_reasons & THROTTLE_HW_THERMAL  # 95 °C
     assert cards.sample(now_s=60.0)[1].utilization == 0.0  # its worker stopped stepping
+
+
+def test_heat_outlives_its_generation_and_cools_slowly_capped_short_of_shutdown():
+    cards = SimulatedCards([0], cooling_c_per_s=1.0)
+    cards.script([{"kind": "temperature_ramp", "node": "n", "card": 0, "at_step": 1, "c_per_s": 100.0}], now_s=0.0)
+    cards.observe_step(0, 1, now_s=0.0)
+    assert cards.sample(now_s=10.0)[0].temperature_c == 100.0  # capped 10 °C above its 90 °C slowdown
+    cards.script([], now_s=10.0)  # the next generation scripts no fault on it
+    assert cards.sample(now_s=15.0)[0].temperature_c == 95.0 and cards.sample(now_s=15.0)[0].throttle_reasons
+    assert cards.sample(now_s=200.0)[0].temperature_c == 45.0 and not cards.sample(now_s=200.0)[0].throttle_reasons
