@@ -435,3 +435,97 @@ class StatusReply(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[JobEvent]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ...) -> None: ...
+
+class NodeBeat(_message.Message):
+    __slots__ = ("node", "sent_unix_s", "heartbeat")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    sent_unix_s: float
+    heartbeat: Heartbeat
+    def __init__(self, node: _Optional[str] = ..., sent_unix_s: _Optional[float] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class BeatAck(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+
+class CardXids(_message.Message):
+    __slots__ = ("position", "card_index", "xids")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    XIDS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    card_index: int
+    xids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, position: _Optional[int] = ..., card_index: _Optional[int] = ..., xids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class NodeHost(_message.Message):
+    __slots__ = ("position", "host")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    host: HostTelemetry
+    def __init__(self, position: _Optional[int] = ..., host: _Optional[_Union[HostTelemetry, _Mapping]] = ...) -> None: ...
+
+class RelayBatch(_message.Message):
+    __slots__ = ("relay", "relay_address", "batch", "nodes", "sequences", "sent_unix_s", "card_counts", "card_index", "temperature_c", "slowdown_temperature_c", "power_w", "utilization", "memory_used_bytes", "ecc_uncorrected", "throttle_reasons", "xids", "hosts")
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CARD_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ECC_UNCORRECTED_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    XIDS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    relay: str
+    relay_address: str
+    batch: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    sequences: _containers.RepeatedScalarFieldContainer[int]
+    sent_unix_s: _containers.RepeatedScalarFieldContainer[float]
+    card_counts: _containers.RepeatedScalarFieldContainer[int]
+    card_index: _containers.RepeatedScalarFieldContainer[int]
+    temperature_c: _containers.RepeatedScalarFieldContainer[float]
+    slowdown_temperature_c: _containers.RepeatedScalarFieldContainer[float]
+    power_w: _containers.RepeatedScalarFieldContainer[float]
+    utilization: _containers.RepeatedScalarFieldContainer[float]
+    memory_used_bytes: _containers.RepeatedScalarFieldContainer[int]
+    ecc_uncorrected: _containers.RepeatedScalarFieldContainer[int]
+    throttle_reasons: _containers.RepeatedScalarFieldContainer[int]
+    xids: _containers.RepeatedCompositeFieldContainer[CardXids]
+    hosts: _containers.RepeatedCompositeFieldContainer[NodeHost]
+    def __init__(self, relay: _Optional[str] = ..., relay_address: _Optional[str] = ..., batch: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[int]] = ..., sent_unix_s: _Optional[_Iterable[float]] = ..., card_counts: _Optional[_Iterable[int]] = ..., card_index: _Optional[_Iterable[int]] = ..., temperature_c: _Optional[_Iterable[float]] = ..., slowdown_temperature_c: _Optional[_Iterable[float]] = ..., power_w: _Optional[_Iterable[float]] = ..., utilization: _Optional[_Iterable[float]] = ..., memory_used_bytes: _Optional[_Iterable[int]] = ..., ecc_uncorrected: _Optional[_Iterable[int]] = ..., throttle_reasons: _Optional[_Iterable[int]] = ..., xids: _Optional[_Iterable[_Union[CardXids, _Mapping]]] = ..., hosts: _Optional[_Iterable[_Union[NodeHost, _Mapping]]] = ...) -> None: ...
+
+class RelayReply(_message.Message):
+    __slots__ = ("batch",)
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    def __init__(self, batch: _Optional[int] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("node", "failed_relay")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_RELAY_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    failed_relay: str
+    def __init__(self, node: _Optional[str] = ..., failed_relay: _Optional[str] = ...) -> None: ...
+
+class RouteReply(_message.Message):
+    __slots__ = ("relay", "relay_address")
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    relay: str
+    relay_address: str
+    def __init__(self, relay: _Optional[str] = ..., relay_address: _Optional[str] = ...) -> None: ...

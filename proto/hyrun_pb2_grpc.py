@@ -59,6 +59,16 @@ class CoordinatorStub:
                 request_serializer=hyrun__pb2.DrainRequest.SerializeToString,
                 response_deserializer=hyrun__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Relay = channel.stream_stream(
+                '/hyrun.v1.Coordinator/Relay',
+                request_serializer=hyrun__pb2.RelayBatch.SerializeToString,
+                response_deserializer=hyrun__pb2.RelayReply.FromString,
+                _registered_method=True)
+        self.Route = channel.unary_unary(
+                '/hyrun.v1.Coordinator/Route',
+                request_serializer=hyrun__pb2.RouteRequest.SerializeToString,
+                response_deserializer=hyrun__pb2.RouteReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -95,6 +105,19 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Relay(self, request_iterator, context):
+        """Relays forward their group's heartbeats, one batch per interval (see RelayBatch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Route(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +145,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=hyrun__pb2.DrainRequest.FromString,
                     response_serializer=hyrun__pb2.DrainReply.SerializeToString,
+            ),
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=hyrun__pb2.RelayBatch.FromString,
+                    response_serializer=hyrun__pb2.RelayReply.SerializeToString,
+            ),
+            'Route': grpc.unary_unary_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=hyrun__pb2.RouteRequest.FromString,
+                    response_serializer=hyrun__pb2.RouteReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +292,135 @@ class Coordinator:
             '/hyrun.v1.Coordinator/Drain',
             hyrun__pb2.DrainRequest.SerializeToString,
             hyrun__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hyrun.v1.Coordinator/Relay',
+            hyrun__pb2.RelayBatch.SerializeToString,
+            hyrun__pb2.RelayReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Route(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyrun.v1.Coordinator/Route',
+            hyrun__pb2.RouteRequest.SerializeToString,
+            hyrun__pb2.RouteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeRelayStub:
+    """Served by an agent acting as a relay.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Beat = channel.stream_stream(
+                '/hyrun.v1.NodeRelay/Beat',
+                request_serializer=hyrun__pb2.NodeBeat.SerializeToString,
+                response_deserializer=hyrun__pb2.BeatAck.FromString,
+                _registered_method=True)
+
+
+class NodeRelayServicer:
+    """Served by an agent acting as a relay.
+    """
+
+    def Beat(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeRelayServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Beat': grpc.stream_stream_rpc_method_handler(
+                    servicer.Beat,
+                    request_deserializer=hyrun__pb2.NodeBeat.FromString,
+                    response_serializer=hyrun__pb2.BeatAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hyrun.v1.NodeRelay', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hyrun.v1.NodeRelay', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeRelay:
+    """Served by an agent acting as a relay.
+    """
+
+    @staticmethod
+    def Beat(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hyrun.v1.NodeRelay/Beat',
+            hyrun__pb2.NodeBeat.SerializeToString,
+            hyrun__pb2.BeatAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,8 @@
 """Per-card Prometheus series, built at scrape time from the newest heartbeat sample of each card.
 
-A heartbeat replaces each card's row here (under a lock shared with the scrape thread, which copies
-only the list: rows are never changed once stored); the families are made when Prometheus asks. Cardinality is bounded: at most
+Samples land in flat per-card arrays (coordinator/card_arrays.py: one vector write per relay batch,
+under a lock shared with the scrape thread, which copies the columns); the families are made when
+Prometheus asks, and rows only for the cards exported. Cardinality is bounded: at most
 `limit` cards are exported one series each, chosen by `cards_to_export` (quarantined cards and cards
 with XID, ECC or throttle events first, then the smallest temperature margin); every card, exported
 or not, is counted in a per-type histogram of temperature margin, so a 10,000-node fleet costs
@@ -10,13 +11,16 @@ or not, is counted in a per-type histogram of temperature margin, so a 10,000-no
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import threading
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily
+
+from hyrun.runtime.coordinator.card_arrays import CardArrays, CardColumns
 
 # Default bound on cards exported as their own series (DESIGN: Monitoring). A node has 8 cards, so
 # 4,096 cards is 512 nodes in full detail; beyond that, the riskiest 4,096 and the histograms.
@@ -83,12 +87,14 @@ def _risk(row: CardRow) -> tuple:
 
 
 class CardCollector:
-    """A prometheus_client collector (registered on the coordinator's registry)."""
+    """A prometheus_client collector (registered on the coordinator's registry). Card state lives in
+    `arrays` (coordinator/card_arrays.py), written in batches; rows are made only for exported cards."""
 
     def __init__(self, limit: int = CARD_SERIES_LIMIT) -> None:
         self.limit = limit
-        self._lock = threading.Lock()
-        self._rows: dict[tuple[str, int], CardRow] = {}
+        self._lock = threading.Lock()  # writes (the loop) against snapshots (the scrape thread)
+        self.arrays = CardArrays()
+        self._xids: dict[tuple[str, int], dict[int, int]] = {}  # XID code -> events since the coordinator started
         self._quarantined: frozenset[tuple[str, int]] = frozenset()
         self.fatal_xids: frozenset[int] = frozenset()  # the running job's (HealthSection.fatal_xids)
 
@@ -97,46 +103,76 @@ class CardCollector:
     def register_node(self, node: str, cards: list[tuple[int, str, int]]) -> None:
         """A node registered: (index, card type, memory bytes) of each card."""
         with self._lock:
-            for index, card_type, memory_bytes in cards:
-                old = self._rows.get((node, index), CardRow(node, index))
-                self._rows[(node, index)] = replace(old, card_type=card_type or "unknown", memory_total_bytes=memory_bytes)
+            self.arrays.register(node, cards)
 
-    def ingest(self, node: str, samples) -> None:
-        """A heartbeat's CardTelemetry messages (proto/hyrun.proto). Each card's row is replaced, never
-        changed in place (its XID counts are copied on write), so a scrape can read rows unlocked."""
+    def ingest(self, node: str, samples, now_s: float | None = None, sequence: int = 0) -> None:
+        """A heartbeat's CardTelemetry messages (proto/hyrun.proto)."""
+        samples = list(samples)
+        columns = CardColumns.from_samples(samples)
+        now_s = time.monotonic() if now_s is None else now_s
         with self._lock:
+            self.arrays.ingest([node], [sequence], [len(samples)], columns, now_s)
             for s in samples:
-                key = (node, s.index)
-                old = self._rows.get(key)
-                card_type, memory_total, xids = (old.card_type, old.memory_total_bytes, old.xid_counts) if old else ("unknown", 0, {})
                 if s.xid_events:
-                    xids = dict(xids)
-                    for xid in s.xid_events:
-                        xids[xid] = xids.get(xid, 0) + 1
-                self._rows[key] = CardRow(
-                    node, s.index, card_type, memory_total, s.temperature_c, s.slowdown_temperature_c, s.power_w,
-                    s.utilization, s.memory_used_bytes, s.ecc_uncorrected, s.throttle_reasons, xids,
-                )  # fmt: skip
+                    self._count_xids(node, s.index, s.xid_events)
+
+    def ingest_batch(self, nodes, sequences, card_counts, columns: CardColumns, xids, now_s: float):
+        """A relay's batch; `xids`: (node, card, codes) of the few cards that had XID events. Returns node ids."""
+        with self._lock:
+            nids = self.arrays.ingest(nodes, sequences, card_counts, columns, now_s)
+            for node, card, codes in xids:
+                self._count_xids(node, card, codes)
+        return nids
+
+    def _count_xids(self, node: str, card: int, codes) -> None:
+        counts = dict(self._xids.get((node, card), {}))  # copied on write: a scrape reads it unlocked
+        for xid in codes:
+            counts[xid] = counts.get(xid, 0) + 1
+        self._xids[(node, card)] = counts
 
     def set_quarantined(self, cards: frozenset[tuple[str, int]]) -> None:
         self._quarantined = cards  # one reference swap: the scrape thread sees the old or the new set
 
     # ---- the scrape thread -------------------------------------------------------------------
 
-    def _snapshot(self) -> list[CardRow]:
-        quarantined = self._quarantined
-        with self._lock:  # only the list is copied: rows are replaced, never changed (see ingest)
-            rows = list(self._rows.values())
-        return [replace(r, quarantined=True) if (r.node, r.card) in quarantined else r for r in rows]
+    def _snapshot(self) -> tuple[dict, list[str], list[str]]:
+        """Copies of the present cards' columns (a few vector copies under the lock)."""
+        a = self.arrays
+        with self._lock:
+            slots = a.slots_in_use()
+            cols = {name: getattr(a, name)[slots] for name in (
+                "slot_node", "card_index", "card_type", "memory_total_bytes", "temperature_c", "slowdown_c",
+                "power_w", "utilization", "memory_used_bytes", "ecc_uncorrected", "throttle_mask")}  # fmt: skip
+            names, types = list(a.node_names), list(a.type_names)
+        quarantined, xids = self._quarantined, self._xids
+        cols["quarantined"] = np.fromiter(((names[n], int(c)) in quarantined for n, c in zip(cols["slot_node"], cols["card_index"])),
+                                          bool, len(slots)) if quarantined else np.zeros(len(slots), bool)  # fmt: skip
+        cols["has_xid"] = np.fromiter(((names[n], int(c)) in xids for n, c in zip(cols["slot_node"], cols["card_index"])),
+                                      bool, len(slots)) if xids else np.zeros(len(slots), bool)  # fmt: skip
+        return cols, names, types
+
+    def _rows(self, cols: dict, picked: np.ndarray, names: list[str], types: list[str]) -> list[CardRow]:
+        xids = self._xids
+        rows = []
+        for i in picked:
+            node, card = names[cols["slot_node"][i]], int(cols["card_index"][i])
+            rows.append(CardRow(
+                node, card, types[cols["card_type"][i]], int(cols["memory_total_bytes"][i]), float(cols["temperature_c"][i]),
+                float(cols["slowdown_c"][i]), float(cols["power_w"][i]), float(cols["utilization"][i]),
+                int(cols["memory_used_bytes"][i]), int(cols["ecc_uncorrected"][i]), int(cols["throttle_mask"][i]),
+                xids.get((node, card), {}), bool(cols["quarantined"][i]),
+            ))  # fmt: skip
+        return rows
 
     def describe(self):
-        return list(self._families([], []))
+        return list(self._families(0, [], _margin_histogram(_EMPTY, [])))
 
     def collect(self):
-        rows = self._snapshot()
-        return list(self._families(rows, cards_to_export(rows, self.limit)))
+        cols, names, types = self._snapshot()
+        exported = self._rows(cols, riskiest_slots(cols, self.limit), names, types)
+        return list(self._families(len(cols["card_index"]), exported, _margin_histogram(cols, types)))
 
-    def _families(self, rows: list[CardRow], exported: list[CardRow]):
+    def _families(self, cards: int, exported: list[CardRow], margins=None):
         def gauge(name, doc, value_of, extra=None):
             family = GaugeMetricFamily(name, doc, labels=_LABELS + ([extra] if extra else []))
             for row in exported:
@@ -173,29 +209,48 @@ class CardCollector:
         yield xid
         yield throttle
         unexported = GaugeMetricFamily("hyrun_cards_unexported", "Cards left out of the per-card series by the cardinality limit")
-        unexported.add_metric([], len(rows) - len(exported))
+        unexported.add_metric([], cards - len(exported))
         yield unexported
-        yield _margin_histogram(rows)
+        yield margins
 
 
-def _margin_histogram(rows: list[CardRow]) -> GaugeHistogramMetricFamily:
+def riskiest_slots(cols: dict, limit: int) -> np.ndarray:
+    """`cards_to_export` over a snapshot's columns: positions of the cards that get series, troubled
+    first, then the smallest temperature margin (ties: node, then card, by registration order)."""
+    n = len(cols["card_index"])
+    if n <= limit:
+        return np.arange(n)
+    troubled = (cols["quarantined"] | cols["has_xid"] | (cols["ecc_uncorrected"] > 0)
+                | ((cols["throttle_mask"] & _TROUBLE_MASK) != 0))  # fmt: skip
+    margin = _margins(cols)
+    order = np.lexsort((cols["card_index"], cols["slot_node"], np.nan_to_num(margin, nan=np.inf), ~troubled))
+    return order[:limit]
+
+
+def _margins(cols: dict) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.where(cols["slowdown_c"] > 0, cols["slowdown_c"] - cols["temperature_c"], np.inf)
+
+
+_EMPTY = {"card_type": np.zeros(0, np.int64), "temperature_c": np.zeros(0), "slowdown_c": np.zeros(0),
+          "utilization": np.zeros(0)}  # fmt: skip
+
+
+def _margin_histogram(cols: dict, types: list[str]) -> GaugeHistogramMetricFamily:
     """Every card's temperature margin (slowdown threshold - temperature), by card type: how close
     the whole fleet runs to throttling, whatever the per-card limit left out."""
     family = GaugeHistogramMetricFamily(
         "hyrun_cards_temperature_margin_celsius", "Cards by how far below their slowdown temperature they run",
         labels=["card_type"],
     )
-    counts: dict[str, list[int]] = {}  # card type -> cards per bucket (not cumulative), +Inf last
-    sums: dict[str, float] = {}
-    for row in rows:
-        if not math.isnan(row.temperature_c) and row.slowdown_c > 0:
-            margin = row.slowdown_c - row.temperature_c
-            counts.setdefault(row.card_type, [0] * (len(MARGIN_BUCKETS_C) + 1))[bisect.bisect_left(MARGIN_BUCKETS_C, margin)] += 1
-            sums[row.card_type] = sums.get(row.card_type, 0.0) + margin
-    for card_type, per_bucket in sorted(counts.items()):
-        cumulative, buckets = 0, []
-        for bound, count in zip([*map(str, MARGIN_BUCKETS_C), "+Inf"], per_bucket):
-            cumulative += count
-            buckets.append((bound, float(cumulative)))
-        family.add_metric([card_type], buckets, gsum_value=sums[card_type])
+    margin = _margins(cols)
+    known = np.isfinite(margin) & ~np.isnan(cols["temperature_c"])
+    bucket = np.searchsorted(MARGIN_BUCKETS_C, margin[known], side="left")  # as bisect_left
+    card_type = cols["card_type"][known]
+    bounds = [*map(str, MARGIN_BUCKETS_C), "+Inf"]
+    for tid in np.unique(card_type):
+        mine = card_type == tid
+        cumulative = np.cumsum(np.bincount(bucket[mine], minlength=len(bounds)))
+        family.add_metric([types[tid]], [(b, float(c)) for b, c in zip(bounds, cumulative)],
+                          gsum_value=float(margin[known][mine].sum()))
     return family

@@ -74,7 +74,7 @@ class JobIngest:
         self._publish()
 
     def on_heartbeat(self, node: str, heartbeat: pb.Heartbeat, now_s: float) -> None:
-        self.metrics.cards_health.ingest(node, heartbeat.cards)
+        self.metrics.cards_health.ingest(node, heartbeat.cards, now_s, heartbeat.sequence)
         if self.health is not None:
             self.health.ingest_heartbeat(node, heartbeat, now_s)
 

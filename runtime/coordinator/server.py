@@ -22,6 +22,9 @@ from hyrun.runtime import __version__
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
 from hyrun.runtime.coordinator.ingest import JobRejected
 from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSettings, RendezvousFactory
+from hyrun.runtime.coordinator.relay_handlers import RelayHandlers
+from hyrun.runtime.coordinator.relay_ingest import RelayIngest
+from hyrun.runtime.coordinator.relays import DEFAULT_FAN_IN
 from hyrun.runtime.coordinator.store import open_store
 from hyrun.runtime.jobfile import JobFileError, load_job_text
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -43,6 +46,7 @@ class CoordinatorSettings:
     metrics_port: int | None = 0     # None: no /metrics server
     store_url: str = "memory"
     run_root: str = "runs"
+    relay_fan_in: int = DEFAULT_FAN_IN  # nodes per relay (DESIGN: Scale)
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
@@ -52,7 +56,7 @@ class CoordinatorSettings:
             )
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
     def __init__(
         self, settings: CoordinatorSettings, metrics: CoordinatorMetrics, open_rendezvous: RendezvousFactory
     ) -> None:
@@ -74,6 +78,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             open_rendezvous=open_rendezvous,
             close_stream=self._close_stream,
         )
+        self.relays = RelayIngest(cards=metrics.cards_health, membership=self.membership, orchestrator=self.orchestrator,
+                                  heartbeat_timeout_s=settings.heartbeat_timeout_s, fan_in=settings.relay_fan_in)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -102,6 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             now = time.monotonic()
             self.orchestrator.note_loop_lag(max(0.0, now - due), now)
             self.orchestrator.tick(now)
+            self.relays.tick(now)
             due = time.monotonic() + period_s
             await asyncio.sleep(period_s)
 
