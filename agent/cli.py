@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 
 def agent(
-    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator")],
+    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator; several, comma-separated, for a leader and its standbys")],
     node: Annotated[str, typer.Option(help="this node's name (unique in the cluster)")],
     cards_json: Annotated[Optional[str], typer.Option(help="simulated cards as job-file card groups (JSON)")] = None,
     simulate: Annotated[

@@ -2,8 +2,11 @@
 heartbeats and worker reports up and commands down. Commands are handled on the main thread (the
 supervisor must start workers from a thread that lives as long as the agent, see supervisor.py).
 
-If the stream breaks, the agent keeps its workers and reconnects for `reconnect_timeout_s`: a
-coordinator restart must not kill a training job. After that it stops its workers and exits.
+If the stream breaks, the agent keeps its workers and reconnects for `reconnect_timeout_s`, trying
+each coordinator it was given in turn (a restarted one, or a standby that took over) with jittered
+backoff: a coordinator restart must not kill a training job. After that it stops its workers and
+exits. Commands carry their coordinator's election epoch; one lower than the highest this agent
+was welcomed with comes from a deposed leader and is refused.
 
 Shutdown is bounded: a signal only wakes the shutdown thread (nothing raises into gRPC from a signal
 handler: a KeyboardInterrupt once left the agent deadlocked in a channel's finalizer, its workers
@@ -18,6 +21,7 @@ import collections
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -43,9 +47,12 @@ log = logging.getLogger("hyrun.agent")
 SHUTDOWN_BOUND_S = 2 * (STOP_GRACE_S + KILL_WAIT_S) + 2.0
 
 
+_BACKOFF_S = (0.2, 2.0)  # first and longest pause between connection attempts (jittered ±50%)
+
+
 @dataclass(frozen=True)
 class AgentSettings:
-    coordinator: str                  # HOST:PORT
+    coordinator: str                  # HOST:PORT, or several comma-separated (a leader and its standbys)
     node: str
     cards: tuple[LocalCard, ...]
     host: str = ""                    # address other nodes reach this one at; default: hostname
@@ -105,6 +112,9 @@ class NodeAgent:
         self._call: grpc.Future | None = None  # the live Connect stream, cancelled on stop
         self._sequence = 0
         self._lost_since: float | None = None  # when the stream to the coordinator last broke
+        self.endpoints = [e.strip() for e in settings.coordinator.split(",") if e.strip()]
+        self._endpoint = 0  # which of `endpoints` to try next
+        self.epoch = 0  # the highest leader epoch this agent has been welcomed with
 
     def request_stop(self, reason: str) -> None:
         """From any thread (never from a signal handler: see install_signal_handlers)."""
@@ -121,7 +131,8 @@ class NodeAgent:
             for c in self.settings.cards
         ]
         host = self.settings.host or socket.gethostname()
-        return pb.AgentMessage(register=pb.Register(node=self.settings.node, cards=cards, host=host, agent_pid=os.getpid()))
+        return pb.AgentMessage(register=pb.Register(node=self.settings.node, cards=cards, host=host, agent_pid=os.getpid(),
+                                                    running_generation=self.supervisor.running_generation))
 
     def _heartbeat(self) -> pb.AgentMessage:
         self._sequence += 1
@@ -184,10 +195,17 @@ class NodeAgent:
 
     def _handle(self, command: pb.CoordinatorCommand) -> None:
         kind = command.WhichOneof("body")
+        if command.epoch < self.epoch:
+            log.warning("refused %s from a deposed coordinator (epoch %d; the leader's is %d)", kind, command.epoch, self.epoch)
+            if kind == "welcome":
+                raise _Deposed()
+            return
         if kind == "welcome":
+            self.epoch = command.welcome.epoch
             self._lost_since = None
             self.heartbeat_interval_s = command.welcome.heartbeat_interval_s or self.heartbeat_interval_s
-            log.info("connected to coordinator %s (version %s)", self.settings.coordinator, command.welcome.coordinator_version)
+            log.info("connected to coordinator %s (version %s, epoch %d)", self.endpoints[self._endpoint % len(self.endpoints)],
+                     command.welcome.coordinator_version, self.epoch)
         elif kind == "start":
             log.info("starting generation %d: ranks %s", command.start.generation, [r.rank for r in command.start.ranks])
             self._script_simulated_faults(command.start)
@@ -200,8 +218,8 @@ class NodeAgent:
         elif kind == "shutdown":
             self.request_stop(f"the coordinator asked: {command.shutdown.reason}")
 
-    def _serve_one_connection(self) -> None:
-        channel = open_channel(self.settings.coordinator, self.settings.tls)
+    def _serve_one_connection(self, address: str) -> None:
+        channel = open_channel(address, self.settings.tls)
         closed = threading.Event()
         try:
             stub = pb_grpc.CoordinatorStub(channel)
@@ -218,21 +236,32 @@ class NodeAgent:
             channel.close()
 
     def _serve(self) -> int:
+        failures = 0  # connection attempts in a row that reached no leader
         while not self._stop.is_set():
+            address = self.endpoints[self._endpoint % len(self.endpoints)]
             try:
-                self._serve_one_connection()
+                self._serve_one_connection(address)
             except grpc.RpcError as error:
                 if self._stop.is_set():
                     break
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    log.error("coordinator refused this agent: %s", error.details())
+                    log.error("coordinator %s refused this agent: %s", address, error.details())
                     return 2
-                log.warning("coordinator unreachable (%s); retrying", error.code().name)
+                log.warning("coordinator %s unreachable (%s)", address, error.code().name)
+            except _Deposed:
+                log.warning("coordinator %s was deposed", address)
+            if self._lost_since is None:  # it had welcomed us: the stream just broke
+                failures = 0
+            else:
+                failures += 1
+                self._endpoint += 1  # the next one may lead now
             lost_since = self._lost_since = self._lost_since or time.monotonic()
             if time.monotonic() - lost_since > self.settings.reconnect_timeout_s:
                 log.error("no coordinator for %.0f s; stopping this node's workers", self.settings.reconnect_timeout_s)
                 return 1
-            self._stop.wait(0.5)
+            rounds = failures // len(self.endpoints)  # back off once every endpoint was tried
+            pause_s = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2**rounds) * random.uniform(0.5, 1.5)
+            self._stop.wait(pause_s)
         return 0
 
     def run(self) -> int:
@@ -263,6 +292,10 @@ class NodeAgent:
             free_orphaned_snapshots(self.settings.shm_dir, leaving=True)
         finally:
             os._exit(1)
+
+
+class _Deposed(Exception):
+    """A coordinator welcomed this agent with an older epoch than one it has already seen."""
 
 
 def install_signal_handlers(agent: NodeAgent) -> None:

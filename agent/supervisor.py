@@ -209,6 +209,13 @@ class Supervisor:
             if worker.life.move_if(frozenset({WorkerState.SPARE}), WorkerState.ASSIGNED):
                 return worker
 
+    @property
+    def running_generation(self) -> int:
+        """The generation whose workers run here now (0: none)."""
+        with self._lock:
+            live = [w.generation for w in self.workers.values() if w.process.poll() is None]
+        return max(live, default=0)
+
     # ------------------------------------------------------------------ generations
 
     def start_generation(self, start: pb.StartGeneration) -> None:

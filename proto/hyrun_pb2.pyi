@@ -89,16 +89,18 @@ class NicTelemetry(_message.Message):
     def __init__(self, interface: _Optional[str] = ..., carrier: _Optional[bool] = ..., tx_bytes: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., errors: _Optional[int] = ..., drops: _Optional[int] = ..., queue_overlimits: _Optional[int] = ..., queue_drops: _Optional[int] = ..., queue_backlog_bytes: _Optional[int] = ..., rdma_tx_bytes: _Optional[int] = ..., rdma_rx_bytes: _Optional[int] = ..., rdma_xmit_wait: _Optional[int] = ..., rdma_link_downed: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node", "cards", "host", "agent_pid")
+    __slots__ = ("node", "cards", "host", "agent_pid", "running_generation")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CARDS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     AGENT_PID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_GENERATION_FIELD_NUMBER: _ClassVar[int]
     node: str
     cards: _containers.RepeatedCompositeFieldContainer[CardInfo]
     host: str
     agent_pid: int
-    def __init__(self, node: _Optional[str] = ..., cards: _Optional[_Iterable[_Union[CardInfo, _Mapping]]] = ..., host: _Optional[str] = ..., agent_pid: _Optional[int] = ...) -> None: ...
+    running_generation: int
+    def __init__(self, node: _Optional[str] = ..., cards: _Optional[_Iterable[_Union[CardInfo, _Mapping]]] = ..., host: _Optional[str] = ..., agent_pid: _Optional[int] = ..., running_generation: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence", "cards", "host")
@@ -277,26 +279,30 @@ class Shutdown(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("coordinator_version", "heartbeat_interval_s")
+    __slots__ = ("coordinator_version", "heartbeat_interval_s", "epoch")
     COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     coordinator_version: str
     heartbeat_interval_s: float
-    def __init__(self, coordinator_version: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, coordinator_version: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CoordinatorCommand(_message.Message):
-    __slots__ = ("welcome", "start", "stop", "shutdown", "checkpoint_now")
+    __slots__ = ("welcome", "start", "stop", "shutdown", "checkpoint_now", "epoch")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_NOW_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     start: StartGeneration
     stop: StopGeneration
     shutdown: Shutdown
     checkpoint_now: CheckpointNow
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[StartGeneration, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., checkpoint_now: _Optional[_Union[CheckpointNow, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[StartGeneration, _Mapping]] = ..., stop: _Optional[_Union[StopGeneration, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., checkpoint_now: _Optional[_Union[CheckpointNow, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("job_yaml", "job_id")
@@ -523,9 +529,11 @@ class RouteRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., failed_relay: _Optional[str] = ...) -> None: ...
 
 class RouteReply(_message.Message):
-    __slots__ = ("relay", "relay_address")
+    __slots__ = ("relay", "relay_address", "phase_s")
     RELAY_FIELD_NUMBER: _ClassVar[int]
     RELAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_S_FIELD_NUMBER: _ClassVar[int]
     relay: str
     relay_address: str
-    def __init__(self, relay: _Optional[str] = ..., relay_address: _Optional[str] = ...) -> None: ...
+    phase_s: float
+    def __init__(self, relay: _Optional[str] = ..., relay_address: _Optional[str] = ..., phase_s: _Optional[float] = ...) -> None: ...

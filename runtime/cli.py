@@ -51,7 +51,7 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 def launch(
     job_file: Annotated[Path, typer.Argument(help="the job's YAML file")],
     coordinator: Annotated[
-        Optional[str], typer.Option(help="HOST:PORT of a running coordinator; default: start an embedded cluster here")
+        Optional[str], typer.Option(help="HOST:PORT of a running coordinator (several, comma-separated: a leader and its standbys); default: start an embedded cluster here")
     ] = None,
     token_file: TokenFile = None,
     tls_ca: TlsCa = None,
@@ -160,12 +160,21 @@ def coordinator_cmd(
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between agent heartbeats")] = 1.0,
     heartbeat_timeout: Annotated[float, typer.Option(help="seconds without a heartbeat before a node is lost")] = 5.0,
     run_root: Annotated[Path, typer.Option(help="where job logs go")] = Path("runs"),
-    store: Annotated[str, typer.Option(help="job state store: 'memory' or 'etcd://HOST:PORT'")] = "memory",
+    store: Annotated[str, typer.Option(help="job state store: 'memory' (a restart loses running jobs) or "
+                                       "'etcd://HOST:PORT' (a restarted or standby coordinator carries them on)")] = "memory",
+    standby: Annotated[bool, typer.Option(help="etcd store: if another coordinator leads, wait and take over "
+                                          "when it goes (without this, give up after one lease)")] = False,
+    lease_ttl: Annotated[int, typer.Option(min=2, help="etcd store: seconds a dead leader's lease outlives it, "
+                                           "i.e. how soon a standby takes over")] = 3,
     token_file: TokenFile = None,
     tls_cert: Annotated[Optional[Path], typer.Option(exists=True, help="PEM certificate (enables TLS)")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(exists=True, help="PEM private key")] = None,
 ) -> None:
-    """Run a coordinator for a multi-host cluster (agents connect with `hyrun agent`)."""
+    """Run a coordinator for a multi-host cluster (agents connect with `hyrun agent`).
+
+    With an etcd store, run two or more (`--standby` on the others): one leads, the others wait,
+    and whichever takes over carries the running job on; give agents and `hyrun launch` every
+    coordinator's address, comma-separated."""
     import signal
     import threading
 
@@ -183,20 +192,30 @@ def coordinator_cmd(
             heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
             token=token, tls=TlsFiles(cert=tls_cert, key=tls_key),
             metrics_host=host, metrics_port=metrics_port, run_root=str(run_root), store_url=store,
+            standby=standby, lease_ttl_s=lease_ttl,
         )  # fmt: skip
         service = CoordinatorService(settings, open_rendezvous=GenerationStore)
-        service.start()
     except (ValueError, OSError) as error:
         _fail(str(error), EXIT_USAGE)
-    console.print(f"coordinator on {service.address}, metrics on :{service.metrics_port}")
     # The handlers only set a flag: nothing is raised into grpc or the loop thread mid-call.
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # may be inherited ignored
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (stop.wait(), service.stop()), daemon=True).start()  # also while standing by
     try:
-        stop.wait()
+        service.start()
+    except InterruptedError:
+        return
+    except (ValueError, OSError) as error:
+        _fail(str(error), EXIT_USAGE)
+    console.print(f"coordinator on {service.address}, metrics on :{service.metrics_port}")
+    try:
+        while not stop.wait(0.5) and not service.ended.is_set():
+            pass
     finally:
         service.stop()
+    if service.deposed:
+        _fail(f"stopped leading: {service.deposed}", 3)
 
 
 # The agent's command lives with the agent; this module only composes the CLI.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -155,6 +156,10 @@ class EmbeddedCluster:
         self.coordinator.stop()
 
 
+# A coordinator that went away (killed, restarting, a standby taking over): try again.
+_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
 def follow_job(
     coordinator: str,
     job_text: str,
@@ -163,22 +168,50 @@ def follow_job(
     token: str,
     tls: TlsFiles,
     on_event: Callable[[pb.JobEvent], None],
+    reconnect_timeout_s: float = 60.0,
 ) -> pb.JobEvent:
-    """Submits the job and streams its events until it ends; returns the last event."""
-    channel = open_channel(coordinator, tls)
-    try:
-        stub = pb_grpc.CoordinatorStub(channel)
-        metadata = call_metadata(token)
-        reply = stub.SubmitJob(pb.SubmitJobRequest(job_yaml=job_text, job_id=job_id), metadata=metadata)
-        last = None
-        for event in stub.WatchJob(pb.WatchJobRequest(job_id=reply.job_id), metadata=metadata):
-            on_event(event)
-            last = event
-        if last is None:
-            raise RuntimeError("the coordinator closed the job's event stream without a word")
-        return last
-    finally:
-        channel.close()
+    """Submits the job and streams its events until it ends; returns the last event. `coordinator`
+    may name several (a leader and its standbys, comma-separated): when the one followed goes away,
+    the others are tried, with backoff, for up to `reconnect_timeout_s`. A coordinator that comes
+    back without the job (an in-memory store) is given it again under the same id: it resumes
+    from the job's newest checkpoint."""
+    endpoints = [e.strip() for e in coordinator.split(",") if e.strip()]
+    submitted, attempt, lost_since = False, 0, None
+    metadata = call_metadata(token)
+    while True:
+        address = endpoints[attempt % len(endpoints)]
+        channel = open_channel(address, tls)
+        try:
+            stub = pb_grpc.CoordinatorStub(channel)
+            if not submitted:
+                stub.SubmitJob(pb.SubmitJobRequest(job_yaml=job_text, job_id=job_id), metadata=metadata)
+                submitted = True
+            for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=metadata):
+                lost_since = None
+                on_event(event)
+                if event.state in ("COMPLETED", "FAILED"):
+                    return event
+            error_text = f"coordinator {address} closed the job's event stream before the job ended"
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND and submitted:
+                log.warning("coordinator %s does not know job %s (restarted with an in-memory store?): submitting it again",
+                            address, job_id)
+                submitted = False
+                continue
+            if error.code() not in _LOST:
+                raise
+            error_text = f"coordinator {address}: {error.code().name} {error.details() or ''}".strip()
+        finally:
+            channel.close()
+        lost_since = lost_since or time.monotonic()
+        if time.monotonic() - lost_since > reconnect_timeout_s:
+            raise CoordinatorLost(f"{error_text}; no coordinator for {reconnect_timeout_s:.0f} s")
+        attempt += 1
+        time.sleep(min(2.0, 0.2 * 2 ** (attempt // len(endpoints))) * random.uniform(0.5, 1.5))
+
+
+class CoordinatorLost(ConnectionError):
+    """No coordinator answered for the whole reconnect window."""
 
 
 def _raise_interrupt(signum, _frame) -> None:
@@ -244,8 +277,13 @@ def run_job(
         if faults is not None:
             faults.job_started_s = submitted_s
         try:
-            final = follow_job(coordinator, job_text, job_id=job_id, token=token, tls=tls, on_event=record)
+            final = follow_job(coordinator, job_text, job_id=job_id, token=token, tls=tls, on_event=record,
+                               reconnect_timeout_s=0.0 if cluster is not None else 60.0)  # fmt: skip
             outcome.state, outcome.message = final.state, final.message
+        except CoordinatorLost as error:
+            outcome.message = str(error)
+            if cluster is not None and cluster.agent_failures():
+                outcome.message += "; " + "; ".join(cluster.agent_failures())
         except grpc.RpcError as error:
             outcome.message = f"coordinator {coordinator}: {error.details() or error.code().name}"
             if cluster is not None and cluster.agent_failures():

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -149,3 +154,88 @@ def netns_hosts():
     yield make
     for hosts in made:
         hosts.close()
+
+
+# ------------------------------------------------------------------------------------- etcd
+
+ETCD = shutil.which("etcd")
+needs_etcd = pytest.mark.skipif(ETCD is None, reason="the etcd binary is not installed (apt-get install etcd-server)")
+
+
+def free_port() -> int:
+    # Never a fixed port: bind port 0 and hand the number to etcd. Another process could take it in
+    # between; etcd then exits at once and the fixture fails with etcd's own log, not a hang.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdServer:
+    """One etcd member on loopback in its own session, so teardown kills all of it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [ETCD, "--name", "test", "--data-dir", str(self.data_dir),
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"test={peer}", "--log-level", "warn", "--logger", "zap"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1) as response:
+                    if json.load(response).get("health") == "true":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"etcd not healthy after {timeout_s} s: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory):
+    if ETCD is None:
+        pytest.skip("the etcd binary is not installed (apt-get install etcd-server)")
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def own_etcd(tmp_path):
+    """An etcd for one test alone, for tests that kill it."""
+    if ETCD is None:
+        pytest.skip("the etcd binary is not installed (apt-get install etcd-server)")
+    server = EtcdServer(tmp_path / "etcd-data")
+    server.start()
+    yield server
+    server.kill()

@@ -17,6 +17,7 @@ from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRec
 from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSettings
 from hyrun.runtime.coordinator.ranks import assign_ranks
 from hyrun.runtime.coordinator.store import MemoryStore
+from hyrun.runtime.coordinator.store_writer import StoreWriter
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.metrics import CoordinatorMetrics, checkpoint_failure_cause
 
@@ -132,7 +133,7 @@ def _node(name: str, cards: int) -> NodeRecord:
 def running(tmp_path):
     membership, metrics = Membership(), CoordinatorMetrics(clock=lambda: 10.0)
     orch = Orchestrator(
-        membership=membership, store=MemoryStore(), metrics=metrics, send=lambda node, cmd: None,
+        membership=membership, writer=StoreWriter(MemoryStore()), metrics=metrics, send=lambda node, cmd: None,
         publish=lambda event: None, settings=OrchestratorSettings(run_root=str(tmp_path), heartbeat_timeout_s=2.0),
         open_rendezvous=FakeRendezvous, plan=lambda spec, m, excluded, speeds: assign_ranks(spec, m, excluded),
     )  # fmt: skip

@@ -16,6 +16,7 @@ from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSet
 from hyrun.runtime.coordinator.ranks import assign_ranks, plan_ranks
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.coordinator.store import MemoryStore
+from hyrun.runtime.coordinator.store_writer import StoreWriter
 from hyrun.runtime.jobfile import parse_job
 from hyrun.runtime.metrics import CoordinatorMetrics
 
@@ -36,7 +37,7 @@ def _harness(tmp_path, plan=_even_split):
     sent, published = [], []
     orch = Orchestrator(
         membership=membership,
-        store=MemoryStore(),
+        writer=StoreWriter(MemoryStore()),
         metrics=CoordinatorMetrics(),
         send=lambda node, cmd: sent.append((node, cmd)),
         publish=published.append,

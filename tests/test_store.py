@@ -6,102 +6,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from hyrun.runtime.coordinator.store import MemoryStore, open_store
+from conftest import free_port, needs_etcd
+from hyrun.runtime.coordinator.server import open_store
+from hyrun.runtime.coordinator.store import MemoryStore
 
-ETCD = shutil.which("etcd")
-needs_etcd = pytest.mark.skipif(ETCD is None, reason="the etcd binary is not installed (apt-get install etcd-server)")
 _prefixes = itertools.count()
-
-
-def _free_port() -> int:
-    # Never a fixed port: bind port 0 and hand the number to etcd. Another process could take it in
-    # between; etcd then exits at once and the fixture fails with etcd's own log, not a hang.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class EtcdServer:
-    """One etcd member on loopback in its own session, so teardown kills all of it."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
-
-    def start(self, timeout_s: float = 15.0) -> None:
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [ETCD, "--name", "test", "--data-dir", str(self.data_dir),
-                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"test={peer}", "--log-level", "warn", "--logger", "zap"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as response:
-                    if json.load(response).get("health") == "true":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"etcd not healthy after {timeout_s} s: {self.log_path.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory):
-    if ETCD is None:
-        pytest.skip("the etcd binary is not installed (apt-get install etcd-server)")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def own_etcd(tmp_path):
-    """An etcd for one test alone, for tests that kill it."""
-    if ETCD is None:
-        pytest.skip("the etcd binary is not installed (apt-get install etcd-server)")
-    server = EtcdServer(tmp_path / "etcd-data")
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(params=["memory", "etcd"])
@@ -269,7 +183,7 @@ def test_a_value_over_etcds_request_limit_is_refused_with_the_key(etcd_server):
 
 @pytest.mark.timeout(30)
 def test_an_unreachable_etcd_fails_at_open_with_its_address():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=f"etcd at 127.0.0.1:{port}"):
         open_store(f"etcd://127.0.0.1:{port}")

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from hyrun.runtime.coordinator.store import Deposed
+
 try:
     import pyetcd
     import pyetcd.utils
@@ -44,7 +46,12 @@ class EtcdUnavailable(ConnectionError):
 class EtcdStore:
     """`Store` against one etcd endpoint. Each call retries a refused connection until `timeout_s`
     has passed (every operation here is idempotent), then raises `EtcdUnavailable`: a blip of etcd
-    costs a short wait, a dead etcd an error instead of a coordinator that hangs."""
+    costs a short wait, a dead etcd an error instead of a coordinator that hangs.
+
+    Once `fence`d by an election, every write is a transaction that succeeds only while the leader
+    key still holds this coordinator's revision: a deposed leader cannot overwrite its successor."""
+
+    durable = True
 
     def __init__(self, host: str, port: int, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0) -> None:
         if pyetcd is None:
@@ -58,13 +65,14 @@ class EtcdStore:
         self.address = f"{host}:{port}"
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self._fence: tuple[str, int] | None = None  # (leader key, its create revision) while leading
         # time_retry=0: pyetcd marks an endpoint that failed one call as dead for time_retry seconds
         # (default 300) and refuses every call meanwhile; with our single endpoint that would turn a
         # one-second etcd restart into five minutes without a store. The gRPC channel reconnects.
         endpoint = pyetcd.Endpoint(host, port, secure=False, time_retry=0, opts=_CHANNEL_OPTIONS)
         self._client = pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout_s)
         try:
-            self._call("connect", self._client.status)
+            self.call("connect", self._client.status)
         except EtcdUnavailable:
             self._client.close()
             raise
@@ -81,16 +89,37 @@ class EtcdStore:
             raise ValueError(f"store {url!r}: an etcd store is written etcd://HOST:PORT")
         return cls(parts.hostname, port, **kwargs)
 
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    def full_key(self, key: str) -> str:
+        return self._full(key)
+
+    def fence(self, leader_key: str, revision: int) -> None:
+        """From now on, write only while `leader_key` (a full key) was created at `revision`."""
+        self._fence = (leader_key, revision)
+
     def put(self, key: str, value: dict[str, Any]) -> None:
         text = json.dumps(value, sort_keys=True)
-        self._call(f"put {key}", self._client.put, self._full(key), text)
+        if self._fence is None:
+            self.call(f"put {key}", self._client.put, self._full(key), text)
+            return
+        leader_key, revision = self._fence
+        txn = self._client.transactions
+        succeeded, _ = self.call(
+            f"put {key}", self._client.transaction,
+            compare=[txn.create(leader_key) == revision], success=[txn.put(self._full(key), text)], failure=[],
+        )  # fmt: skip
+        if not succeeded:
+            raise Deposed(f"etcd at {self.address}: another coordinator leads now (this one was elected at revision {revision})")
 
     def get(self, key: str) -> dict[str, Any] | None:
-        raw, _meta = self._call(f"get {key}", self._client.get, self._full(key))
+        raw, _meta = self.call(f"get {key}", self._client.get, self._full(key))
         return None if raw is None else json.loads(raw)
 
     def delete(self, key: str) -> None:
-        self._call(f"delete {key}", self._client.delete, self._full(key))
+        self.call(f"delete {key}", self._client.delete, self._full(key))
 
     def list(self, prefix: str) -> dict[str, dict[str, Any]]:
         start = self._full(prefix).encode()
@@ -98,7 +127,7 @@ class EtcdStore:
         found: dict[str, dict[str, Any]] = {}
         revision = None  # every page reads the revision the first one saw: one consistent snapshot
         while True:
-            response = self._call(
+            response = self.call(
                 f"list {prefix}", self._client.get_range_response,
                 start, end, sort_order="ascend", limit=_LIST_PAGE_KEYS, revision=revision,
             )  # fmt: skip
@@ -115,7 +144,7 @@ class EtcdStore:
     def _full(self, key: str) -> str:
         return self.prefix + key
 
-    def _call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One client call, its errors turned into ours: etcd down or slow -> `EtcdUnavailable` (a
         ConnectionError), a request etcd refuses -> ValueError, both naming the address and the key."""
         deadline = time.monotonic() + self.timeout_s

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable
 
 from hyrun.proto import hyrun_pb2 as pb
@@ -13,10 +14,11 @@ from hyrun.runtime.coordinator.exports import JobExports
 from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
+from hyrun.runtime.coordinator.persist import JOBS_PREFIX, job_document, job_key, restore_job, unfinished
 from hyrun.runtime.coordinator.policy import RankFailure
 from hyrun.runtime.coordinator.records import JobRecord, StepTally, decide_settings
 from hyrun.runtime.coordinator.status import job_event, node_states
-from hyrun.runtime.coordinator.store import Store
+from hyrun.runtime.coordinator.store_writer import StoreWriter
 from hyrun.runtime.coordinator.view import DecideSettings
 from hyrun.runtime.jobfile import JobSpec, new_job_id, valid_job_id
 from hyrun.runtime.metrics import CoordinatorMetrics
@@ -33,14 +35,14 @@ class JobIngest:
         self,
         *,
         membership: Membership,
-        store: Store,
+        writer: StoreWriter,
         metrics: CoordinatorMetrics,
         publish: Callable[[pb.JobEvent], None],
         run_root: str,
         heartbeat_timeout_s: float,
     ) -> None:
         self.membership = membership
-        self.store = store
+        self.writer = writer
         self.metrics = metrics
         self.publish = publish
         self.run_root = run_root
@@ -51,6 +53,8 @@ class JobIngest:
         self.exports: JobExports | None = None
 
     def submit(self, spec: JobSpec, now_s: float, job_id: str | None = None) -> str:
+        if self.job is not None and job_id == self.job.job_id:
+            return job_id  # a launcher that lost the reply (a coordinator failover) submits again
         if self.job is not None and not self.job.ended:
             raise JobRejected(f"job {self.job.job_id} is still {self.job.state.value}; one job at a time")
         job_id = job_id or new_job_id(spec.name)
@@ -58,15 +62,33 @@ class JobIngest:
             raise JobRejected(f"job id {job_id!r} may hold only letters, digits, '.', '_' and '-'")
         run_dir = os.path.abspath(os.path.join(self.run_root, job_id))
         os.makedirs(run_dir, exist_ok=True)
-        self.job = JobRecord(job_id, spec, run_dir, submitted_s=now_s)
-        self.decide_settings = decide_settings(spec, self.heartbeat_timeout_s)  # fixed for the job's life
-        self.health = HealthBook(spec.health)
-        self.exports = JobExports(self.metrics, self.job)
-        self.metrics.cards_health.fatal_xids = frozenset(spec.health.fatal_xids)
+        self._take(JobRecord(job_id, spec, run_dir, submitted_s=now_s))
         log.info("job %s submitted: %d nodes, %d cards", job_id, len(spec.cluster.nodes), spec.cluster.card_count)
         self._save_job()
         self._publish()
         return job_id
+
+    def _take(self, job: JobRecord) -> None:
+        self.job = job
+        self.decide_settings = decide_settings(job.spec, self.heartbeat_timeout_s)  # fixed for the job's life
+        self.health = HealthBook(job.spec.health)
+        self.exports = JobExports(self.metrics, job)
+        self.metrics.cards_health.fatal_xids = frozenset(job.spec.health.fatal_xids)
+
+    def restore(self, documents: dict[str, dict], now_s: float) -> str | None:
+        """Carries on the unfinished job among the stored `documents` (a coordinator that took over,
+        or restarted); returns its id, or None when there is none."""
+        doc = unfinished({k: v for k, v in documents.items() if k.startswith(JOBS_PREFIX)})
+        if doc is None:
+            return None
+        job, nodes = restore_job(doc, now_s)
+        self._take(job)
+        for node in nodes:
+            self.membership.register(node)
+        gen = job.generation
+        log.warning("carrying on job %s at step %d: %s", job.job_id, job.step,
+                    f"generation {gen.number} on {', '.join(gen.nodes)}, waiting for its agents" if gen else "no generation running")
+        return job.job_id
 
     def on_register(self, node: NodeRecord, now_s: float) -> None:
         self.metrics.cards_health.register_node(node.name, [(c.index, c.type, c.memory_bytes) for c in node.cards])
@@ -138,9 +160,11 @@ class JobIngest:
         self.metrics.nodes_alive.set(len(alive))
         self.metrics.cards.set(sum(len(n.cards) for n in alive))
 
-    def _save_job(self) -> None:
+    def _save_job(self) -> int:
+        """Hands the job's document to the store writer; returns its ticket (to wait for it)."""
         self.job.saved_s = self.job.last_step_s
-        self.store.put(f"jobs/{self.job.job_id}", self.job.document())
+        document = job_document(self.job, self.membership.nodes, time.monotonic(), time.time())
+        return self.writer.write(job_key(self.job.job_id), document)
 
     def node_states(self) -> list[pb.NodeState]:
         return node_states(self.job, self.membership)

@@ -27,6 +27,7 @@ class NodeRecord:
     connected: bool = True
     heartbeats: int = 0
     telemetry: dict = field(default_factory=dict)
+    restored: bool = False  # a placeholder read back from the store, until its agent registers again
 
 
 class Membership:
@@ -34,9 +35,14 @@ class Membership:
         self.nodes: dict[str, NodeRecord] = {}
 
     def register(self, node: NodeRecord) -> None:
-        """A node joining, or re-joining after its stream broke: the new record wins."""
+        """A node joining, or re-joining after its stream broke: the new record wins. A node that
+        was in the job when the coordinator restarted keeps the placeholder's registration time:
+        reconnecting to a new coordinator is not joining the job."""
         if not node.registered_s:
             node.registered_s = node.last_heartbeat_s
+        old = self.nodes.get(node.name)
+        if old is not None and old.restored:
+            node.registered_s = old.registered_s
         self.nodes[node.name] = node
 
     def heartbeat(self, name: str, now_s: float) -> bool:

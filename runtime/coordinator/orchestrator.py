@@ -8,7 +8,6 @@ injected planning and rendezvous.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -42,7 +41,8 @@ from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.ranks import plan_ranks
 from hyrun.runtime.coordinator.planning import Measured
 from hyrun.runtime.coordinator.records import build_view
-from hyrun.runtime.coordinator.store import Store
+from hyrun.runtime.coordinator.store import Deposed
+from hyrun.runtime.coordinator.store_writer import StoreUnavailable, StoreWriter
 from hyrun.runtime.jobfile import JobSpec
 from hyrun.runtime.metrics import CoordinatorMetrics
 
@@ -69,6 +69,7 @@ class OrchestratorSettings:
     bind_host: str = "127.0.0.1"    # where generation stores listen
     advertise_host: str = "127.0.0.1"
     heartbeat_timeout_s: float = 5.0
+    durable_write_timeout_s: float = 30.0  # a generation starts only once the store has its number
 
 
 class Orchestrator(JobIngest):
@@ -76,7 +77,7 @@ class Orchestrator(JobIngest):
         self,
         *,
         membership: Membership,
-        store: Store,
+        writer: StoreWriter,
         metrics: CoordinatorMetrics,
         send: Callable[[str, pb.CoordinatorCommand], None],
         publish: Callable[[pb.JobEvent], None],
@@ -85,7 +86,7 @@ class Orchestrator(JobIngest):
         plan: PlanFn = plan_ranks,
         close_stream: Callable[[str], None] = lambda node: None,
     ) -> None:
-        super().__init__(membership=membership, store=store, metrics=metrics, publish=publish,
+        super().__init__(membership=membership, writer=writer, metrics=metrics, publish=publish,
                          run_root=settings.run_root, heartbeat_timeout_s=settings.heartbeat_timeout_s)
         self.send = send
         self.settings = settings
@@ -253,6 +254,13 @@ class Orchestrator(JobIngest):
         job.generations_started += 1
         gen = Generation(job.generations_started, plan.slots, plan.layout, started_s=now_s, last_progress_s=now_s)
         job.generation = gen
+        # Durable before any agent hears of it: a coordinator taking over never starts this number again.
+        try:
+            self.writer.wait(self._save_job(), self.settings.durable_write_timeout_s)
+        except (StoreUnavailable, Deposed) as error:
+            job.generation = None
+            self._fail_job(f"generation {gen.number} not started: {error}")
+            return
         self._rendezvous = self.open_rendezvous(
             self.settings.bind_host, self.settings.advertise_host, job.job_id, gen.number, gen.world_size
         )
@@ -263,12 +271,6 @@ class Orchestrator(JobIngest):
         self.exports.generation_started(gen.number, gen.ranks, plan.predicted_step_time_s, now_s)
         log.info("generation %d started: %d ranks on %s (%s)", gen.number, gen.world_size, ", ".join(gen.nodes),
                  gen.layout.describe())
-        self.store.put(
-            f"jobs/{job.job_id}/generations/{gen.number}",
-            {"ranks": [slot.__dict__ for slot in gen.ranks], "layout": json.loads(gen.layout.to_json()),
-             "rendezvous_port": info.port},
-        )  # fmt: skip
-        self._save_job()
         self._publish()
 
     def _end_generation(self, reason: str, completed: bool = False) -> None:

@@ -86,17 +86,6 @@ class JobRecord:
         self.tokens_per_s = tally.tokens / tally.max_step_time_s if tally.max_step_time_s > 0 else 0.0
         return lost
 
-    def document(self) -> dict:
-        """What the store keeps of the job."""
-        return {
-            "state": self.state.value,
-            "generation": self.generation.number if self.generation else 0,
-            "step": self.step,
-            "message": self.message,
-            "run_dir": self.run_dir,
-            "spec": self.spec.model_dump(mode="json"),
-        }
-
 
 def decide_settings(spec: JobSpec, heartbeat_timeout_s: float) -> DecideSettings:
     ft = spec.fault_tolerance

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSet
 from hyrun.runtime.coordinator.relay_handlers import RelayHandlers
 from hyrun.runtime.coordinator.relay_ingest import RelayIngest
 from hyrun.runtime.coordinator.relays import DEFAULT_FAN_IN
-from hyrun.runtime.coordinator.store import open_store
+from hyrun.runtime.coordinator.persist import JOBS_PREFIX
+from hyrun.runtime.coordinator.store import Deposed, MemoryStore, Store
+from hyrun.runtime.coordinator.store_writer import StoreWriter
 from hyrun.runtime.jobfile import JobFileError, load_job_text
 from hyrun.runtime.metrics import CoordinatorMetrics
 from hyrun.common.security import TlsFiles, TokenInterceptor, add_port
@@ -47,6 +51,8 @@ class CoordinatorSettings:
     store_url: str = "memory"
     run_root: str = "runs"
     relay_fan_in: int = DEFAULT_FAN_IN  # nodes per relay (DESIGN: Scale)
+    standby: bool = False            # etcd store: wait for the current leader to go, then take over
+    lease_ttl_s: int = 3             # etcd store: a dead leader's successor takes over this long after
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
@@ -56,18 +62,36 @@ class CoordinatorSettings:
             )
 
 
+def open_store(url: str) -> Store:
+    """`memory` or `etcd://HOST:PORT` (the job file's `store`)."""
+    if url == "memory":
+        return MemoryStore()
+    if url.startswith("etcd://"):
+        # Imported here: only a coordinator configured for etcd needs the etcd client installed.
+        from hyrun.runtime.coordinator.etcd_store import EtcdStore
+
+        return EtcdStore.from_url(url)
+    raise ValueError(f"store {url!r}: must be 'memory' or 'etcd://HOST:PORT'")
+
+
 class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
     def __init__(
-        self, settings: CoordinatorSettings, metrics: CoordinatorMetrics, open_rendezvous: RendezvousFactory
+        self,
+        settings: CoordinatorSettings,
+        metrics: CoordinatorMetrics,
+        open_rendezvous: RendezvousFactory,
+        writer: StoreWriter,
+        epoch: int = 0,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.epoch = epoch  # stamped on every command: agents refuse a deposed leader's
         self.membership = Membership()
         self.outboxes: dict[str, asyncio.Queue] = {}
         self.watchers: set[asyncio.Queue] = set()
         self.orchestrator = Orchestrator(
             membership=self.membership,
-            store=open_store(settings.store_url),
+            writer=writer,
             metrics=metrics,
             send=self._send,
             publish=self._publish,
@@ -88,6 +112,7 @@ class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
         if outbox is None:
             log.warning("no stream to node %s; dropped %s", node, command.WhichOneof("body"))
             return
+        command.epoch = self.epoch
         outbox.put_nowait(command)
 
     def _publish(self, event: pb.JobEvent) -> None:
@@ -131,14 +156,11 @@ class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
             old.put_nowait(None)  # a re-registering agent replaces its broken stream
         self.outboxes[node.name] = outbox
         self.membership.register(node)
-        log.info("node %s registered: %d cards, agent pid %d", node.name, len(cards), reg.agent_pid)
-        outbox.put_nowait(
-            pb.CoordinatorCommand(
-                welcome=pb.Welcome(
-                    coordinator_version=__version__, heartbeat_interval_s=self.settings.heartbeat_interval_s
-                )
-            )
-        )
+        log.info("node %s registered: %d cards, agent pid %d%s", node.name, len(cards), reg.agent_pid,
+                 f", running generation {reg.running_generation}" if reg.running_generation else "")
+        welcome = pb.Welcome(coordinator_version=__version__, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                             epoch=self.epoch)
+        outbox.put_nowait(pb.CoordinatorCommand(welcome=welcome, epoch=self.epoch))
         self.orchestrator.on_register(node, time.monotonic())
         reader = asyncio.create_task(self._read_agent(node.name, request_iterator, outbox))
         try:
@@ -229,15 +251,28 @@ class CoordinatorService:
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
         self.servicer: CoordinatorServicer | None = None
+        self.store: Store | None = None
+        self.writer: StoreWriter | None = None
+        self.leadership = None  # EtcdLeadership with an etcd store
+        self.deposed: str = ""  # why this coordinator stopped leading, if it did
+        self.ended = threading.Event()  # set once the service has stopped, whoever stopped it
+        self._campaign_stop = threading.Event()
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
     async def _start(self) -> None:
+        self.store = open_store(self.settings.store_url)
+        epoch = await asyncio.get_running_loop().run_in_executor(None, self._lead)
+        if epoch is None:
+            raise InterruptedError("stopped while standing by")
+        self.writer = StoreWriter(self.store, on_deposed=self._on_deposed)
         interceptors = [TokenInterceptor(self.settings.token)] if self.settings.token else []
         self._server = grpc.aio.server(interceptors=interceptors)
-        self.servicer = CoordinatorServicer(self.settings, self.metrics, self.open_rendezvous)
+        self.servicer = CoordinatorServicer(self.settings, self.metrics, self.open_rendezvous, self.writer, epoch)
+        documents = await asyncio.get_running_loop().run_in_executor(None, self.store.list, JOBS_PREFIX)
+        self.servicer.orchestrator.restore(documents, time.monotonic())
         pb_grpc.add_CoordinatorServicer_to_server(self.servicer, self._server)
         self.port = add_port(self._server, f"{self.settings.host}:{self.settings.port}", self.settings.tls)
         if self.port == 0:
@@ -249,32 +284,84 @@ class CoordinatorService:
         self._ticker = asyncio.create_task(self.servicer.tick_forever())
         log.info("coordinator listening on %s (metrics on %d)", self.address, self.metrics_port)
 
+    def _lead(self) -> int | None:
+        """Becomes the leader (etcd: waits for the election; memory: at once); returns the epoch."""
+        if not getattr(self.store, "durable", False):
+            log.warning("job state is in memory: if this coordinator restarts, running jobs are lost "
+                        "(use --store etcd://HOST:PORT to carry them on)")
+            return 0
+        from hyrun.runtime.coordinator.etcd_election import EtcdLeadership
+
+        identity = {"address": f"{self.settings.host}:{self.settings.port}", "host": socket.gethostname(), "pid": os.getpid()}
+        self.leadership = EtcdLeadership(self.store, identity, ttl_s=self.settings.lease_ttl_s)
+        wait_s = None if self.settings.standby else self.settings.lease_ttl_s + 2.0
+
+        def waiting(holder: dict) -> None:
+            log.warning("coordinator %s (pid %s on %s) leads; %s", holder.get("address"), holder.get("pid"),
+                        holder.get("host"), "standing by" if self.settings.standby else
+                        f"waiting up to {wait_s:.0f} s for its lease to run out (--standby waits for good)")
+
+        if not self.leadership.campaign(self._campaign_stop, wait_s, on_wait=waiting):
+            if self._campaign_stop.is_set():
+                return None
+            raise OSError(f"another coordinator ({self.leadership.holder()}) leads this etcd; start this one with --standby to take over when it goes")
+        self.store.fence(self.leadership.key, self.leadership.epoch)
+        log.info("leading with epoch %d", self.leadership.epoch)
+        return self.leadership.epoch
+
+    def _on_deposed(self, error: Deposed) -> None:
+        """From the store writer's thread: another coordinator leads; stop acting at once."""
+        self.deposed = str(error)
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+
     async def _run(self, started: threading.Event, errors: list) -> None:
         try:
             await self._start()
         except Exception as error:  # surfaced to start()'s caller
             errors.append(error)
             started.set()
+            self.ended.set()
             return
         started.set()
+        watch = asyncio.create_task(self._watch_lease())
         await self._stopped.wait()
+        watch.cancel()
         self._ticker.cancel()
         await self._server.stop(grace=0.5)
         self.metrics.close()
+        if not self.deposed:
+            self.writer.close()
+            if self.leadership is not None:
+                self.leadership.resign()  # a standby takes over now, not a lease later
+        self.store.close()
+
+    async def _watch_lease(self) -> None:
+        while self.leadership is not None and not self.leadership.lost.is_set():
+            await asyncio.sleep(0.2)
+        if self.leadership is not None:
+            self.deposed = f"the leader lease (epoch {self.leadership.epoch}) ran out"
+            log.error("%s: stopping", self.deposed)
+            self._stopped.set()
 
     def start(self) -> None:
         """Starts on a background thread; returns once listening (or raises why it could not)."""
         started, errors = threading.Event(), []
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_until_complete, args=(self._run(started, errors),), name="coordinator", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, args=(started, errors), name="coordinator", daemon=True)
         self._thread.start()
         started.wait()
         if errors:
             raise errors[0]
 
+    def _serve(self, started: threading.Event, errors: list) -> None:
+        try:
+            self._loop.run_until_complete(self._run(started, errors))
+        finally:
+            self.ended.set()
+
     def stop(self) -> None:
+        self._campaign_stop.set()
         if self._loop is not None and self._stopped is not None:
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:

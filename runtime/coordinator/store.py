@@ -9,6 +9,10 @@ import threading
 from typing import Any, Protocol
 
 
+class Deposed(RuntimeError):
+    """The store refused a write because another coordinator has since been elected leader."""
+
+
 class Store(Protocol):
     def put(self, key: str, value: dict[str, Any]) -> None: ...
 
@@ -23,7 +27,10 @@ class Store(Protocol):
 
 class MemoryStore:
     """A dict behind a lock. Values are stored as JSON text so that what works here also works
-    against etcd (no live objects leak through the store)."""
+    against etcd (no live objects leak through the store). It dies with the coordinator's process:
+    with it, a restarted coordinator starts with no job (a restart means a new job)."""
+
+    durable = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -50,15 +57,3 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
-
-
-def open_store(url: str) -> Store:
-    """`memory` or `etcd://HOST:PORT` (the job file's `store`)."""
-    if url == "memory":
-        return MemoryStore()
-    if url.startswith("etcd://"):
-        # Imported here: only a coordinator configured for etcd needs the etcd client installed.
-        from hyrun.runtime.coordinator.etcd_store import EtcdStore
-
-        return EtcdStore.from_url(url)
-    raise ValueError(f"store {url!r}: must be 'memory' or 'etcd://HOST:PORT'")
