@@ -195,7 +195,7 @@ class NodeAgent:
 
     def _handle(self, command: pb.CoordinatorCommand) -> None:
         kind = command.WhichOneof("body")
-        if command.epoch < self.epoch:
+        if not from_leader(command, self.epoch):
             log.warning("refused %s from a deposed coordinator (epoch %d; the leader's is %d)", kind, command.epoch, self.epoch)
             if kind == "welcome":
                 raise _Deposed()
@@ -292,6 +292,13 @@ class NodeAgent:
             free_orphaned_snapshots(self.settings.shm_dir, leaving=True)
         finally:
             os._exit(1)
+
+
+def from_leader(command: pb.CoordinatorCommand, highest_epoch: int) -> bool:
+    """Whether to obey a command, given the highest leader epoch this agent has been welcomed with.
+    Epochs only grow (etcd revisions), so a lower one comes from a coordinator since deposed; 0 is
+    a coordinator without an election (in-memory store), which never shares agents with one."""
+    return command.epoch >= highest_epoch
 
 
 class _Deposed(Exception):
