@@ -125,11 +125,17 @@ class Relay(pb_grpc.NodeRelayServicer):
         if not self._pending:
             return
         beats, self._pending = list(self._pending.values()), {}
+        batch = build_batch(self.node, self.address, 0, [b for b, _ in beats])
+        self.forward(batch, [(ack, b.heartbeat.sequence) for b, ack in beats if ack is not None])
+
+    def forward(self, batch: pb.RelayBatch, acks: list[tuple[Ack, int]]) -> None:
+        """Sends a built batch (numbered here) upstream; `acks` are called once it is stored. (The scale
+        benchmark's generator, whose simulated nodes sit beside their relay, builds batches itself.)"""
         self._number += 1
-        batch = build_batch(self.node, self.address, self._number, [b for b, _ in beats])
+        batch.batch = self._number
         if self._outbox.full():  # the coordinator is slow or gone: the oldest round is stale anyway
             self._inflight.pop(self._outbox.get_nowait().batch, None)
-        self._inflight[self._number] = [(ack, b.heartbeat.sequence) for b, ack in beats if ack is not None]
+        self._inflight[self._number] = acks
         self._outbox.put_nowait(batch)
 
     # ---- batches out -------------------------------------------------------------------------
@@ -150,7 +156,10 @@ class Relay(pb_grpc.NodeRelayServicer):
             async def batches():
                 yield pb.RelayBatch(relay=self.node, relay_address=self.address)  # announces the relay
                 while True:
-                    yield await self._outbox.get()
+                    try:
+                        yield await asyncio.wait_for(self._outbox.get(), self.interval_s)
+                    except asyncio.TimeoutError:  # no node beat this interval: say the relay lives
+                        yield pb.RelayBatch(relay=self.node, relay_address=self.address)
 
             async for reply in stub.Relay(batches(), metadata=call_metadata(self.token)):
                 self.batches_stored += bool(reply.batch)
@@ -211,6 +220,15 @@ class HeartbeatRoute:
         self._unacked_since: float | None = None   # oldest beat the relay has not acked
         self._route_due_s = 0.0
         self._failed = ""
+        self.phase_s = 0.0
+
+    def wait_s(self, now_unix_s: float) -> float:
+        """Until this node's next beat: at its relay's phase of the interval (wall clock, so the
+        group's beats reach the relay together), or one interval when it has no relay."""
+        if not self.relay:
+            return self.interval_s
+        wait = (self.phase_s - now_unix_s) % self.interval_s
+        return wait if wait > self.interval_s / 2 else wait + self.interval_s  # never two beats within half an interval
 
     def send(self, heartbeat: pb.Heartbeat) -> bool:
         now = time.monotonic()
@@ -241,6 +259,7 @@ class HeartbeatRoute:
             log.info("node %s: no route (%s); heartbeats go to the coordinator", self.node, error.code().name)
             return
         self._failed = ""
+        self.phase_s = reply.phase_s
         if reply.relay != self.relay:
             self._close()
             if reply.relay:

@@ -141,7 +141,10 @@ class CardArrays:
         if len(nodes) == 0:
             return np.zeros(0, np.int64)
         top = _per_node_max(columns.card_index, counts) + 1
-        nids = np.fromiter((self.node_id(n, int(c)) for n, c in zip(nodes, top)), np.int64, len(nodes))
+        index = self.node_index
+        nids = np.fromiter((index.get(n, -1) for n in nodes), np.int64, len(nodes))
+        for k in np.flatnonzero((nids < 0) | (self.slot_count[nids] < top)):  # new nodes, more cards: rare
+            nids[k] = self.node_id(nodes[k], int(top[k]))
         slots = np.repeat(self.slot_start[nids], counts) + columns.card_index
         for name in _FLOAT_COLUMNS + _INT_COLUMNS:
             getattr(self, name)[slots] = getattr(columns, name)

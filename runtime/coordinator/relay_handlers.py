@@ -8,10 +8,12 @@ import time
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.relay_ingest import RelayIngest
+from hyrun.runtime.coordinator.relays import relay_phase_s
 
 
 class RelayHandlers:
     relays: RelayIngest
+    settings: object  # CoordinatorSettings (its heartbeat_interval_s)
 
     async def Relay(self, request_iterator, context):
         """One relay's batches in, one reply per stored batch out. The stream ending is the relay's
@@ -31,4 +33,5 @@ class RelayHandlers:
 
     async def Route(self, request, context):
         relay, address = self.relays.book.route(request.node, request.failed_relay)
-        return pb.RouteReply(relay=relay, relay_address=address)
+        phase_s = relay_phase_s(relay, self.settings.heartbeat_interval_s)
+        return pb.RouteReply(relay=relay, relay_address=address, phase_s=phase_s)

@@ -88,6 +88,8 @@ class RelayIngest:
     # ---- batches -----------------------------------------------------------------------------
 
     def batch(self, batch: pb.RelayBatch, now_s: float, now_unix_s: float) -> None:
+        if batch.relay in self.book.dead:  # found silent, yet its stream lives: it was only slow
+            self.book.offered(batch.relay, batch.relay_address, now_s)
         nodes = list(batch.nodes)
         xids = [(nodes[x.position], x.card_index, list(x.xids)) for x in batch.xids]
         self.cards.ingest_batch(nodes, batch.sequences, batch.card_counts, batch_columns(batch), xids, now_s)

@@ -7,6 +7,7 @@ counted again from the moment the relay was found dead, and they are routed else
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -55,6 +56,12 @@ def assign_relays(
 
 def relays_needed(nodes: int, fan_in: int) -> int:
     return math.ceil(nodes / fan_in) if nodes else 0
+
+
+def relay_phase_s(relay: str, interval_s: float) -> float:
+    """When in each interval a relay's nodes beat: the same for all of them, so a round is one batch
+    (not one per node), and spread over relays, so the coordinator's batches do not all come at once."""
+    return (zlib.crc32(relay.encode()) % 1000) / 1000 * interval_s if relay else 0.0
 
 
 @dataclass
