@@ -33,9 +33,10 @@ import grpc
 
 from hyrun.agent.cards import LocalCard
 from hyrun.agent.nic import sample_nic
+from hyrun.agent.relay import HeartbeatRoute, Relay, RelayThread
 from hyrun.agent.supervisor import KILL_WAIT_S, STOP_GRACE_S, Supervisor
 from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
-from hyrun.common.security import TlsFiles, call_metadata, open_channel
+from hyrun.common.security import TlsFiles, TokenInterceptor, call_metadata, open_channel
 from hyrun.common.snapshots import free_orphaned_snapshots, shared_memory_dir
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
@@ -47,7 +48,7 @@ log = logging.getLogger("hyrun.agent")
 SHUTDOWN_BOUND_S = 2 * (STOP_GRACE_S + KILL_WAIT_S) + 2.0
 
 
-_BACKOFF_S = (0.2, 2.0)  # first and longest pause between connection attempts (jittered ±50%)
+_BACKOFF_S = (0.1, 1.0)  # first and longest pause between connection attempts (jittered ±50%)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class AgentSettings:
     tls: TlsFiles = field(default_factory=TlsFiles)
     shm_dir: Path = field(default_factory=shared_memory_dir)  # where this node's RAM snapshots live
     data_interface: str = ""          # the NIC collectives use: watched and reported; "" = none
+    relay_listen: str = ""            # HOST:PORT: also relay other nodes' heartbeats (DESIGN: Scale); "" = not a relay
+    via_relays: bool = False          # send heartbeats through the relay the coordinator routes this node to
 
 
 class Outbox:
@@ -180,9 +183,29 @@ class NodeAgent:
 
     def _heartbeat_loop(self) -> None:
         """Its own thread, doing nothing else: command handling (starting workers) and report
-        forwarding (reading pipes and logs) happen elsewhere and cannot delay a beat."""
-        while not self._stop.wait(self.heartbeat_interval_s):
-            self.outbox.put_heartbeat(self._heartbeat())
+        forwarding (reading pipes and logs) happen elsewhere and cannot delay a beat. Through a relay
+        when routed to one (agent/relay.py); on the Connect stream otherwise or when the relay fails."""
+        route = self._heartbeat_route()
+        while not self._stop.wait(route.wait_s(time.time()) if route else self.heartbeat_interval_s):
+            beat = self._heartbeat()
+            if route is None or not route.send(beat.heartbeat):
+                self.outbox.put_heartbeat(beat)
+
+    def _heartbeat_route(self) -> HeartbeatRoute | None:
+        s = self.settings
+        if s.tls.enabled and (s.relay_listen or s.via_relays):
+            # A relay would need a server certificate of its own: not built yet, and never in clear text.
+            log.error("heartbeat relays do not run under TLS yet; heartbeats go to the coordinator directly")
+            return None
+        if s.relay_listen:
+            relay = Relay(node=s.node, coordinator=",".join(self.endpoints), token=s.token, tls=s.tls,
+                          interval_s=self.heartbeat_interval_s)  # fmt: skip
+            port = RelayThread(relay, s.relay_listen).start(TokenInterceptor(s.token) if s.token else None)
+            log.info("relaying heartbeats on port %d", port)
+        if not s.via_relays:
+            return None
+        return HeartbeatRoute(node=s.node, coordinator=lambda: self.endpoints[self._endpoint % len(self.endpoints)],
+                              token=s.token, tls=s.tls, interval_s=self.heartbeat_interval_s)  # fmt: skip
 
     def _requests(self, connection_closed: threading.Event):
         yield self._register()

@@ -207,7 +207,7 @@ def follow_job(
         if time.monotonic() - lost_since > reconnect_timeout_s:
             raise CoordinatorLost(f"{error_text}; no coordinator for {reconnect_timeout_s:.0f} s")
         attempt += 1
-        time.sleep(min(2.0, 0.2 * 2 ** (attempt // len(endpoints))) * random.uniform(0.5, 1.5))
+        time.sleep(min(1.0, 0.1 * 2 ** (attempt // len(endpoints))) * random.uniform(0.5, 1.5))
 
 
 class CoordinatorLost(ConnectionError):
