@@ -31,6 +31,10 @@ def agent(
                                                      "NCCL_SOCKET_IFNAME for the workers); watched and reported "
                                                      "to the coordinator")] = "",
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 1.0,
+    relay_listen: Annotated[str, typer.Option(help="HOST:PORT to also relay other nodes' heartbeats on, batched "
+                                                   "to the coordinator (for clusters of thousands of nodes)")] = "",
+    via_relays: Annotated[bool, typer.Option(help="send heartbeats through the relay the coordinator picks "
+                                                  "(falls back to the coordinator directly)")] = False,
     reconnect_timeout: Annotated[float, typer.Option(help="seconds to keep workers while the coordinator is gone")] = 30.0,
     warm_workers: Annotated[int, typer.Option(help="spare worker processes kept ready for fast restarts (-1: one per card)")] = -1,
     shm_dir: Annotated[
@@ -70,7 +74,7 @@ def agent(
         coordinator=coordinator, node=node, cards=tuple(cards), host=host,
         heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout, warm_workers=warm_workers,
         token=token, tls=TlsFiles(cert=tls_ca), shm_dir=shm_dir or Path(os.environ.get(SHM_DIR_ENV) or DEFAULT_SHM_DIR),
-        data_interface=data_interface,
+        data_interface=data_interface, relay_listen=relay_listen, via_relays=via_relays,
     )  # fmt: skip
     if cards[0].simulated:
         telemetry = SimulatedCards([c.index for c in cards])

@@ -76,6 +76,7 @@ class Relay(pb_grpc.NodeRelayServicer):
         self._inflight: dict[int, list[tuple[Ack, int]]] = {}
         self._upstream: asyncio.Task | None = None
         self.batches_stored = 0
+        self._endpoint = 0
 
     async def start(self) -> None:
         self._outbox = asyncio.Queue(maxsize=16)
@@ -146,11 +147,13 @@ class Relay(pb_grpc.NodeRelayServicer):
                 await self._forward_once()
             except grpc.aio.AioRpcError as error:
                 log.warning("relay %s: coordinator stream broke (%s); reconnecting", self.node, error.code().name)
+                self._endpoint += 1  # several endpoints (a leader and its standbys): the next may lead now
             self._inflight.clear()  # never stored: their nodes see no ack and fall back
             await asyncio.sleep(0.2)
 
     async def _forward_once(self) -> None:
-        async with _aio_channel(self.coordinator, self.tls) as channel:
+        endpoints = self.coordinator.split(",")
+        async with _aio_channel(endpoints[self._endpoint % len(endpoints)], self.tls) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
 
             async def batches():
@@ -209,10 +212,11 @@ class RelayThread:
 class HeartbeatRoute:
     """A node's heartbeats through its relay; thread-safe `send` (the agent's heartbeat thread)."""
 
-    def __init__(self, *, node: str, coordinator: str, token: str = "", tls: TlsFiles | None = None,
-                 interval_s: float = 1.0, refresh_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(self, *, node: str, coordinator: str | Callable[[], str], token: str = "", tls: TlsFiles | None = None,
+                 interval_s: float = 1.0, refresh_s: float | None = None) -> None:  # fmt: skip
         self.node, self.coordinator, self.token, self.tls = node, coordinator, token, tls or TlsFiles()
-        self.interval_s, self.refresh_s = interval_s, refresh_s
+        # Asked again now and then (a relay may have appeared): 30 beats apart, 333 calls/s at 10k nodes.
+        self.interval_s, self.refresh_s = interval_s, 30 * interval_s if refresh_s is None else refresh_s
         self.relay = ""
         self._channel = None
         self._beats: queue.SimpleQueue | None = None
@@ -251,7 +255,8 @@ class HeartbeatRoute:
     def _reroute(self, now: float) -> None:
         self._route_due_s = now + self.refresh_s
         try:
-            with open_channel(self.coordinator, self.tls) as channel:
+            target = self.coordinator() if callable(self.coordinator) else self.coordinator
+            with open_channel(target, self.tls) as channel:
                 reply = pb_grpc.CoordinatorStub(channel).Route(
                     pb.RouteRequest(node=self.node, failed_relay=self._failed), metadata=call_metadata(self.token),
                     timeout=self.interval_s)  # fmt: skip

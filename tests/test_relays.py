@@ -208,3 +208,34 @@ def test_a_node_silent_without_a_job_is_marked_lost_after_the_timeout(tmp_path):
     finally:
         node.close()
         service.stop()
+
+
+@pytest.mark.timeout(60)
+def test_real_agents_beat_through_an_agent_acting_as_relay_and_outlive_it(tmp_path, launched):
+    service = CoordinatorService(
+        CoordinatorSettings(heartbeat_interval_s=INTERVAL_S, heartbeat_timeout_s=TIMEOUT_S, run_root=str(tmp_path),
+                            metrics_port=None),
+        open_rendezvous=FakeRendezvous,
+    )  # fmt: skip
+    service.start()
+    common = ["--coordinator", service.address, "--simulate", "cpu-sim:2", "--host", "127.0.0.1", "--warm-workers", "0",
+              "--heartbeat-interval", str(INTERVAL_S), "--via-relays"]  # fmt: skip
+    try:
+        relays, membership = service.servicer.relays, service.servicer.membership
+        relay_agent = launched("agent", "--node", "relay-a", "--relay-listen", "127.0.0.1:0", *common)
+        _wait_for(lambda: service.call(lambda: "relay-a" in relays.book.addresses), 20, "the agent to offer itself as relay")
+        for node in ("node-b", "node-c"):
+            launched("agent", "--node", node, *common)
+        # Nodes ask for a route at start and every 30 beats: within ~6 s they beat through relay-a.
+        _wait_for(lambda: service.call(lambda: {"node-b", "node-c"} <= relays.book.carried("relay-a")), 20,
+                  "the nodes routed to the relay agent")  # fmt: skip
+        relayed = service.call(lambda: relays.delays.total)
+        _wait_for(lambda: service.call(lambda: relays.delays.total) >= relayed + 6, 10, "beats through the relay agent")
+        os.killpg(relay_agent.proc.pid, signal.SIGKILL)
+        relay_agent.proc.wait(timeout=10)
+        _wait_for(lambda: service.call(lambda: not membership.nodes["relay-a"].alive), 10, "the relay's own node lost")
+        settle_until = time.monotonic() + 2 * TIMEOUT_S
+        _wait_for(lambda: time.monotonic() > settle_until, 10, "the settling period")
+        assert service.call(lambda: [membership.nodes[n].alive for n in ("node-b", "node-c")]) == [True, True]
+    finally:
+        service.stop()
