@@ -391,7 +391,7 @@ def _print_chaos(report) -> None:
     for column in ("fault", "detected", "verdict", "detect s", "resume s", "steps lost", "evidence"):
         table.add_column(column)
     for f in report.faults:
-        fault = f"{f.fault.kind} {f.fault.node}/card{f.fault.card} @ step {f.fault.at_step}"
+        fault = f"{f.fault.kind} {f.fault.node}/card{f.fault.card} @ {f.fault.moment}"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         table.add_row(fault, "yes" if f.detected else "[red]no[/]", f.verdict, fmt(f.detect_s), fmt(f.resume_s),
                       str(f.steps_lost), f.reason[:80])  # fmt: skip

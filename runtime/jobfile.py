@@ -276,7 +276,10 @@ class FaultSpec(_Section):
     )
     node: str
     card: int = Field(0, ge=0)
-    at_step: int = Field(..., ge=1, description="the step at whose start the fault fires")
+    at_step: int | None = Field(None, ge=1, description="the step at whose start the fault fires")
+    at_s: float | None = Field(
+        None, ge=0, description="network faults: seconds after the job was submitted at which it fires (instead of at_step)"
+    )
     repeat_steps: int = Field(1, ge=1, description="nan_grad: on this many consecutive steps")
     speed: float = Field(0.3, gt=0, le=1, description="slow: the card's new speed")
     c_per_s: float = Field(2.0, gt=0, description="temperature_ramp: degrees per second")
@@ -285,13 +288,27 @@ class FaultSpec(_Section):
     mbit: float = Field(5.0, gt=0, description="link_slow: the link's new bandwidth, Mbit/s")
     duration_s: float = Field(0.0, ge=0, description="network faults: repaired after this long; 0 = for good")
 
+    @model_validator(mode="after")
+    def _one_moment(self) -> FaultSpec:
+        if self.at_s is not None and not self.is_network:
+            raise ValueError(f"{self.kind}: at_s is for network faults; a {self.kind} fault fires at_step")
+        if (self.at_step is None) == (self.at_s is None):
+            raise ValueError(f"{self.kind} on {self.node}: give exactly one of at_step and at_s")
+        return self
+
     @property
     def is_network(self) -> bool:
         return self.kind in NETWORK_FAULTS
 
+    @property
+    def moment(self) -> str:
+        """When it fires, in words."""
+        return f"step {self.at_step}" if self.at_step is not None else f"{self.at_s:g} s"
+
     def used_fields(self) -> set[str]:
         """The fields this kind of fault reads (a report lists these, not every default)."""
-        where = {"kind", "node", "at_step"} | (set() if self.is_network else {"card", "generation"})
+        when = {"at_step"} if self.at_step is not None else {"at_s"}
+        where = {"kind", "node"} | when | (set() if self.is_network else {"card", "generation"})
         return where | set(_FAULT_PARAMETERS.get(self.kind, ()))
 
 

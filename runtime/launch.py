@@ -275,7 +275,7 @@ def run_job(
         on_started(coordinator, run_dir)
         submitted_s = time.monotonic()
         if faults is not None:
-            faults.job_started_s = submitted_s
+            faults.start(submitted_s)
         try:
             final = follow_job(coordinator, job_text, job_id=job_id, token=token, tls=tls, on_event=record,
                                reconnect_timeout_s=0.0 if cluster is not None else 60.0)  # fmt: skip

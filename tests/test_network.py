@@ -14,7 +14,7 @@ import torch
 
 from hyrun.runtime.coordinator.actions import Evidence, VerdictKind
 from hyrun.runtime.coordinator.planning import Measured, planner_inputs
-from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down
+from hyrun.runtime.coordinator.link_policy import congested_links, link_back, link_down, link_trend
 from hyrun.runtime.coordinator.view import NicSampleView
 from hyrun.runtime.jobfile import HealthSection, parse_job
 from hyrun.runtime.network.hosts import run, sweep_stale, unavailable_reason
@@ -82,6 +82,23 @@ def test_congestion_needs_all_of_its_conditions(case):
     elif case == "too few samples":
         nics = {node: samples[:health.link_window_samples] for node, samples in nics.items()}
     assert congested_links(nics, health) == {}
+
+
+def test_a_links_bandwidth_is_fitted_with_its_trend():
+    now_mbit, slope = link_trend(_samples([100, 90, 80, 70, 60], [False] * 5))
+    assert now_mbit == pytest.approx(55.0) and slope == pytest.approx(-10.0)
+
+
+def test_a_congested_link_still_above_the_bar_but_falling_fast_is_replanned_before_it_gets_there():
+    settings = HealthSection(link_window_samples=5, link_strikes=3, link_replan_ratio=0.5, link_drain_ratio=0.1)
+    healthy = _samples([100] * 8, [False] * 8)
+    falling = _samples([100, 100, 100, 95, 80, 70, 60, 55], [False, False, False, True, True, True, True, True])
+    steady = _samples([100, 100, 100, 60, 60, 60, 60, 60], [False, False, False, True, True, True, True, True])
+    found = congested_links({"a": healthy, "b": healthy, "c": falling}, settings)
+    kind, evidence = found["c"]
+    assert kind is VerdictKind.REPLAN and evidence["trend_mbit_per_s"] < -5
+    assert 10.0 <= evidence["mbit"] < 50.0 and "trend -" in evidence.describe()
+    assert congested_links({"a": healthy, "b": healthy, "c": steady}, settings) == {}  # above the bar, not falling
 
 
 def test_carrier_lost_is_a_link_down_and_two_samples_with_carrier_bring_it_back():
@@ -232,3 +249,41 @@ def test_rdma_port_counters_are_summed_and_their_credit_waits_count_as_congestio
                              rdma_xmit_wait=0 if i <= 5 else 100 * i) for i, s in enumerate(fast)]
     ((kind, evidence),) = congested_links({"a": fast, "b": fast, "c": tuple(waiting)}, HealthSection()).values()
     assert kind is VerdictKind.DRAIN and evidence["interface"] == "ib0"
+
+
+def test_time_keyed_faults_fire_at_their_second_and_are_repaired(monkeypatch):
+    import time
+
+    from hyrun.runtime.jobfile import FaultSpec
+    from hyrun.runtime.network import faults as network_faults
+
+    changes: list[tuple[str, str, bool, float]] = []
+    monkeypatch.setattr(network_faults, "set_link",
+                        lambda hosts, node, link, up: changes.append((node, link, up, time.monotonic())))  # fmt: skip
+    specs = [FaultSpec(kind="link_down", node="n1", at_s=0.3, duration_s=0.3), FaultSpec(kind="partition", node="n2", at_step=4)]
+    faults = network_faults.NetworkFaults(hosts=None, faults=specs)
+    started = time.monotonic()
+    faults.start(started)
+    deadline = started + 10
+    while len(changes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (down, up) = changes
+    assert down[:3] == ("n1", "data", False) and down[3] - started >= 0.3
+    assert up[:3] == ("n1", "data", True) and up[3] - down[3] >= 0.3
+    assert [f.kind for f in faults.fired] == ["link_down"]  # the step-keyed one waits for its step
+    faults.on_step(3)
+    assert changes[-1][:3] == ("n2", "both", False)
+    faults.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [({"kind": "link_down", "node": "n1"}, "exactly one of at_step and at_s"),
+     ({"kind": "link_down", "node": "n1", "at_step": 2, "at_s": 1.0}, "exactly one of at_step and at_s"),
+     ({"kind": "kill", "node": "n1", "at_s": 1.0}, "at_s is for network faults")],
+)  # fmt: skip
+def test_a_fault_fires_at_a_step_or_a_second_not_both(fault, message):
+    from hyrun.runtime.jobfile import FaultSpec
+
+    with pytest.raises(ValueError, match=message):
+        FaultSpec(**fault)

@@ -74,7 +74,8 @@ _TEMPLATES: dict[Cause, str] = {
     Cause.LINK_DOWN: "node {node}'s data link {interface} is down (no carrier) while its agent still reports: "
     "its peers cannot reach it",
     Cause.LINK_CONGESTED: "node {node}'s data link {interface} is congested: its egress queue held packets back on "
-    "{strikes} of the last {window} heartbeats, moving {mbit:.1f} Mbit/s where its peers reached {peers_mbit:.1f} Mbit/s",
+    "{strikes} of the last {window} heartbeats, moving {mbit:.1f} Mbit/s (trend {trend_mbit_per_s:+.1f} Mbit/s per s) "
+    "where its peers reached {peers_mbit:.1f} Mbit/s",
     Cause.LINK_BACK: "node {node}'s data link {interface} is up again: its cards rejoin at the next checkpoint",
     Cause.FINISHED: "trained {steps} steps in {elapsed_s:.1f} s",
 }
