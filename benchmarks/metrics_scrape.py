@@ -4,7 +4,7 @@ with every card exported one series per family (the baseline) against hyrun's bo
 `--limit` cards, every card in the per-type margin histogram). One heartbeat's samples are fed per
 node first, and the cost of ingesting them is printed too.
 
-    python benchmarks/metrics_scrape.py [--nodes 10000] [--cards-per-node 8] [--limit 4096] [--repeats 3]
+    python benchmarks/metrics_scrape.py [--nodes 10000] [--cards-per-node 8] [--limit 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from prometheus_client import generate_latest
 
 from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.card_metrics import CARD_SERIES_LIMIT
 from hyrun.runtime.metrics import CoordinatorMetrics
 
 
@@ -41,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--cards-per-node", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=4096)
+    parser.add_argument("--limit", type=int, default=CARD_SERIES_LIMIT)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cards = args.nodes * args.cards_per_node

@@ -2,11 +2,12 @@
 
 Samples land in flat per-card arrays (coordinator/card_arrays.py: one vector write per relay batch,
 under a lock shared with the scrape thread, which copies the columns); the families are made when
-Prometheus asks, and rows only for the cards exported. Cardinality is bounded: at most
-`limit` cards are exported one series each, chosen by `cards_to_export` (quarantined cards and cards
-with XID, ECC or throttle events first, then the smallest temperature margin); every card, exported
-or not, is counted in a per-type histogram of temperature margin, so a 10,000-node fleet costs
-`limit` × (about ten) series plus a few per card type, not 80,000 × ten.
+Prometheus asks, and rows only for the cards exported. Cardinality is bounded: at most `limit` cards
+are exported one series each, chosen by `cards_to_export` (`riskiest_slots` over the arrays):
+quarantined cards and cards with XID, ECC or throttle events (the slowed ones) first, then the
+hottest by temperature margin; every card, exported or not, is counted in per-type histograms of
+temperature margin and utilization, so a 10,000-node fleet costs `limit` × (about ten) series plus
+a few per card type, not 80,000 × ten.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFami
 
 from hyrun.runtime.coordinator.card_arrays import CardArrays, CardColumns
 
-# Default bound on cards exported as their own series (DESIGN: Monitoring). A node has 8 cards, so
-# 4,096 cards is 512 nodes in full detail; beyond that, the riskiest 4,096 and the histograms.
-CARD_SERIES_LIMIT = 4096
+# Default bound on cards exported as their own series (DESIGN: Monitoring, Scale). A node has 8 cards,
+# so 512 cards is 64 nodes in full detail; beyond that, the riskiest 512 and the fleet histograms.
+# (prometheus_client formats ~20k series/s on a busy core, and the scrape shares the GIL with ingest.)
+CARD_SERIES_LIMIT = 512
 
 # NVML clocks-event reasons (nvmlClocksEventReason*), by bit. "gpu_idle" and "applications_clocks"
 # are not trouble, but they are what NVML says, so they are exported too (dashboards filter them).
@@ -35,6 +37,7 @@ THROTTLE_REASONS = {
 }  # fmt: skip
 _TROUBLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80  # reasons that slow a card down for its own sake
 MARGIN_BUCKETS_C = (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)
+UTILIZATION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 _LABELS = ["node", "card", "card_type"]
 
@@ -107,11 +110,9 @@ class CardCollector:
 
     def ingest(self, node: str, samples, now_s: float | None = None, sequence: int = 0) -> None:
         """A heartbeat's CardTelemetry messages (proto/hyrun.proto)."""
-        samples = list(samples)
-        columns = CardColumns.from_samples(samples)
         now_s = time.monotonic() if now_s is None else now_s
         with self._lock:
-            self.arrays.ingest([node], [sequence], [len(samples)], columns, now_s)
+            self.arrays.ingest_node(node, sequence, samples, now_s)
             for s in samples:
                 if s.xid_events:
                     self._count_xids(node, s.index, s.xid_events)
@@ -142,7 +143,7 @@ class CardCollector:
             slots = a.slots_in_use()
             cols = {name: getattr(a, name)[slots] for name in (
                 "slot_node", "card_index", "card_type", "memory_total_bytes", "temperature_c", "slowdown_c",
-                "power_w", "utilization", "memory_used_bytes", "ecc_uncorrected", "throttle_mask")}  # fmt: skip
+                "power_w", "utilization", "memory_used_bytes", "ecc_uncorrected", "throttle_mask", "seen_s")}  # fmt: skip
             names, types = list(a.node_names), list(a.type_names)
         quarantined, xids = self._quarantined, self._xids
         cols["quarantined"] = np.fromiter(((names[n], int(c)) in quarantined for n, c in zip(cols["slot_node"], cols["card_index"])),
@@ -165,14 +166,14 @@ class CardCollector:
         return rows
 
     def describe(self):
-        return list(self._families(0, [], _margin_histogram(_EMPTY, [])))
+        return list(self._families(0, [], _fleet_histograms(_EMPTY, [])))
 
     def collect(self):
         cols, names, types = self._snapshot()
         exported = self._rows(cols, riskiest_slots(cols, self.limit), names, types)
-        return list(self._families(len(cols["card_index"]), exported, _margin_histogram(cols, types)))
+        return list(self._families(len(cols["card_index"]), exported, _fleet_histograms(cols, types)))
 
-    def _families(self, cards: int, exported: list[CardRow], margins=None):
+    def _families(self, cards: int, exported: list[CardRow], histograms):
         def gauge(name, doc, value_of, extra=None):
             family = GaugeMetricFamily(name, doc, labels=_LABELS + ([extra] if extra else []))
             for row in exported:
@@ -211,7 +212,7 @@ class CardCollector:
         unexported = GaugeMetricFamily("hyrun_cards_unexported", "Cards left out of the per-card series by the cardinality limit")
         unexported.add_metric([], cards - len(exported))
         yield unexported
-        yield margins
+        yield from histograms
 
 
 def riskiest_slots(cols: dict, limit: int) -> np.ndarray:
@@ -233,24 +234,34 @@ def _margins(cols: dict) -> np.ndarray:
 
 
 _EMPTY = {"card_type": np.zeros(0, np.int64), "temperature_c": np.zeros(0), "slowdown_c": np.zeros(0),
-          "utilization": np.zeros(0)}  # fmt: skip
+          "utilization": np.zeros(0), "seen_s": np.zeros(0)}  # fmt: skip
 
 
-def _margin_histogram(cols: dict, types: list[str]) -> GaugeHistogramMetricFamily:
-    """Every card's temperature margin (slowdown threshold - temperature), by card type: how close
-    the whole fleet runs to throttling, whatever the per-card limit left out."""
-    family = GaugeHistogramMetricFamily(
-        "hyrun_cards_temperature_margin_celsius", "Cards by how far below their slowdown temperature they run",
-        labels=["card_type"],
-    )
+def _fleet_histograms(cols: dict, types: list[str]):
+    """Every card, exported as its own series or not, counted by card type: its temperature margin
+    (slowdown threshold - temperature: how close the fleet runs to throttling) and its utilization
+    (how much of it is busy, and how much sits slow or idle)."""
     margin = _margins(cols)
-    known = np.isfinite(margin) & ~np.isnan(cols["temperature_c"])
-    bucket = np.searchsorted(MARGIN_BUCKETS_C, margin[known], side="left")  # as bisect_left
-    card_type = cols["card_type"][known]
-    bounds = [*map(str, MARGIN_BUCKETS_C), "+Inf"]
+    yield _by_type(
+        GaugeHistogramMetricFamily("hyrun_cards_temperature_margin_celsius",
+                                   "Cards by how far below their slowdown temperature they run", labels=["card_type"]),
+        margin, np.isfinite(margin) & ~np.isnan(cols["temperature_c"]), MARGIN_BUCKETS_C, cols["card_type"], types,
+    )  # fmt: skip
+    yield _by_type(
+        GaugeHistogramMetricFamily("hyrun_cards_utilization_ratio", "Cards by the share of time they were busy (0..1)",
+                                   labels=["card_type"]),
+        cols["utilization"], ~np.isnan(cols["seen_s"]), UTILIZATION_BUCKETS, cols["card_type"], types,
+    )  # fmt: skip
+
+
+def _by_type(family: GaugeHistogramMetricFamily, values: np.ndarray, known: np.ndarray, buckets: tuple,
+             card_type: np.ndarray, types: list[str]) -> GaugeHistogramMetricFamily:  # fmt: skip
+    values, card_type = values[known], card_type[known]
+    bucket = np.searchsorted(buckets, values, side="left")  # le: a value on a bound falls in that bucket
+    bounds = [*map(str, buckets), "+Inf"]
     for tid in np.unique(card_type):
         mine = card_type == tid
         cumulative = np.cumsum(np.bincount(bucket[mine], minlength=len(bounds)))
         family.add_metric([types[tid]], [(b, float(c)) for b, c in zip(bounds, cumulative)],
-                          gsum_value=float(margin[known][mine].sum()))
+                          gsum_value=float(values[mine].sum()))
     return family

@@ -78,3 +78,17 @@ def test_vectorized_export_choice_matches_cards_to_export():
     picked = collector._rows(cols, riskiest_slots(cols, 5), names, types)
     assert [(r.node, r.card) for r in picked] == [(r.node, r.card) for r in cards_to_export(every, 5)]
     assert (picked[0].node, picked[0].card) == ("n5", 0)  # the ECC card first, whatever its temperature
+
+
+def test_every_reporting_card_is_in_the_utilization_histogram_by_type():
+    from prometheus_client import generate_latest
+
+    from hyrun.runtime.metrics import CoordinatorMetrics
+
+    metrics = CoordinatorMetrics(card_series_limit=1)
+    metrics.cards_health.register_node("n", [(i, "H100", 1) for i in range(4)])  # card 3 never reports
+    metrics.cards_health.ingest("n", [pb.CardTelemetry(index=i, utilization=u) for i, u in enumerate((0.05, 0.5, 0.95))])
+    body = generate_latest(metrics.registry).decode()
+    assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="0.1"} 1.0' in body
+    assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="0.5"} 2.0' in body
+    assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="+Inf"} 3.0' in body

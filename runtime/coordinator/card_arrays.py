@@ -153,6 +153,28 @@ class CardArrays:
         self._beat(nids, np.asarray(sequences, np.int64), now_s)
         return nids
 
+    def ingest_node(self, node: str, sequence: int, samples, now_s: float) -> None:
+        """One node's CardTelemetry messages (a heartbeat on its own Connect stream). Element writes:
+        for 8 cards they cost less than the ~30 vector calls of `ingest`."""
+        top = max((s.index for s in samples), default=-1) + 1
+        nid = self.node_index.get(node)
+        if nid is None or self.slot_count[nid] < top:
+            nid = self.node_id(node, top)
+        start = int(self.slot_start[nid])
+        temp, slow, power, util = self.temperature_c, self.slowdown_c, self.power_w, self.utilization
+        mem, ecc, thr, present, seen = self.memory_used_bytes, self.ecc_uncorrected, self.throttle_mask, self.present, self.seen_s
+        for s in samples:
+            k = start + s.index
+            temp[k], slow[k], power[k], util[k] = s.temperature_c, s.slowdown_temperature_c, s.power_w, s.utilization
+            mem[k], ecc[k], thr[k], present[k], seen[k] = s.memory_used_bytes, s.ecc_uncorrected, s.throttle_reasons, True, now_s
+        previous = int(self.sequence[nid])
+        if previous > 0 and sequence > previous + 1:
+            self.missed[nid] += sequence - previous - 1
+        self.sequence[nid] = max(previous, sequence)
+        self.beats[nid] += 1
+        self.last_seen_s[nid] = now_s
+        self.lease_from_s[nid] = max(now_s, self.lease_from_s[nid]) if not math.isnan(self.lease_from_s[nid]) else now_s
+
     def _beat(self, nids: np.ndarray, sequences: np.ndarray, now_s: float) -> None:
         previous = self.sequence[nids]
         known = previous > 0
