@@ -239,3 +239,24 @@ def test_real_agents_beat_through_an_agent_acting_as_relay_and_outlive_it(tmp_pa
         assert service.call(lambda: [membership.nodes[n].alive for n in ("node-b", "node-c")]) == [True, True]
     finally:
         service.stop()
+
+
+def test_a_running_jobs_nodes_reach_the_health_book_through_a_batch():
+    from types import SimpleNamespace
+
+    from hyrun.runtime.card_metrics import CardCollector
+    from hyrun.runtime.coordinator.actions import CardRef
+    from hyrun.runtime.coordinator.health import HealthBook
+    from hyrun.runtime.coordinator.membership import Membership
+    from hyrun.runtime.coordinator.relay_ingest import RelayIngest
+    from hyrun.runtime.jobfile import HealthSection
+
+    job = SimpleNamespace(ended=False, spec=SimpleNamespace(cluster=SimpleNamespace(nodes=[SimpleNamespace(name="in-job")])))
+    orch = SimpleNamespace(job=job, health=HealthBook(HealthSection()), stalled_until_s=float("-inf"))
+    ingest = RelayIngest(cards=CardCollector(), membership=Membership(), orchestrator=orch, heartbeat_timeout_s=5.0, fan_in=10)
+    beats = [pb.NodeBeat(node=n, sent_unix_s=time.time(), heartbeat=pb.Heartbeat(sequence=1, cards=[
+        pb.CardTelemetry(index=0, temperature_c=80.0, slowdown_temperature_c=90.0, xid_events=[79])])) for n in ("other", "in-job")]  # fmt: skip
+    ingest.batch(build_batch("r", "h:1", 1, beats), now_s=3.0, now_unix_s=time.time())
+    assert set(orch.health.cards) == {CardRef("in-job", 0)}  # the fleet's other nodes stay in the arrays only
+    view = orch.health.cards[CardRef("in-job", 0)].view()
+    assert view.temperatures == ((3.0, 80.0),) and view.xids == (79,)

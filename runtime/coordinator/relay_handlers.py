@@ -14,6 +14,7 @@ from hyrun.runtime.coordinator.relays import relay_phase_s
 class RelayHandlers:
     relays: RelayIngest
     settings: object  # CoordinatorSettings (its heartbeat_interval_s)
+    metrics: object   # CoordinatorMetrics
 
     async def Relay(self, request_iterator, context):
         """One relay's batches in, one reply per stored batch out. The stream ending is the relay's
@@ -26,6 +27,7 @@ class RelayHandlers:
                     relay = batch.relay
                     self.relays.opened(relay, batch.relay_address, token, now)
                 self.relays.batch(batch, now, time.time())
+                self.metrics.heartbeats_total.inc(len(batch.nodes))  # as if each had come on its own stream
                 yield pb.RelayReply(batch=batch.batch)
         finally:
             if relay is not None:
