@@ -103,10 +103,10 @@ class CardCollector:
 
     # ---- the coordinator's loop --------------------------------------------------------------
 
-    def register_node(self, node: str, cards: list[tuple[int, str, int]]) -> None:
-        """A node registered: (index, card type, memory bytes) of each card."""
+    def register_node(self, node: str, cards: list[tuple[int, str, int]], now_s: float | None = None) -> None:
+        """A node registered: (index, card type, memory bytes) of each card; `now_s`: when (its lease starts)."""
         with self._lock:
-            self.arrays.register(node, cards)
+            self.arrays.register(node, cards, now_s)
 
     def ingest(self, node: str, samples, now_s: float | None = None, sequence: int = 0) -> None:
         """A heartbeat's CardTelemetry messages (proto/hyrun.proto)."""

@@ -92,3 +92,11 @@ def test_every_reporting_card_is_in_the_utilization_histogram_by_type():
     assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="0.1"} 1.0' in body
     assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="0.5"} 2.0' in body
     assert 'hyrun_cards_utilization_ratio_bucket{card_type="H100",le="+Inf"} 3.0' in body
+
+
+def test_registering_again_starts_a_fresh_lease():
+    arrays = CardArrays()
+    arrays.ingest(["a"], [1], [1], _columns([[(0, 50.0)]]), 0.0)
+    assert arrays.overdue(10.0, lease_s=5.0) == ["a"]
+    arrays.register("a", [(0, "x", 1)], now_s=9.0)  # lost, then back on a new stream
+    assert arrays.overdue(10.0, lease_s=5.0) == []

@@ -125,9 +125,12 @@ class CardArrays:
 
     # ---- writes (the coordinator's loop) -----------------------------------------------------
 
-    def register(self, node: str, cards: list[tuple[int, str, int]]) -> None:
-        """(index, card type, memory bytes) of each card of a registering node."""
+    def register(self, node: str, cards: list[tuple[int, str, int]], now_s: float | None = None) -> None:
+        """(index, card type, memory bytes) of each card of a registering node. A node registering
+        again starts a fresh lease (`now_s`), or the silence before would mark it lost at once."""
         nid = self.node_id(node, max((i for i, _, _ in cards), default=-1) + 1)
+        if now_s is not None and not self.lease_from_s[nid] >= now_s:
+            self.lease_from_s[nid] = now_s
         start = int(self.slot_start[nid])
         for index, card_type, memory_bytes in cards:
             slot = start + index

@@ -91,7 +91,7 @@ class JobIngest:
         return job.job_id
 
     def on_register(self, node: NodeRecord, now_s: float) -> None:
-        self.metrics.cards_health.register_node(node.name, [(c.index, c.type, c.memory_bytes) for c in node.cards])
+        self.metrics.cards_health.register_node(node.name, [(c.index, c.type, c.memory_bytes) for c in node.cards], now_s)
         self._update_membership_metrics()
         self._publish()
 

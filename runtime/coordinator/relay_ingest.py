@@ -62,6 +62,7 @@ class RelayIngest:
         self.book = RelayBook(fan_in=fan_in, silence_s=heartbeat_timeout_s / 2)
         self.delays = DelayHistogram()   # node's send -> stored in the arrays, wall clock
         self._streams: dict[str, object] = {}  # relay -> its live stream's token
+        self._job_nodes: tuple[object, frozenset[str]] = (None, frozenset())
 
     # ---- relays' streams ---------------------------------------------------------------------
 
@@ -105,7 +106,9 @@ class RelayIngest:
         health = self.orchestrator.health
         if job is None or job.ended or health is None:
             return
-        in_job = {n.name for n in job.spec.cluster.nodes}  # a job's own nodes: small next to the fleet
+        if self._job_nodes[0] is not job:  # a job's own nodes: small next to the fleet, cached per job
+            self._job_nodes = (job, frozenset(n.name for n in job.spec.cluster.nodes))
+        in_job = self._job_nodes[1]
         first_card = np.concatenate(([0], np.cumsum(batch.card_counts)[:-1])) if nodes else ()
         for position, name in enumerate(nodes):
             if name in in_job:

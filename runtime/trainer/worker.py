@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hyrun.common.process import die_with_parent
 from hyrun.common.snapshots import shared_memory_dir
+from hyrun.runtime.parallel.collective_ledger import LEDGER
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ def main() -> int:
     reporter = Reporter(int(os.environ["HYRUN_REPORT_FD"]))
     try:
         device = rank_device(choose_backend(spec.backend), spec.card_index)  # before NCCL is set up
+        LEDGER.install()  # before any engine binds a collective: FSDP2 and pipelining look them up per call
         join_process_group(spec, job.runtime.rendezvous_timeout_s)
         logging.info(
             "joined generation %d as rank %d of %d on %s card %d (pid %d)%s",
