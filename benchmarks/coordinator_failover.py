@@ -10,7 +10,7 @@ coordinator at a fixed step, and measures from the kill:
 
 Two ways back, in the same run: a standby (`--standby`, already started and waiting on the election)
 against the baseline of starting a coordinator again on the same address once the old one is dead
-(what systemd or Kubernetes would do). Both wait out the dead leader's lease (--lease-ttl, 3 s);
+(what systemd or Kubernetes would do). Both wait out the dead leader's lease (--lease-ttl, 5 s);
 the standby skips the process start. Every run must end with one generation (the workers trained on
 through the gap) and the job's final loss.
 
@@ -114,22 +114,26 @@ def metric(port: int, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def stored_step(etcd_url: str) -> int:
-    from hyrun.runtime.coordinator.etcd_store import EtcdStore
+def stored_step(store) -> int:
+    """The step of the job stored in etcd (0 while there is none, or while etcd is slow to answer)."""
+    from hyrun.runtime.coordinator.etcd_store import EtcdUnavailable
 
-    host, port = etcd_url.removeprefix("etcd://").split(":")
-    store = EtcdStore(host, int(port))
     try:
         docs = [v for k, v in store.list("jobs/").items() if k.count("/") == 1]
-    finally:
-        store.close()
+    except EtcdUnavailable:
+        return 0
     return docs[0]["step"] if docs else 0
 
 
 def one_failover(mode: str, args, tmp: Path) -> dict:
+    from hyrun.runtime.coordinator.etcd_store import EtcdStore
+
     procs = Processes(tmp)
+    store = None
     try:
         etcd = start_etcd(procs, tmp / "etcd")
+        host, port = etcd.removeprefix("etcd://").split(":")
+        store = EtcdStore(host, int(port), timeout_s=10.0)  # a loaded box answers slowly
         ports = [free_port(), free_port()]
 
         def coordinator(name: str, port: int, *extra: str) -> subprocess.Popen:
@@ -159,11 +163,11 @@ def one_failover(mode: str, args, tmp: Path) -> dict:
         (tmp / "job.yaml").write_text(yaml.safe_dump(job))
         launch = procs.hyrun("launch", "launch", str(tmp / "job.yaml"), "--coordinator", endpoints, "--no-progress")
         deadline = time.monotonic() + 180
-        while stored_step(etcd) < args.kill_at:
+        while stored_step(store) < args.kill_at:
             if time.monotonic() > deadline or launch.poll() is not None:
                 raise SystemExit(f"{mode}: the job never reached step {args.kill_at} (see {tmp})")
             time.sleep(0.1)
-        killed_step = stored_step(etcd)
+        killed_step = stored_step(store)
         killed_s = time.monotonic()
         procs.kill(leader)
         if standby is None:
@@ -183,6 +187,8 @@ def one_failover(mode: str, args, tmp: Path) -> dict:
         return {"listening_s": listening_s, "accepting_s": accepting_s, "killed_at": killed_step,
                 "final_loss": summary["losses"][str(args.steps)]}  # fmt: skip
     finally:
+        if store is not None:
+            store.close()
         procs.close()
 
 

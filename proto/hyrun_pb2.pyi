@@ -113,7 +113,21 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., cards: _Optional[_Iterable[_Union[CardTelemetry, _Mapping]]] = ..., host: _Optional[_Union[HostTelemetry, _Mapping]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr", "checkpoint_step", "checkpoint_error", "comm_wait_s", "bubble_s", "checkpoint_stall_s", "checkpoint_persist_s", "checkpoint_failures", "checkpoint_bytes", "resume_source", "resume_fallbacks")
+    __slots__ = ("generation", "rank", "step", "loss", "tokens", "step_time_s", "compute_time_s", "grad_norm", "nonfinite_grads", "lr", "checkpoint_step", "checkpoint_error", "comm_wait_s", "bubble_s", "checkpoint_stall_s", "checkpoint_persist_s", "checkpoint_failures", "checkpoint_bytes", "resume_source", "resume_fallbacks", "collective_bytes", "collective_s")
+    class CollectiveBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CollectiveSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +148,8 @@ class StepReport(_message.Message):
     CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESUME_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_S_FIELD_NUMBER: _ClassVar[int]
     generation: int
     rank: int
     step: int
@@ -154,7 +170,9 @@ class StepReport(_message.Message):
     checkpoint_bytes: int
     resume_source: str
     resume_fallbacks: int
-    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_error: _Optional[str] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ..., checkpoint_stall_s: _Optional[float] = ..., checkpoint_persist_s: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., resume_source: _Optional[str] = ..., resume_fallbacks: _Optional[int] = ...) -> None: ...
+    collective_bytes: _containers.ScalarMap[str, float]
+    collective_s: _containers.ScalarMap[str, float]
+    def __init__(self, generation: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., step_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., grad_norm: _Optional[float] = ..., nonfinite_grads: _Optional[int] = ..., lr: _Optional[float] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_error: _Optional[str] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ..., checkpoint_stall_s: _Optional[float] = ..., checkpoint_persist_s: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., checkpoint_bytes: _Optional[int] = ..., resume_source: _Optional[str] = ..., resume_fallbacks: _Optional[int] = ..., collective_bytes: _Optional[_Mapping[str, float]] = ..., collective_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class WorkerExit(_message.Message):
     __slots__ = ("generation", "rank", "card_index", "exit_code", "reason", "log_path")

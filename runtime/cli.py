@@ -165,7 +165,7 @@ def coordinator_cmd(
     standby: Annotated[bool, typer.Option(help="etcd store: if another coordinator leads, wait and take over "
                                           "when it goes (without this, give up after one lease)")] = False,
     lease_ttl: Annotated[int, typer.Option(min=2, help="etcd store: seconds a dead leader's lease outlives it, "
-                                           "i.e. how soon a standby takes over")] = 3,
+                                           "i.e. how soon a standby takes over")] = 5,
     token_file: TokenFile = None,
     tls_cert: Annotated[Optional[Path], typer.Option(exists=True, help="PEM certificate (enables TLS)")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(exists=True, help="PEM private key")] = None,

@@ -92,6 +92,13 @@ class CoordinatorMetrics:
             "Steps whose update every rank skipped because some rank's gradients were not finite", registry=r,
         )
         # ---- per rank (the running generation's ranks only: cleared when a generation starts)
+        self.rank_collective_bytes_total = Counter(
+            "hyrun_rank_collective_bytes_total", "Bytes a rank put into collectives, by kind", ["rank", "node", "kind"], registry=r
+        )
+        self.rank_collective_seconds_total = Counter(
+            "hyrun_rank_collective_seconds_total", "Seconds a rank spent inside collective calls, by kind",
+            ["rank", "node", "kind"], registry=r,
+        )  # fmt: skip
         self.rank_grad_norm = Gauge(
             "hyrun_rank_grad_norm", "Norm of a rank's local gradients in its last step, before reduction",
             ["rank", "node"], registry=r,

@@ -99,9 +99,16 @@ def panels() -> list[dict]:
                        "color": {"mode": "scheme", "scheme": "Reds", "fill": "dark-red", "exponent": 0.5, "steps": 64},
                        "cellGap": 1, "legend": {"show": True}, "tooltip": {"show": True, "yHistogram": False}}),
         series("Steps skipped", "Steps whose update every rank skipped because some rank's gradients were not finite.",
-               0, 38, 12, [q(f"increase(hyrun_steps_skipped_total{{{COORD}}}[$__rate_interval])", "{{instance}}")]),
-        series("Worker exits by outcome", "finished: exit 0 at the job's end; failed: anything else.", 12, 38, 12,
+               0, 38, 8, [q(f"increase(hyrun_steps_skipped_total{{{COORD}}}[$__rate_interval])", "{{instance}}")]),
+        series("Worker exits by outcome", "finished: exit 0 at the job's end; failed: anything else.", 8, 38, 8,
                [q(f"sum by (outcome) (hyrun_worker_exits_total{{{COORD}}})", "{{outcome}}")]),
+        series("Collectives by kind", "Bytes per second the ranks put into collectives (all_reduce, all_gather, "
+               "reduce_scatter, all_to_all, broadcast, p2p), and the share of their time spent inside those calls.",
+               16, 38, 8,
+               [q(f"sum by (kind) (rate(hyrun_rank_collective_bytes_total{{{CARD}}}[$__rate_interval]))", "{{kind}} bytes/s"),
+                q(f"sum by (kind) (rate(hyrun_rank_collective_seconds_total{{{CARD}}}[$__rate_interval])) / on() "
+                  f"group_left() count(hyrun_rank_step_time_seconds{{{COORD}}})", "{{kind}} share of time")], unit="Bps",
+               overrides=[{"matcher": {"id": "byFrameRefID", "options": "B"}, "properties": [{"id": "unit", "value": "percentunit"}]}]),
     ]
     out.append(row("Cards", 46))
     out += [

@@ -24,7 +24,7 @@ _POLL_S = 0.25  # how often a standby looks at the leader key
 
 
 class EtcdLeadership:
-    def __init__(self, store: EtcdStore, identity: dict[str, Any], ttl_s: int = 3) -> None:
+    def __init__(self, store: EtcdStore, identity: dict[str, Any], ttl_s: int = 5) -> None:
         if ttl_s < 2:
             raise ValueError(f"leader lease TTL {ttl_s} s: etcd grants no lease shorter than 2 s")
         self.store = store

@@ -53,7 +53,7 @@ class EtcdStore:
 
     durable = True
 
-    def __init__(self, host: str, port: int, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0) -> None:
+    def __init__(self, host: str, port: int, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = 5.0) -> None:
         if pyetcd is None:
             raise ValueError(
                 f"the etcd store needs its client library: pip install '{PIP_REQUIREMENT}'"

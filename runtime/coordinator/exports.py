@@ -30,6 +30,10 @@ class JobExports:
         for part, seconds in (("compute", report.compute_time_s), ("comm_wait", report.comm_wait_s), ("bubble", report.bubble_s)):
             m.rank_time_seconds.labels(rank=rank, node=node, part=part).set(seconds)
         m.rank_grad_norm.labels(rank=rank, node=node).set(report.grad_norm)
+        for kind, moved in report.collective_bytes.items():
+            m.rank_collective_bytes_total.labels(rank=rank, node=node, kind=kind).inc(moved)
+        for kind, seconds in report.collective_s.items():
+            m.rank_collective_seconds_total.labels(rank=rank, node=node, kind=kind).inc(seconds)
         if report.nonfinite_grads > 0:
             m.rank_nonfinite_grad_steps_total.labels(rank=rank, node=node).inc()
         if report.checkpoint_stall_s >= _STALL_FLOOR_S:

@@ -52,7 +52,7 @@ class CoordinatorSettings:
     run_root: str = "runs"
     relay_fan_in: int = DEFAULT_FAN_IN  # nodes per relay (DESIGN: Scale)
     standby: bool = False            # etcd store: wait for the current leader to go, then take over
-    lease_ttl_s: int = 3             # etcd store: a dead leader's successor takes over this long after
+    lease_ttl_s: int = 5             # etcd store: a dead leader's successor takes over this long after
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:

@@ -19,6 +19,7 @@ from hyrun.runtime.model.expert_lr import ExpertLRConfig, ExpertLRController, bu
 from hyrun.runtime.model.optimizer import ExpertAdamW
 from hyrun.runtime.model.transformer import MoETransformer
 from hyrun.runtime.model.schedule import lr_at
+from hyrun.runtime.parallel.collective_ledger import LEDGER
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.trainer.engine import build_engine
 from hyrun.runtime.trainer.data import SyntheticTokens
@@ -224,3 +225,6 @@ def train(
     if checkpointer is not None:
         checkpointer.close()
     return trainer.model
+        moved, spent = LEDGER.take()  # this step's collectives, by kind (empty unless the worker counts them)
+                collective_bytes=moved,
+                collective_s=spent,

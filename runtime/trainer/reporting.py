@@ -15,7 +15,11 @@ StepRecord = pb.StepReport
 
 def _fields(record: pb.StepReport) -> dict:
     """Plain JSON values of every field (the agent rebuilds the message with StepReport(**fields))."""
-    return {field.name: getattr(record, field.name) for field in record.DESCRIPTOR.fields}
+    return {f.name: dict(getattr(record, f.name)) if _is_map(f) else getattr(record, f.name) for f in record.DESCRIPTOR.fields}
+
+
+def _is_map(field) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
 class Reporter:
