@@ -200,7 +200,8 @@ class NodeAgent:
         if s.relay_listen:
             relay = Relay(node=s.node, coordinator=",".join(self.endpoints), token=s.token, tls=s.tls,
                           interval_s=self.heartbeat_interval_s)  # fmt: skip
-            port = RelayThread(relay, s.relay_listen).start(TokenInterceptor(s.token) if s.token else None)
+            thread = RelayThread(relay, s.relay_listen, advertise_host=s.host or socket.gethostname())
+            port = thread.start(TokenInterceptor(s.token) if s.token else None)
             log.info("relaying heartbeats on port %d", port)
         if not s.via_relays:
             return None

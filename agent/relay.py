@@ -179,8 +179,9 @@ def _aio_channel(target: str, tls: TlsFiles) -> grpc.aio.Channel:
 class RelayThread:
     """Runs a Relay and its NodeRelay server on a loop thread of their own (the agent is threaded)."""
 
-    def __init__(self, relay: Relay, listen: str, server_tls: TlsFiles | None = None) -> None:
+    def __init__(self, relay: Relay, listen: str, server_tls: TlsFiles | None = None, advertise_host: str = "") -> None:
         self.relay, self.listen, self.server_tls = relay, listen, server_tls or TlsFiles()
+        self.advertise_host = advertise_host  # what other nodes dial ("" : the listen host)
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -193,7 +194,7 @@ class RelayThread:
             pb_grpc.add_NodeRelayServicer_to_server(self.relay, self._server)
             self.port = add_port(self._server, self.listen, self.server_tls)
             await self._server.start()
-            host = self.listen.rpartition(":")[0]
+            host = self.advertise_host or self.listen.rpartition(":")[0]
             self.relay.address = self.relay.address or f"{host}:{self.port}"
             await self.relay.start()
             started.set()
@@ -225,6 +226,7 @@ class HeartbeatRoute:
         self._route_due_s = 0.0
         self._failed = ""
         self.phase_s = 0.0
+        self._asked = 0
 
     def wait_s(self, now_unix_s: float) -> float:
         """Until this node's next beat: at its relay's phase of the interval (wall clock, so the
@@ -253,7 +255,9 @@ class HeartbeatRoute:
         return self._unacked_since is not None and now - self._unacked_since > 2.5 * self.interval_s
 
     def _reroute(self, now: float) -> None:
-        self._route_due_s = now + self.refresh_s
+        self._asked += 1
+        # Soon again while the first few answers are "no relay" (relays may be starting with the nodes).
+        self._route_due_s = now + (self.refresh_s if self.relay or self._asked > 5 else 2 * self.interval_s)
         try:
             target = self.coordinator() if callable(self.coordinator) else self.coordinator
             with open_channel(target, self.tls) as channel:

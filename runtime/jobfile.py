@@ -327,6 +327,8 @@ class RuntimeSection(_Section):
         -1, ge=-1, description="spare worker processes per node kept ready for fast restarts; -1: one per card"
     )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    relays: bool = Field(False, description="`hyrun launch`: the first node's agent relays the others' heartbeats "
+                                            "to the coordinator in batches, as thousands of nodes do (DESIGN: Scale)")
 
     @model_validator(mode="after")
     def _interval_below_timeout(self) -> RuntimeSection:

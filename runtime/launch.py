@@ -116,6 +116,8 @@ class EmbeddedCluster:
             "--parent-pid", str(os.getpid()),
             "--warm-workers", str(self.job.runtime.warm_workers),
         ]  # fmt: skip
+        if self.job.runtime.relays:  # the first node relays for all (under TLS, agents send directly)
+            command += ["--via-relays"] + (["--relay-listen", "127.0.0.1:0"] if node == self.job.cluster.nodes[0].name else [])
         if self.hosts is not None:
             host = self.hosts.hosts[node]
             command[command.index("--host") + 1] = host.data_ip

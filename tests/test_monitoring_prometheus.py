@@ -239,9 +239,13 @@ def _run(job: dict, write_job, launched, tmp_path, start_prometheus, timeout_s: 
 def test_a_faulty_job_fills_every_panel_and_rule_and_fires_the_fault_alerts(
     write_job, launched, tmp_path, start_prometheus
 ):
-    prometheus, start_s, end_s, seen = _run(
-        _job(FAULTS, steps=8), write_job, launched, tmp_path, start_prometheus, timeout_s=300
-    )
+    # Heartbeats through a relay here (the fault-free run below sends them straight): nothing on a
+    # panel or in a rule may go missing because a relay sits between the agents and the coordinator.
+    job = _job(FAULTS, steps=8)
+    job["runtime"] = {"relays": True}
+    prometheus, start_s, end_s, seen = _run(job, write_job, launched, tmp_path, start_prometheus, timeout_s=300)
+    agent_logs = "".join(path.read_text() for path in (tmp_path / "runs").glob("*/agent-*.log"))
+    assert "heartbeats via node-" in agent_logs, "no agent sent its heartbeats through the relay"
     firing = {name for name, states in seen.items() if "firing" in states}
     assert EXPECTED_ALERTS <= firing, f"fired: {sorted(firing)}; missing {sorted(EXPECTED_ALERTS - firing)}"
     empty = [f"{where}: {expr}" for where, expr in _dashboard_queries(end_s - start_s) + _rule_queries()
