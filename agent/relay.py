@@ -85,6 +85,11 @@ class Relay(pb_grpc.NodeRelayServicer):
     async def stop(self) -> None:
         if self._upstream is not None:
             self._upstream.cancel()
+            self._upstream = None
+
+    @property
+    def running(self) -> bool:
+        return self._upstream is not None
 
     # ---- beats in ----------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ nodes ask Route for another relay or fall back to their own Connect stream; goal
 Load generators are separate processes (bounded: at most 4), each simulating many nodes on one
 asyncio loop; everything is on loopback. Simplifications, said plainly: the simulated nodes'
 registration is done inside the coordinator process (no 10,000 Connect streams), and in the hyrun
-runs the node -> relay hop is in-process (a relay and its nodes share a generator), so what is
+runs the node -> relay hop is in-process (a relay and its nodes share a generator, and each round's
+batch is copied from a template the relay's own build_batch made once per group), so what is
 measured is the relay -> coordinator path and the coordinator.
 
     python benchmarks/coordinator_scale.py [--nodes 100,1000,10000] [--duration-s 10] [--fan-in 100]
@@ -43,6 +44,7 @@ CARDS = 8
 NAIVE_METHOD = "/hyrun.bench.Naive/Beat"
 UNARY_NODES_PER_GENERATOR = 2500
 RELAY_NODES_PER_GENERATOR = 10_000  # one process: a dead relay's nodes may move to any relay it hosts
+MAX_GENERATORS = 4
 
 
 def node_name(i: int) -> str:
@@ -265,9 +267,8 @@ async def generate_relayed(args) -> dict:
             seq += 1
             if (wait := t - time.time()) > 0:
                 await asyncio.sleep(wait)
-            if killed and time.time() >= args.start_at + args.kill_relay_at and relays[killed]._upstream is not None:
+            if killed and time.time() >= args.start_at + args.kill_relay_at and relays[killed].running:
                 await relays[killed].stop()  # the relay dies: its stream to the coordinator is cut
-                relays[killed]._upstream = None
                 stats["killed_at_unix"] = time.time()
             nodes = list(members[relay_name])
             if relay_name == killed and "killed_at_unix" in stats:
@@ -355,6 +356,7 @@ def measure(mode: str, nodes: int, args, faults: bool) -> dict:
         if not ready or ready[0] != "ready":
             raise RuntimeError(f"the coordinator did not start ({mode}, {nodes} nodes)")
         per = UNARY_NODES_PER_GENERATOR if mode == "unary" else RELAY_NODES_PER_GENERATOR
+        per = max(per, math.ceil(nodes / MAX_GENERATORS))
         start_at = time.time() + 3.0  # generators' imports and connections
         run_s = args.warmup_s + args.duration_s
         for first in range(0, nodes, per):
