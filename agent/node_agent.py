@@ -201,8 +201,10 @@ class NodeAgent:
             relay = Relay(node=s.node, coordinator=",".join(self.endpoints), token=s.token, tls=s.tls,
                           interval_s=self.heartbeat_interval_s)  # fmt: skip
             thread = RelayThread(relay, s.relay_listen, advertise_host=s.host or socket.gethostname())
-            port = thread.start(TokenInterceptor(s.token) if s.token else None)
-            log.info("relaying heartbeats on port %d", port)
+            try:
+                log.info("relaying heartbeats on port %d", thread.start(TokenInterceptor(s.token) if s.token else None))
+            except OSError as error:
+                log.error("%s; this agent does not relay", error)
         if not s.via_relays:
             return None
         return HeartbeatRoute(node=s.node, coordinator=lambda: self.endpoints[self._endpoint % len(self.endpoints)],

@@ -192,22 +192,29 @@ class RelayThread:
         self._server: grpc.aio.Server | None = None
 
     def start(self, token_interceptor=None) -> int:
-        started = threading.Event()
+        """Returns the port, or raises why the relay could not listen (the caller beats on without it)."""
+        started, errors = threading.Event(), []
 
         async def run() -> None:
-            self._server = grpc.aio.server(interceptors=[token_interceptor] if token_interceptor else [])
-            pb_grpc.add_NodeRelayServicer_to_server(self.relay, self._server)
-            self.port = add_port(self._server, self.listen, self.server_tls)
-            await self._server.start()
-            host = self.advertise_host or self.listen.rpartition(":")[0]
-            self.relay.address = self.relay.address or f"{host}:{self.port}"
-            await self.relay.start()
-            started.set()
+            try:
+                self._server = grpc.aio.server(interceptors=[token_interceptor] if token_interceptor else [])
+                pb_grpc.add_NodeRelayServicer_to_server(self.relay, self._server)
+                self.port = add_port(self._server, self.listen, self.server_tls)
+                await self._server.start()
+                host = self.advertise_host or self.listen.rpartition(":")[0]
+                self.relay.address = self.relay.address or f"{host}:{self.port}"
+                await self.relay.start()
+            except Exception as error:  # surfaced to start()'s caller
+                errors.append(error)
+                return
+            finally:
+                started.set()
             await self._server.wait_for_termination()
 
         threading.Thread(target=self.loop.run_until_complete, args=(run(),), daemon=True, name="relay").start()
-        if not started.wait(10):
-            raise RuntimeError(f"relay could not listen on {self.listen}")
+        started.wait()
+        if errors or not self.port:
+            raise OSError(f"relay could not listen on {self.listen}: {errors[0] if errors else 'no port'}")
         return self.port
 
     def stop(self) -> None:
@@ -242,6 +249,17 @@ class HeartbeatRoute:
         return wait if wait > self.interval_s / 2 else wait + self.interval_s  # never two beats within half an interval
 
     def send(self, heartbeat: pb.Heartbeat) -> bool:
+        """True: on its way through the relay. Never raises: a False sends the beat directly, and the
+        heartbeat thread must outlive any relay trouble."""
+        try:
+            return self._send(heartbeat)
+        except Exception:  # noqa: BLE001 - a bug here must not silence the node
+            log.exception("node %s: relay route failed; this beat goes to the coordinator", self.node)
+            self._failed, self._route_due_s = self.relay, 0.0
+            self._close()
+            return False
+
+    def _send(self, heartbeat: pb.Heartbeat) -> bool:
         now = time.monotonic()
         if self.relay and (self._broken.is_set() or self._overdue(now)):
             log.warning("node %s: relay %s failed; falling back to the coordinator", self.node, self.relay)
