@@ -4,10 +4,14 @@ trained again, and whether the final loss matches a fault-free run of the same j
 
 A scenario names a job file (relative to the scenario) and the faults to inject (the job file's
 `faults` entries: keyed by node, card, generation and step, so they fire at the same point every run).
+With `repeat` (or `--repeat N`) it runs N trials, each a fresh job; `randomize` draws each trial's
+step and target card from a seed (`--seed`), so a run is random but repeatable. A trial that passes
+its deadline is stopped and counted FAILED with that reason.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +23,13 @@ from hyrun.runtime.jobfile import FaultSpec, JobFileError, JobSpec, load_job
 from hyrun.runtime.launch import JobOutcome
 
 
+class Randomize(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at_step: tuple[int, int] | None = Field(None, description="draw each fault's step from [first, last]")
+    target: bool = Field(False, description="draw each fault's node and card among the job's cards")
+
+
 class Scenario(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,6 +37,36 @@ class Scenario(BaseModel):
     faults: list[FaultSpec] = Field(..., min_length=1, description="faults to inject")
     compare: bool = Field(True, description="also run the job without faults and compare the final loss")
     loss_tolerance: float = Field(0.02, gt=0, description="relative final-loss difference that still matches")
+    repeat: int = Field(1, ge=1, description="trials, each a fresh job")
+    seed: int = Field(0, description="seeds the draws of `randomize`")
+    randomize: Randomize = Field(default_factory=Randomize)
+    trial_timeout_s: float = Field(600.0, gt=0, description="a trial still running after this is stopped and FAILED")
+    expect: str = Field("survive", pattern="^(survive|fail)$",
+                        description="survive: every trial must complete; fail: the scenario is meant to be unsurvivable")
+    each: bool = Field(False, description="one fault per trial (a matrix: `repeat` trials per fault) instead of all together")
+
+
+def trial_faults(scenario: Scenario) -> list[list[FaultSpec]]:
+    """Each trial's faults before the draws: all of them `repeat` times, or (`each`) one at a time."""
+    if scenario.each:
+        return [[fault] for _ in range(scenario.repeat) for fault in scenario.faults]
+    return [list(scenario.faults) for _ in range(scenario.repeat)]
+
+
+def draw_faults(scenario: Scenario, job: JobSpec, trial: int, faults: list[FaultSpec]) -> list[FaultSpec]:
+    """Trial `trial`'s faults, with step and target drawn where the scenario says so: a pure function
+    of (scenario, seed, trial)."""
+    rng = random.Random(f"{scenario.seed}/{trial}")
+    cards = [(n.name, i) for n in job.cluster.nodes for i in range(sum(g.count for g in n.cards))]
+    drawn = []
+    for fault in faults:
+        update: dict[str, Any] = {}
+        if scenario.randomize.at_step is not None and fault.at_step is not None:
+            update["at_step"] = rng.randint(*scenario.randomize.at_step)
+        if scenario.randomize.target:
+            update["node"], update["card"] = rng.choice(cards)
+        drawn.append(fault.model_copy(update=update))
+    return drawn
 
 
 def load_scenario(path: Path) -> tuple[Scenario, JobSpec]:
@@ -105,20 +146,40 @@ def _final_loss(outcome: JobOutcome) -> float | None:
     return outcome.losses[max(outcome.losses)] if outcome.losses else None
 
 
+@dataclass
+class ChaosRun:
+    """Every trial of a scenario, and the fault-free reference they are compared with."""
+
+    scenario: Scenario
+    trials: list[ChaosReport]
+    reference: JobOutcome | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.scenario.expect == "fail":
+            return all(not t.outcome.succeeded for t in self.trials)
+        return all(t.passed for t in self.trials)
+
+
 def run_scenario(
     scenario: Scenario, job: JobSpec, *, run: Callable[[JobSpec], JobOutcome], say: Callable[[str], None] = print
-) -> ChaosReport:
-    """`run` trains a job to its end (the CLI passes an embedded launch)."""
+) -> ChaosRun:
+    """`run` trains a job to its end (the CLI passes an embedded launch under the trial deadline)."""
     reference = None
     if scenario.compare:
         say("fault-free reference run ...")
         reference = run(job.model_copy(update={"faults": []}))
-    say(f"run with {len(scenario.faults)} fault(s) ...")
-    faulty = run(job.model_copy(update={"faults": list(scenario.faults)}))
-    return ChaosReport(
-        outcome=faulty,
-        faults=match_incidents(list(scenario.faults), faulty.incidents),
-        reference_loss=_final_loss(reference) if reference and reference.succeeded else None,
-        final_loss=_final_loss(faulty),
-        loss_tolerance=scenario.loss_tolerance,
-    )
+    trials = []
+    planned = trial_faults(scenario)
+    for trial, chosen in enumerate(planned):
+        faults = draw_faults(scenario, job, trial, chosen)
+        say(f"trial {trial + 1}/{len(planned)}: " + ", ".join(f"{f.kind} {f.node}/card{f.card} @ {f.moment}" for f in faults))
+        faulty = run(job.model_copy(update={"faults": faults}))
+        trials.append(ChaosReport(
+            outcome=faulty,
+            faults=match_incidents(faults, faulty.incidents),
+            reference_loss=_final_loss(reference) if reference and reference.succeeded else None,
+            final_loss=_final_loss(faulty),
+            loss_tolerance=scenario.loss_tolerance,
+        ))  # fmt: skip
+    return ChaosRun(scenario, trials, reference)

@@ -334,72 +334,13 @@ def _mount_data() -> None:
 
 _mount_data()
 
-chaos_app = typer.Typer(help="Fault injection: run a job under scripted faults and report what each cost.", no_args_is_help=True,
-                        rich_markup_mode=None)
-app.add_typer(chaos_app, name="chaos")
+def _mount_chaos() -> None:
+    from hyrun.runtime.chaos_cli import app as chaos_app
+
+    app.add_typer(chaos_app, name="chaos")
 
 
-@chaos_app.command("run")
-def chaos_run(
-    scenario_file: Annotated[Path, typer.Argument(help="the scenario's YAML file (a job file plus faults)")],
-    compare: Annotated[Optional[bool], typer.Option("--compare/--no-compare", help="also run fault-free (default: the scenario's)")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report here as JSON")] = None,
-) -> None:
-    """Run a job while injecting the scenario's faults; report detection, recovery and lost steps per fault."""
-    from dataclasses import asdict
-
-    from hyrun.runtime.chaos import load_scenario, run_scenario
-    from hyrun.runtime.jobfile import JobFileError
-    from hyrun.common.security import TlsFiles
-    from hyrun.runtime.launch import run_job
-
-    try:
-        scenario, job = load_scenario(scenario_file)
-    except JobFileError as error:
-        _fail(str(error), EXIT_USAGE)
-    if compare is not None:
-        scenario = scenario.model_copy(update={"compare": compare})
-
-    def run(spec):
-        return run_job(spec, spec.model_dump_json(), coordinator=None, token="", tls=TlsFiles(), on_event=lambda e: None)
-
-    try:
-        report = run_scenario(scenario, job, run=run, say=lambda text: console.print(text, highlight=False))
-    except KeyboardInterrupt:
-        err_console.print("interrupted: every process this run started has been stopped")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    _print_chaos(report)
-    if json_out is not None:
-        payload = {
-            "passed": report.passed,
-            "job": report.outcome.job_id,
-            "state": report.outcome.state,
-            "final_loss": report.final_loss,
-            "reference_loss": report.reference_loss,
-            "loss_matches": report.loss_matches,
-            "faults": [dict(asdict(f), fault=f.fault.model_dump(include=f.fault.used_fields())) for f in report.faults],
-        }
-        json_out.write_text(json.dumps(payload, indent=2))
-    if not report.passed:
-        raise typer.Exit(EXIT_FAILED)
-
-
-def _print_chaos(report) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"chaos: job {report.outcome.job_id} {report.outcome.state.lower()}")
-    for column in ("fault", "detected", "verdict", "detect s", "resume s", "steps lost", "evidence"):
-        table.add_column(column)
-    for f in report.faults:
-        fault = f"{f.fault.kind} {f.fault.node}/card{f.fault.card} @ {f.fault.moment}"
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        table.add_row(fault, "yes" if f.detected else "[red]no[/]", f.verdict, fmt(f.detect_s), fmt(f.resume_s),
-                      str(f.steps_lost), f.reason[:80])  # fmt: skip
-    console.print(table)
-    if report.loss_matches is not None:
-        verdict = "matches" if report.loss_matches else "[red]differs from[/]"
-        console.print(f"final loss {report.final_loss:.4f} {verdict} the fault-free run's {report.reference_loss:.4f}")
-    console.print("[green]passed[/]" if report.passed else "[red]failed[/]")
+_mount_chaos()
 
 
 def main() -> None:

@@ -243,7 +243,7 @@ def run_job(
     started_s = time.monotonic()
     outcome = JobOutcome(job_id, "FAILED", "", run_dir, 0.0)
 
-    hosts = faults = None
+    hosts = faults = log_file = None
     submitted_s = time.monotonic()
 
     def record(event: pb.JobEvent) -> None:
@@ -265,7 +265,7 @@ def run_job(
     try:
         if coordinator is None:
             token = token or secrets.token_urlsafe(24)
-            _log_to(run_dir / "coordinator.log")
+            log_file = _log_to(run_dir / "coordinator.log")
             if netns:
                 hosts = NetnsHosts([node.name for node in job.cluster.nodes])
                 faults = NetworkFaults(hosts, job.faults)
@@ -299,6 +299,9 @@ def run_job(
             hosts.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if log_file is not None:  # the next job in this process (a chaos trial) logs to its own run
+            logging.getLogger("hyrun").removeHandler(log_file)
+            log_file.close()
     outcome.wall_time_s = time.monotonic() - started_s
     if run_dir.exists():
         (run_dir / "summary.json").write_text(
@@ -322,10 +325,11 @@ def run_job(
     return outcome
 
 
-def _log_to(path: Path) -> None:
+def _log_to(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger("hyrun")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    return handler
