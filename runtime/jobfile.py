@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from hyrun.runtime.data.spec import DataSection, check_data_fits
 from hyrun.runtime.model.config import ModelConfig
 from hyrun.runtime.model.schedule import LRSchedule
 
@@ -354,6 +355,13 @@ class JobSpec(_Section):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     store: str = Field("memory", description="job state store: 'memory' or 'etcd://HOST:PORT'")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    data: DataSection | None = Field(None, description="real data; absent: the synthetic token stream")
+
+    @model_validator(mode="after")
+    def _data_fits(self) -> JobSpec:
+        if self.data is not None:
+            check_data_fits(self.data, self.training, self.model.config().max_seq_len)
+        return self
 
     @field_validator("store")
     @classmethod

@@ -33,9 +33,15 @@ MODEL = {"capacity_factor": 16.0}
 # ---- the worker ---------------------------------------------------------------------------------
 
 
-def micro_batch(step: int, index: int, vocab: int) -> torch.Tensor:
+def micro_batch(step: int, index: int, vocab: int, documents: bool = False) -> torch.Tensor:
+    """[MICRO_BATCH, SEQ_LEN + 1] tokens; with `documents`, [MICRO_BATCH, 2, SEQ_LEN + 1]: tokens and the
+    segment ids of packed documents (a few documents per row, boundaries drawn like the tokens)."""
     generator = torch.Generator().manual_seed(step * 1_000 + index)
-    return torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
+    tokens = torch.randint(0, vocab, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
+    if not documents:
+        return tokens
+    starts = torch.rand(MICRO_BATCH, SEQ_LEN + 1, generator=generator) < 0.2
+    return torch.stack([tokens, starts.long().cumsum(dim=1)], dim=1)
 
 
 def build(config):
@@ -49,7 +55,7 @@ def optimizer_for(params):
     return torch.optim.SGD(params, lr=LR, foreach=False)
 
 
-def reference(config, counts: list[int]) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
+def reference(config, counts: list[int], documents: bool = False) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
     """Single process: every step's micro-batches accumulated with weight 1/M; CE per micro-batch."""
     from hyrun.runtime.model.loss import lm_loss
 
@@ -60,8 +66,10 @@ def reference(config, counts: list[int]) -> tuple[dict[str, torch.Tensor], list[
         model.set_routing_step(step)
         step_ces = []
         for index in range(total):
-            tokens = micro_batch(step, index, config.vocab_size)
-            loss, ce = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+            tokens = micro_batch(step, index, config.vocab_size, documents)
+            segments = tokens[:, 1, :-1] if documents else None
+            tokens = tokens[:, 0] if documents else tokens
+            loss, ce = lm_loss(model(tokens[:, :-1], segments), tokens[:, 1:])
             (loss / total).backward()
             step_ces.append(float(ce))
         optimizer.step()
@@ -84,7 +92,8 @@ def worker(args: argparse.Namespace) -> None:
     config = ModelConfig.from_preset("tiny", **MODEL, **spec.get("model", {}))
     dims = ParallelDims(world_size=args.world, **spec["dims"])
     counts = spec.get("micro_batches", [1] * dims.dp)
-    ref_params, ref_ces = reference(config, counts)
+    documents = spec.get("documents", False)
+    ref_params, ref_ces = reference(config, counts, documents)
 
     store = dist.TCPStore("127.0.0.1", args.port, args.world, False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world,
@@ -98,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
     loss_diffs, timings = [], []
     for step in range(1, STEPS + 1):
         parallel.module.set_routing_step(step)
-        batches = [micro_batch(step, offset + i, config.vocab_size) for i in range(counts[replica])]
+        batches = [micro_batch(step, offset + i, config.vocab_size, documents) for i in range(counts[replica])]
         result = parallel.forward_backward(batches)
         optimizer.step()
         optimizer.zero_grad()
@@ -194,6 +203,10 @@ CASES = {
     "cp2_dp2": (4, {"dims": _dims(dp=2, cp=2)}),
     "ep2_dp4": (4, {"dims": _dims(dp=4, ep=2)}),
     "pp2_tp2": (4, {"dims": _dims(pp=2, tp=2), "micro_batches": [2]}),
+    # Packed documents: the segment ids travel with the hidden state from stage to stage.
+    "pp2_dp2_documents": (4, {"dims": _dims(dp=2, pp=2), "micro_batches": [2, 2], "documents": True,
+                              "model": {"cla_share_every": 3}, "layers_per_stage": [3, 1]}),
+    "tp2_dp2_documents": (4, {"dims": _dims(dp=2, tp=2), "documents": True}),
 }
 
 

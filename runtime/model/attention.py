@@ -40,6 +40,15 @@ def local_kv(kv: SharedKV) -> tuple[torch.Tensor, torch.Tensor, None]:
     return kv.key, kv.value, None
 
 
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """bool [batch, 1, seq, seq] from segment ids [batch, seq]: causal, and only inside the same packed
+    document (True attends)."""
+    seq = segment_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
+    return (same & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Causal GQA through `scaled_dot_product_attention`; K/V projections only in producer layers."""
 
@@ -75,7 +84,8 @@ class Attention(nn.Module):
         return {"colwise": present(self.COLWISE_PROJECTIONS), "rowwise": self.ROWWISE_PROJECTIONS}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                shared_kv: SharedKV | None) -> tuple[torch.Tensor, SharedKV]:
+                shared_kv: SharedKV | None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SharedKV]:
+        """mask: a `document_mask` over this rank's own sequence, or None for plain causal attention."""
         batch, seq, _ = x.shape
         q = apply_rope(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
         if self.q_norm is not None:
@@ -87,7 +97,12 @@ class Attention(nn.Module):
             kv = shared_kv
         else:
             kv = self._project_kv(x, cos, sin)
-        key, value, mask = self.gather_kv(kv)
+        key, value, gathered_mask = self.gather_kv(kv)
+        if mask is not None and gathered_mask is not None:
+            raise ValueError("document masks are not built for context parallelism: set data.document_mask: false "
+                             "or cp: 1")
+        mask = gathered_mask if mask is None else mask
+        # No mask: SDPA's is_causal path, which never materializes a [seq, seq] mask.
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import Attention, SharedKV
+from .attention import Attention, SharedKV, document_mask
 from .config import ModelConfig
 from .experts import ExpertPath, GroupedExperts, resolve_expert_path
 from .moe import MoEFeedForward
@@ -48,8 +48,8 @@ class Block(nn.Module):
         self.moe = MoEFeedForward(config, layer_index, expert_path)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                shared_kv: SharedKV | None = None) -> BlockOutput:
-        attended, kv = self.attention(self.attention_norm(x), cos, sin, shared_kv)
+                shared_kv: SharedKV | None = None, mask: torch.Tensor | None = None) -> BlockOutput:
+        attended, kv = self.attention(self.attention_norm(x), cos, sin, shared_kv, mask)
         x = x + attended
         moe_out, aux_loss, stats = self.moe(self.moe_norm(x))
         return BlockOutput(hidden=x + moe_out, shared_kv=kv, aux_loss=aux_loss, router_stats=stats)
@@ -89,22 +89,30 @@ class MoETransformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """segment_ids [batch, seq]: attention stays inside each packed document; None: plain causal."""
         seq = tokens.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}; "
                              "raise max_seq_len in the model config or shorten the batch")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embedding(tokens)
+        mask = document_mask(segment_ids) if segment_ids is not None else None
         shared_kv, aux_losses, stats = None, [], []
         for block in self.blocks:
-            out = block(x, cos, sin, shared_kv)
+            out = block(x, cos, sin, shared_kv, mask)
             x, shared_kv = out.hidden, out.shared_kv
             aux_losses.append(out.aux_loss)
             stats.append(out.router_stats)
         logits = self.lm_head(self.final_norm(x))
         return ModelOutput(logits=logits, aux_loss=torch.stack(aux_losses).mean(),
                            router_stats=tuple(stats), aux_loss_coeff=self.config.aux_loss_coeff)
+
+    def set_rope_base(self, base: float) -> None:
+        """A new RoPE base (a long-context stage): the tables change in place, their shape does not."""
+        cos, sin = rope_table(self.config.head_dim, self.config.max_seq_len, base)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     # --- what the parallel layer needs -----------------------------------------------------------
 

@@ -68,8 +68,9 @@ class ParallelModel:
         return self.mesh["dp"].get_local_rank()
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepResult:
-        """micro_batches: this replica's token tensors [batch, seq + 1] (inputs and shifted targets),
-        the same on every pp, cp and tp rank of the replica."""
+        """micro_batches: this replica's token tensors [batch, seq + 1] (inputs and shifted targets), or
+        [batch, 2, seq + 1] with the segment ids of packed documents second; the same on every pp, cp
+        and tp rank of the replica."""
         count = len(micro_batches)
         expected = self.micro_batches_per_replica
         if expected is not None and count != expected[self.replica]:
@@ -82,7 +83,7 @@ class ParallelModel:
         self.nonfinite_origins = 0
         cp_rank, cp = self.mesh["cp"].get_local_rank(), self.dims.cp
         # (inputs, targets) of each micro-batch, cut to this rank's chunks of the sequence.
-        pairs = [tuple(shard_sequence(part, cp_rank, cp) for part in (t[:, :-1], t[:, 1:]))
+        pairs = [tuple(shard_sequence(part, cp_rank, cp) for part in (t[..., :-1], _tokens(t)[:, 1:]))
                  for t in (t.to(self.device) for t in micro_batches)]
         if self.dims.pp_enabled:
             self._pipelined(pairs, scale)
@@ -94,7 +95,7 @@ class ParallelModel:
                     (self._loss(logits, aux, targets) * scale).backward()
         sync_expert_gradients(self.module, self.edp_group)
         timing = self.clock.finish()
-        return StepResult(loss=self._replica_loss(count), tokens=sum(t[:, 1:].numel() for t in micro_batches),
+        return StepResult(loss=self._replica_loss(count), tokens=sum(_tokens(t)[:, 1:].numel() for t in micro_batches),
                           timing=timing)
 
     def _loss(self, logits: torch.Tensor, aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,3 +129,8 @@ class ParallelModel:
             dist.all_reduce(loss, group=self.mesh["cp"].get_group())
             loss = loss / self.dims.cp
         return float(loss)
+
+
+def _tokens(micro_batch: torch.Tensor) -> torch.Tensor:
+    """The token ids of a micro-batch with or without its segment ids stacked second."""
+    return micro_batch[:, 0] if micro_batch.dim() == 3 else micro_batch

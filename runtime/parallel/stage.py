@@ -10,34 +10,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hyrun.runtime.model.attention import document_mask
 from hyrun.runtime.model.transformer import MoETransformer
 
 
 class StageTransformer(MoETransformer):
-    """forward(tokens | hidden, aux) → (logits | hidden, aux): aux is the running sum of the layers'
-    load-balancing losses, [1], carried between stages so its gradient reaches every stage."""
+    """forward(tokens | hidden, aux[, segments]) → (logits | hidden, aux[, segments]): aux is the running
+    sum of the layers' load-balancing losses, [1], carried between stages so its gradient reaches every
+    stage. With packed documents the first stage gets tokens and segment ids stacked, [batch, 2, seq],
+    and the segment ids travel on with the hidden state, so every stage masks attention alike."""
 
     is_first: bool
     is_last: bool
     cp_rank: int
     cp_size: int
 
-    def forward(self, inputs: torch.Tensor, aux: torch.Tensor | None = None):
+    def forward(self, inputs: torch.Tensor, aux: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         if self.embedding is not None:
+            if inputs.dim() == 3:
+                inputs, segments = inputs[:, 0], inputs[:, 1].contiguous()  # sent on to the next stage
             x = self.embedding(inputs)
             aux = x.new_zeros(1)
         else:
             x = inputs
         positions = chunk_positions(x.shape[1] * self.cp_size, self.cp_rank, self.cp_size, x.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = document_mask(segments) if segments is not None else None
         shared_kv, self.router_stats = None, []
         for block in self.blocks.values():
-            out = block(x, cos, sin, shared_kv)
+            out = block(x, cos, sin, shared_kv, mask)
             x, shared_kv = out.hidden, out.shared_kv
             aux = aux + out.aux_loss
             self.router_stats.append(out.router_stats)
         if self.lm_head is None:
-            return x, aux
+            return (x, aux) if segments is None else (x, aux, segments)
         return self.lm_head(self.final_norm(x)), aux
 
     def layer_indices(self) -> list[int]:
@@ -93,6 +99,9 @@ def shard_sequence(tokens: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Te
     """This rank's load-balanced chunks of [batch, seq] (seq divisible by 2·cp_size)."""
     if cp_size == 1:
         return tokens
+    if tokens.dim() == 3:
+        raise ValueError("packed documents with their segment ids are not built for context parallelism: set "
+                         "data.document_mask: false or cp: 1")
     seq = tokens.shape[1]
     if seq % (2 * cp_size):
         raise ValueError(f"sequence length {seq} must be divisible by 2*cp={2 * cp_size} for the causal "

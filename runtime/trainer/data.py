@@ -1,4 +1,5 @@
-"""A deterministic synthetic token stream that a model can learn: every token has four possible
+"""The token streams a rank trains on: its job's prepared corpus (`RealTokens`), or without a `data:`
+section a deterministic synthetic token stream that a model can learn: every token has four possible
 successors in a fixed random table, so the best achievable loss is ln 4 ≈ 1.39 nats.
 
 Micro-batch `index` of step `step` is a pure function of (seed, step, index): any rank, in any
@@ -7,7 +8,14 @@ and a run on a different number of cards comparable to the uninterrupted one."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
+
+from hyrun.runtime.data.job_data import JobData
+from hyrun.runtime.data.sources import DataError
 
 SUCCESSORS = 4
 
@@ -40,3 +48,41 @@ def hash_seed(*parts: int) -> int:
     for part in parts:
         value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
     return value
+
+
+class RealTokens:
+    """A job's prepared corpus (`data:`), read by global sample index: micro-batch `index` of `step` is
+    rows [index · size, (index + 1) · size) of the step's global batch, whichever rank asks. With the
+    document mask on, a micro-batch is [size, 2, seq_len + 1]: tokens, then their segment ids."""
+
+    def __init__(self, data: JobData, *, document_mask: bool, record_to: Path | None = None) -> None:
+        self.data = data
+        self.document_mask = document_mask
+        self._record = open(record_to, "a", buffering=1) if record_to is not None else None
+
+    def micro_batch(self, step: int, index: int, size: int) -> torch.Tensor:
+        rows = self.data.rows(step, index * size, size)
+        tokens = torch.from_numpy(rows.batch.tokens)
+        if self._record is not None:
+            sources = self.data.sources(step)
+            self._record.write(json.dumps({
+                "step": step, "micro_batch": index, "stage": rows.stage.name, "indices": rows.indices.tolist(),
+                "samples": [[sources[j], int(k)] for j, k in zip(rows.batch.sources, rows.batch.samples)]}) + "\n")
+        if not self.document_mask:
+            return tokens
+        return torch.stack([tokens, torch.from_numpy(rows.batch.segment_ids.astype(np.int64))], dim=1)
+
+
+def build_data(job, vocab_size: int, record_dir: Path | None = None, rank: int = 0):
+    """The job's token stream: its prepared corpus when it has a `data:` section, else the synthetic one."""
+    training = job.training
+    if job.data is None:
+        return SyntheticTokens(vocab_size, training.seq_len, training.seed)
+    data = JobData(job.data, steps=training.steps, global_batch=training.global_batch, seq_len=training.seq_len,
+                   seed=training.seed)
+    if data.vocab_size > vocab_size:
+        raise DataError(f"the corpus's tokenizer has {data.vocab_size} tokens, the model's vocab_size is {vocab_size}: "
+                        f"set model.overrides.vocab_size to at least {data.vocab_size}")
+    record_to = (record_dir / f"samples-rank-{rank}.jsonl"
+                 if job.data.record_sample_ids and record_dir is not None else None)
+    return RealTokens(data, document_mask=job.data.document_mask, record_to=record_to)

@@ -22,7 +22,8 @@ from hyrun.runtime.model.schedule import lr_at
 from hyrun.runtime.parallel.collective_ledger import LEDGER
 from hyrun.runtime.parallel.layout import ParallelLayout
 from hyrun.runtime.trainer.engine import build_engine
-from hyrun.runtime.trainer.data import SyntheticTokens
+from hyrun.runtime.data.spec import StagePlan, anneal_schedule
+from hyrun.runtime.trainer.data import RealTokens, build_data
 from hyrun.runtime.trainer.checkpoint_report import CheckpointReport
 from hyrun.runtime.trainer.faults import FaultInjector
 from hyrun.runtime.trainer.reporting import Reporter, StepRecord
@@ -40,6 +41,7 @@ class RankWork:
     node: str = "local"
     card_index: int = 0
     device: str = "cpu"  # "cuda:N" where the backend is NCCL
+    log_dir: str = ""  # the rank's log directory (sample-id records go there when the job asks)
 
     def resolved_layout(self, micro_batches_per_step: int) -> ParallelLayout:
         if self.layout is not None:
@@ -107,11 +109,36 @@ class Trainer:
         self.model = self.engine.module  # this rank's part: what the optimizer steps and checkpoints hold
         self.optimizer = build_optimizer(self.model, job)
         self.expert_lrs = ExpertLRController(self.optimizer, expert_lr_config(job), self.engine.reduce_counts)
-        self.data = SyntheticTokens(self.config.vocab_size, training.seq_len, training.seed)
-        self.schedule = training.lr_schedule()
+        self.data = build_data(job, self.config.vocab_size, Path(work.log_dir) if work.log_dir else None, work.rank)
+        self.stages: list[StagePlan] = self.data.data.plans if isinstance(self.data, RealTokens) else []
+        self.schedule = anneal_schedule(training.lr_schedule(), self.stages)
+        self.rope_base = self.config.rope_base
         self.micro_batches = self.layout.micro_batches(work.rank)
         self.micro_batch_offset = self.layout.micro_batch_offset(work.rank)
         self.tokens_per_micro_batch = training.micro_batch * training.seq_len
+
+    def stage(self, step: int) -> StagePlan | None:
+        return self.data.data.stage(step) if self.stages else None
+
+    def enter_stage(self, step: int) -> None:
+        """The stage's sequence length and RoPE base from this step on (also right after a resume)."""
+        stage = self.stage(step)
+        if stage is None:
+            return
+        self.tokens_per_micro_batch = self.job.training.micro_batch * stage.seq_len
+        base = stage.rope_base or self.config.rope_base
+        if base != self.rope_base:
+            self.model.set_rope_base(base)
+            self.rope_base = base
+            logging.getLogger("hyrun.trainer").info("stage %s from step %d: seq_len %d, rope_base %g",
+                                                    stage.name, step, stage.seq_len, base)
+
+    def stage_changes_after(self, step: int) -> bool:
+        """Whether `step` ends a stage and the next one trains other shapes (a planned checkpoint)."""
+        stage, after = self.stage(step), self.stage(step + 1)
+        if stage is None or step >= self.job.training.steps or after is stage:
+            return False
+        return (after.seq_len, after.rope_base) != (stage.seq_len, stage.rope_base)
 
     def extra_state(self, step: int) -> dict:
         """Job-wide state beside model and optimizer that a resume needs (collective), and the model's
@@ -147,6 +174,7 @@ class Trainer:
 
     def begin_step(self, step: int) -> float:
         self.step_in_progress = step
+        self.enter_stage(step)
         self.faults.at_step_start(step)
         lr = lr_at(step - 1, self.schedule)
         for group in self.optimizer.param_groups:
@@ -199,14 +227,19 @@ def train(
         if checkpointer is not None:
             checkpointer.fence()  # the last save's copy of the weights must finish before they change
         trainer.apply_update(step)
-        if checkpointer is not None and checkpointer.due(step, time.monotonic()):
+        stage_change = trainer.stage_changes_after(step)
+        # due() is a vote every rank takes part in each step; a stage change is known to all alike.
+        if checkpointer is not None and (checkpointer.due(step, time.monotonic()) or stage_change):
             checkpointer.save_async(step, trainer.model, trainer.optimizer, extra=trainer.extra_state(step))
-            if drain is not None and drain.take():
+            if (drain is not None and drain.take()) or stage_change:
                 checkpointer.wait()
         if step == first_step:
             log.info("first step done")
+        moved, spent = LEDGER.take()  # this step's collectives, by kind (empty unless the worker counts them)
         reporter.report(
             StepRecord(
+                collective_bytes=moved,
+                collective_s=spent,
                 generation=work.generation,
                 rank=work.rank,
                 step=step,
@@ -225,6 +258,3 @@ def train(
     if checkpointer is not None:
         checkpointer.close()
     return trainer.model
-        moved, spent = LEDGER.take()  # this step's collectives, by kind (empty unless the worker counts them)
-                collective_bytes=moved,
-                collective_s=spent,

@@ -105,7 +105,9 @@ class ReplicatedEngine:
                 # CPU time, not wall time: on a shared machine a descheduled rank must not read as a
                 # slow card (the straggler policy and the planner's calibration both use this).
                 forward_started = time.thread_time()
-                output = self.wrapped(tokens[:, :-1])
+                # [b, 2, seq + 1]: packed documents, their segment ids second (attention stays inside each).
+                tokens, segments = (tokens[:, 0], tokens[:, 1, :-1]) if tokens.dim() == 3 else (tokens, None)
+                output = self.wrapped(tokens[:, :-1], segments)
                 loss, ce = lm_loss(output, tokens[:, 1:], aux_loss_coeff=self.module.config.aux_loss_coeff)
                 observe(output.router_stats, self.layers)
                 busy_s = (time.thread_time() - forward_started) / FORWARD_SHARE_OF_COMPUTE

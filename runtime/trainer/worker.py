@@ -192,6 +192,7 @@ def main() -> int:
             node=spec.node,
             card_index=spec.card_index,
             device=device,
+            log_dir=str(Path(spec.log_path).parent),
         )
         checkpointer = build_checkpointer(job, spec)
         logging.info("checkpointer ready")
