@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,6 +68,7 @@ def launch(
     from hyrun.runtime.progress import ProgressView
 
     from hyrun.runtime.export.index import InitFromError, check_init_from
+    from hyrun.runtime.data.sources import DataError
 
     try:
         job = load_job(job_file)
@@ -74,7 +76,9 @@ def launch(
         if job.model.init_from:
             check_init_from(job.model.config(), Path(job.model.init_from), training_state=job.model.init_training_state)
         _check_network_mode(job, netns, coordinator)
-    except (JobFileError, InitFromError) as error:
+        if job.data is not None:
+            _prepare_data(job)
+    except (JobFileError, InitFromError, DataError) as error:
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
 
@@ -95,6 +99,40 @@ def launch(
     _print_summary(outcome)
     if not outcome.succeeded:
         _fail(f"job {outcome.job_id} failed: {outcome.message}")
+    if job.data is not None and job.checkpoint.enabled:
+        _print_heldout(job, outcome.run_dir)
+
+
+def _prepare_data(job) -> None:
+    """The job's corpus, prepared on first use (a cached one is only re-hashed), its vocabulary checked."""
+    from hyrun.runtime.data.first_use import check_vocabulary, ensure_prepared
+
+    directory = ensure_prepared(job.data, say=lambda text: err_console.print(text, highlight=False))
+    check_vocabulary(directory, job.model.config().vocab_size)
+
+
+def _print_heldout(job, run_dir: Path) -> None:
+    """Held-out loss of the final checkpoint beside a unigram model's, also added to summary.json."""
+    from rich.table import Table
+
+    from hyrun.runtime.eval.heldout import evaluate_run
+
+    try:
+        result = evaluate_run(job, run_dir)
+    except Exception as error:  # an evaluation that fails is reported; the job itself succeeded
+        err_console.print(f"[yellow]held-out evaluation failed:[/] {type(error).__name__}: {error}", highlight=False)
+        return
+    table = Table(title=f"held-out loss at step {result['step']} (nats/token, seq_len {result['seq_len']})")
+    for column in ("source", "tokens", "model", "unigram", "perplexity"):
+        table.add_column(column)
+    rows = [*result["sources"].items(), ("all", result)]
+    for name, r in rows:
+        table.add_row(name, f"{r['tokens']:,}", f"{r['model_loss']:.3f}", f"{r['unigram_loss']:.3f}",
+                      f"{math.exp(r['model_loss']):.1f}")
+    console.print(table)
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        summary.write_text(json.dumps(json.loads(summary.read_text()) | {"heldout": result}, indent=2))
 
 
 def _check_network_mode(job, netns: bool, coordinator: str | None) -> None:

@@ -5,7 +5,6 @@ global sample ids whatever the layout (see test_data_resume.py for evictions, a 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -14,32 +13,7 @@ import pytest
 from hyrun.runtime.jobfile import JobFileError, parse_job
 
 from conftest import job_dict
-
-VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The standard library's email and json packages, prepared with a tokenizer trained on them."""
-    import email
-    import json as json_package
-
-    from hyrun.runtime.data.prepare import PrepareSettings, prepare
-    from hyrun.runtime.data.sources import SourceSpec
-
-    out = tmp_path_factory.mktemp("corpus")
-    prepare(PrepareSettings(out=out, sources=(SourceSpec("email", Path(email.__file__).parent),
-                                              SourceSpec("json", Path(json_package.__file__).parent)),
-                            globs=("*.py",), train_vocab=VOCAB, val_fraction=0.1, workers=1))
-    return out
-
-
-def data_job(corpus: Path, *, steps: int = 12, stages=(), **data) -> dict:
-    return job_dict(model={"preset": "tiny", "overrides": {"vocab_size": VOCAB}},
-                    training={"steps": steps, "global_batch": 8, "micro_batch": 2, "seq_len": 32,
-                              "schedule": {"warmup_steps": 1}},
-                    data={"path": str(corpus), "stages": list(stages), **data})
-
+from data_corpus import corpus, data_job  # noqa: F401  (corpus is a fixture)
 
 BAD_DATA = {
     "no corpus": ({}, "data"),
