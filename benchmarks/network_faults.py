@@ -51,7 +51,7 @@ def run(spec: dict) -> tuple[JobOutcome, float | None]:
     parsed = parse_job(spec)
     outcome = run_job(parsed, parsed.model_dump_json(), coordinator=None, token="", tls=TlsFiles(),
                       on_event=lambda event: None, netns=True)
-    fired = json.loads((outcome.run_dir / "summary.json").read_text())["network_faults"]
+    fired = json.loads((outcome.run_dir / "summary.json").read_text())["injected_faults"]
     return outcome, (fired[0]["at_job_s"] if fired else None)
 
 

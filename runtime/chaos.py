@@ -27,6 +27,7 @@ class Randomize(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     at_step: tuple[int, int] | None = Field(None, description="draw each fault's step from [first, last]")
+    at_s: tuple[float, float] | None = Field(None, description="draw each timed fault's second from [first, last]")
     target: bool = Field(False, description="draw each fault's node and card among the job's cards")
 
 
@@ -63,6 +64,8 @@ def draw_faults(scenario: Scenario, job: JobSpec, trial: int, faults: list[Fault
         update: dict[str, Any] = {}
         if scenario.randomize.at_step is not None and fault.at_step is not None:
             update["at_step"] = rng.randint(*scenario.randomize.at_step)
+        if scenario.randomize.at_s is not None and fault.at_s is not None:
+            update["at_s"] = round(rng.uniform(*scenario.randomize.at_s), 2)
         if scenario.randomize.target:
             update["node"], update["card"] = rng.choice(cards)
         drawn.append(fault.model_copy(update=update))
@@ -79,6 +82,9 @@ def load_scenario(path: Path) -> tuple[Scenario, JobSpec]:
     job = load_job(path.parent / scenario.job)
     nodes = {n.name: sum(g.count for g in n.cards) for n in job.cluster.nodes}
     for number, fault in enumerate(scenario.faults):
+        if fault.is_network:
+            raise JobFileError(f"{path}: faults.{number} is a network fault: run it with `hyrun launch --netns` "
+                               "(chaos trials run on one network host)")
         if fault.card >= nodes.get(fault.node, 0):
             raise JobFileError(f"{path}: faults.{number} names {fault.node}/card{fault.card}, which the job does not have")
     return scenario, job
@@ -120,10 +126,12 @@ def match_incidents(faults: list[FaultSpec], incidents: list[dict]) -> list[Faul
     reports = []
     for fault in faults:
         card = f"{fault.node}/card{fault.card}"
+        # A worker's or agent's own fault fires in its generation; one from outside whenever it is due.
         incident = next(
-            (i for i in incidents if card in i.get("cards", []) and int(i.get("generation", 0)) == fault.generation),
+            (i for i in incidents if card in i.get("cards", [])
+             and (fault.from_outside or int(i.get("generation", 0)) == fault.generation)),
             None,
-        )
+        )  # fmt: skip
         if incident is None:
             reports.append(FaultReport(fault, detected=False))
             continue

@@ -28,12 +28,17 @@ def cards_left(trial: ChaosReport, total_cards: int) -> int:
     return total_cards - len({e.split(":")[0] for e in trial.outcome.evictions})
 
 
+def kind_of(fault) -> str:
+    """The row a fault counts in: its kind, and for a signal which one and to what."""
+    return f"signal {fault.signal} {fault.target}" if fault.kind == "signal" else fault.kind
+
+
 def per_kind(run: ChaosRun) -> dict[str, dict[str, Any]]:
     """Per fault kind: trials it was in, trials survived, detection / recovery p50 and p95, most steps lost."""
     kinds: dict[str, dict[str, list]] = {}
     for trial in run.trials:
         for fault in trial.faults:
-            entry = kinds.setdefault(fault.fault.kind, {"survived": [], "detect": [], "resume": [], "lost": []})
+            entry = kinds.setdefault(kind_of(fault.fault), {"survived": [], "detect": [], "resume": [], "lost": []})
             entry["survived"].append(trial.passed and fault.detected)
             entry["detect"] += [fault.detect_s] if fault.detect_s is not None else []
             entry["resume"] += [fault.resume_s] if fault.resume_s is not None else []

@@ -249,6 +249,8 @@ class HealthSection(_Section):
 
 
 NETWORK_FAULTS = ("link_slow", "link_down", "partition", "coordinator_unreachable")
+# Faults the launcher injects from outside the job's processes (at a step or a time), not a worker itself.
+LAUNCHER_FAULTS = NETWORK_FAULTS + ("signal",)
 # The parameters each fault kind reads beyond where and when it fires (FaultSpec's field docs).
 _FAULT_PARAMETERS = {
     "nan_grad": ("repeat_steps",),
@@ -259,6 +261,7 @@ _FAULT_PARAMETERS = {
     "link_down": ("duration_s",),
     "partition": ("duration_s",),
     "coordinator_unreachable": ("duration_s",),
+    "signal": ("signal", "target"),
 }
 
 
@@ -266,11 +269,13 @@ class FaultSpec(_Section):
     """A fault to inject (tests, benchmarks, `hyrun chaos`): keyed by card and step, so it fires
     on the same card at the same point whatever rank that card holds in a generation."""
 
-    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc",
+    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc", "signal",
                   "link_slow", "link_down", "partition", "coordinator_unreachable"] = Field(
         ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
         "gradients; slow: run the card at `speed` from then on; temperature_ramp: its simulated "
-        "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error. Network "
+        "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error; signal: the "
+        "launcher sends `signal` from outside to the card's worker or (`target: agent`) to the node's agent, "
+        "at a step or at a time (`at_s`), whatever it is doing then. Network "
         "faults (`hyrun launch --netns` only; the whole node, `card` unused): link_slow caps the node's "
         "data link at `mbit`; link_down cuts it; partition cuts data and control links; "
         "coordinator_unreachable cuts only the control link; each for `duration_s` (0: for good)"
@@ -279,8 +284,11 @@ class FaultSpec(_Section):
     card: int = Field(0, ge=0)
     at_step: int | None = Field(None, ge=1, description="the step at whose start the fault fires")
     at_s: float | None = Field(
-        None, ge=0, description="network faults: seconds after the job was submitted at which it fires (instead of at_step)"
+        None, ge=0, description="network and signal faults: seconds after the job was submitted at which it fires "
+        "(instead of at_step)"
     )
+    signal: Literal["SIGKILL", "SIGTERM", "SIGSTOP", "SIGSEGV"] = Field("SIGKILL", description="signal: which one")
+    target: Literal["worker", "agent"] = Field("worker", description="signal: the card's worker, or its node's agent")
     repeat_steps: int = Field(1, ge=1, description="nan_grad: on this many consecutive steps")
     speed: float = Field(0.3, gt=0, le=1, description="slow: the card's new speed")
     c_per_s: float = Field(2.0, gt=0, description="temperature_ramp: degrees per second")
@@ -291,8 +299,8 @@ class FaultSpec(_Section):
 
     @model_validator(mode="after")
     def _one_moment(self) -> FaultSpec:
-        if self.at_s is not None and not self.is_network:
-            raise ValueError(f"{self.kind}: at_s is for network faults; a {self.kind} fault fires at_step")
+        if self.at_s is not None and not self.from_outside:
+            raise ValueError(f"{self.kind}: at_s is for network and signal faults; a {self.kind} fault fires at_step")
         if (self.at_step is None) == (self.at_s is None):
             raise ValueError(f"{self.kind} on {self.node}: give exactly one of at_step and at_s")
         return self
@@ -302,6 +310,11 @@ class FaultSpec(_Section):
         return self.kind in NETWORK_FAULTS
 
     @property
+    def from_outside(self) -> bool:
+        """Injected by the launcher (network, signal), not by a worker or an agent on itself."""
+        return self.kind in LAUNCHER_FAULTS
+
+    @property
     def moment(self) -> str:
         """When it fires, in words."""
         return f"step {self.at_step}" if self.at_step is not None else f"{self.at_s:g} s"
@@ -309,7 +322,8 @@ class FaultSpec(_Section):
     def used_fields(self) -> set[str]:
         """The fields this kind of fault reads (a report lists these, not every default)."""
         when = {"at_step"} if self.at_step is not None else {"at_s"}
-        where = {"kind", "node"} | when | (set() if self.is_network else {"card", "generation"})
+        where = {"kind", "node"} | when | (set() if self.is_network else {"card"})
+        where |= set() if self.from_outside else {"generation"}
         return where | set(_FAULT_PARAMETERS.get(self.kind, ()))
 
 

@@ -27,8 +27,9 @@ from google.protobuf import json_format
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
-from hyrun.runtime.jobfile import JobSpec, new_job_id
-from hyrun.runtime.network.faults import NetworkFaults
+from hyrun.runtime.jobfile import FaultSpec, JobSpec, new_job_id
+from hyrun.runtime.launch_faults import LauncherFaults
+from hyrun.runtime.network.faults import network_fault
 from hyrun.runtime.network.hosts import DATA_IF, NetnsHosts
 from hyrun.runtime.rendezvous import GenerationStore
 from hyrun.common.process import kill_group
@@ -104,6 +105,17 @@ class EmbeddedCluster:
         token_file.write_text(self.token)
         for node in self.job.cluster.nodes:
             self._start_agent(node.name, [group.model_dump() for group in node.cards])
+
+    def send_signal(self, fault: FaultSpec) -> None:
+        """A `signal` fault: sent from outside to the card's worker or the node's agent, now."""
+        if fault.target == "agent":
+            pid = self.agents[fault.node].pid
+        else:
+            orchestrator = self.coordinator.servicer.orchestrator
+            pid = self.coordinator.call(orchestrator.worker_pid, fault.node, fault.card)
+            if pid is None:
+                raise RuntimeError(f"no worker runs on {fault.node}/card{fault.card}")
+        os.kill(pid, getattr(signal, fault.signal))
 
     def _start_agent(self, node: str, card_groups: list[dict]) -> None:
         command = [
@@ -268,9 +280,9 @@ def run_job(
             log_file = _log_to(run_dir / "coordinator.log")
             if netns:
                 hosts = NetnsHosts([node.name for node in job.cluster.nodes])
-                faults = NetworkFaults(hosts, job.faults)
             cluster = EmbeddedCluster(job, run_dir, token, hosts)
             cluster.start()
+            faults = LauncherFaults(job.faults, lambda fault: _inject(fault, cluster, hosts))
             coordinator = cluster.coordinator.address
             if hosts is not None:
                 tls = TlsFiles(cert=cluster.tls.cert)
@@ -317,12 +329,20 @@ def run_job(
                     "incidents": outcome.incidents,
                     "losses": {str(k): v for k, v in sorted(outcome.losses.items())},
                     "step_done_s": {str(k): v for k, v in sorted(outcome.step_done_s.items())},
-                    "network_faults": [vars(f) for f in faults.fired] if faults is not None else [],
+                    "injected_faults": [vars(f) for f in faults.fired] if faults is not None else [],
                 },
                 indent=2,
             )
         )
     return outcome
+
+
+def _inject(fault: FaultSpec, cluster: EmbeddedCluster, hosts: NetnsHosts | None):
+    """Injects one of the job's launcher faults; returns its repair (or None)."""
+    if fault.is_network:
+        return network_fault(hosts, fault)
+    cluster.send_signal(fault)
+    return None
 
 
 def _log_to(path: Path) -> logging.Handler:

@@ -211,7 +211,7 @@ def test_a_link_down_for_a_while_comes_back_and_one_down_for_good_is_evicted(lau
     ])
     summary = _run(launched, write_job, tmp_path, job, 400)
     assert sorted(map(int, summary["losses"])) == list(range(1, 15))
-    fired = {f["node"]: f["at_job_s"] for f in summary["network_faults"]}
+    fired = {f["node"]: f["at_job_s"] for f in summary["injected_faults"]}
     downs = _incidents(summary, "is down (no carrier)")
     assert [i["cards"] for i in downs] == [["n1/card0"], ["n3/card0"]]
     for incident in downs:  # detected within the heartbeat timeout + 2 s of the link going down
@@ -255,13 +255,14 @@ def test_time_keyed_faults_fire_at_their_second_and_are_repaired(monkeypatch):
     import time
 
     from hyrun.runtime.jobfile import FaultSpec
+    from hyrun.runtime.launch_faults import LauncherFaults
     from hyrun.runtime.network import faults as network_faults
 
     changes: list[tuple[str, str, bool, float]] = []
     monkeypatch.setattr(network_faults, "set_link",
                         lambda hosts, node, link, up: changes.append((node, link, up, time.monotonic())))  # fmt: skip
     specs = [FaultSpec(kind="link_down", node="n1", at_s=0.3, duration_s=0.3), FaultSpec(kind="partition", node="n2", at_step=4)]
-    faults = network_faults.NetworkFaults(hosts=None, faults=specs)
+    faults = LauncherFaults(specs, lambda fault: network_faults.network_fault(None, fault))
     started = time.monotonic()
     faults.start(started)
     deadline = started + 10
@@ -280,7 +281,7 @@ def test_time_keyed_faults_fire_at_their_second_and_are_repaired(monkeypatch):
     ("fault", "message"),
     [({"kind": "link_down", "node": "n1"}, "exactly one of at_step and at_s"),
      ({"kind": "link_down", "node": "n1", "at_step": 2, "at_s": 1.0}, "exactly one of at_step and at_s"),
-     ({"kind": "kill", "node": "n1", "at_s": 1.0}, "at_s is for network faults")],
+     ({"kind": "kill", "node": "n1", "at_s": 1.0}, "at_s is for network and signal faults")],
 )  # fmt: skip
 def test_a_fault_fires_at_a_step_or_a_second_not_both(fault, message):
     from hyrun.runtime.jobfile import FaultSpec

@@ -123,3 +123,22 @@ def test_a_killed_agent_takes_its_node_out_and_the_job_finishes_on_the_other(wri
     assert sorted(e.split(":")[0] for e in data["evictions"]) == ["node-b/card0", "node-b/card1"], data["evictions"]
     assert max(map(int, data["losses"])) == 150
     assert result.alive_seen() == []  # the dead agent's workers died with it
+
+
+@pytest.mark.timeout(240)
+def test_signals_sent_from_outside_to_a_worker_and_to_an_agent_are_survived(write_job, launched, tmp_path):
+    job = job_dict(
+        training={"steps": 12},
+        checkpoint={"interval_steps": 2},
+        faults=[
+            {"kind": "signal", "node": "node-a", "card": 1, "at_step": 3, "signal": "SIGSEGV", "target": "worker"},
+            {"kind": "signal", "node": "node-b", "at_step": 8, "signal": "SIGKILL", "target": "agent"},
+        ],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    assert sorted(map(int, summary["losses"])) == list(range(1, 13))
+    evicted = {e.split(":")[0]: e for e in summary["evictions"]}
+    assert "SIGSEGV" in evicted["node-a/card1"], summary["evictions"]
+    # The node whose agent died is lost: its cards that the running generation used are evicted.
+    assert any(card.startswith("node-b/") and "node node-b lost" in e for card, e in evicted.items()), evicted
+    assert [f["kind"] for f in summary["injected_faults"]] == ["signal", "signal"]

@@ -50,6 +50,7 @@ class Generation:
     last_report: dict = field(default_factory=dict)  # rank -> its last StepReport
     committed_step: int = 0  # newest checkpoint any rank reported committed (commits are all-ranks)
     exited_ok: set[int] = field(default_factory=set)
+    worker_pids: dict[int, int] = field(default_factory=dict)  # rank -> its worker's pid on its node
     failures: list[RankFailure] = field(default_factory=list)  # in the order they arrived
     failing_since: float | None = None  # first failure seen; the verdict waits a short grace
     # A drain in progress: verdicts carried out once a checkpoint newer than `drain_after_step`

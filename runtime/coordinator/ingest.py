@@ -120,6 +120,19 @@ class JobIngest:
             gen.reduce_entered[progress.rank] = progress.step
             gen.last_progress_s = now_s
 
+    def on_worker_started(self, node: str, started: pb.WorkerStarted) -> None:
+        gen = self._current_generation(started.generation)
+        if gen is not None:
+            gen.worker_pids[started.rank] = started.pid
+
+    def worker_pid(self, node: str, card: int) -> int | None:
+        """The pid of the running generation's worker on this card, if one runs there."""
+        gen = self.job.generation if self.job else None
+        if gen is None or gen.ended:
+            return None
+        rank = next((s.rank for s in gen.ranks if s.node == node and s.card_index == card), None)
+        return None if rank is None else gen.worker_pids.get(rank)
+
     def on_worker_exit(self, node: str, exit_msg: pb.WorkerExit, now_s: float) -> None:
         gen = self._current_generation(exit_msg.generation)
         if gen is None:

@@ -198,6 +198,7 @@ class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
             self.orchestrator.on_worker_exit(name, message.worker_exit, now)
         elif kind == "worker_started":
             log.info("node %s: rank %d started (pid %d)", name, message.worker_started.rank, message.worker_started.pid)
+            self.orchestrator.on_worker_started(name, message.worker_started)
 
     # ------------------------------------------------------------------ CLI
 
