@@ -42,6 +42,9 @@ def agent(
     ] = None,
     parent_pid: Annotated[Optional[int], typer.Option(help="exit when this process dies (used by `hyrun launch`)")] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="PEM certificate to trust: enables TLS to the coordinator", exists=True)] = None,
+    relay_tls_cert: Annotated[Optional[Path], typer.Option(help="with --relay-listen under TLS: the relay's PEM certificate "
+                                                             "(one the nodes' --tls-ca trusts)", exists=True)] = None,
+    relay_tls_key: Annotated[Optional[Path], typer.Option(help="... and its PEM private key", exists=True)] = None,
     token_file: Annotated[
         Optional[Path], typer.Option(help=f"file holding the job token (default: ${TOKEN_ENV})", exists=True, dir_okay=False)
     ] = None,
@@ -64,6 +67,8 @@ def agent(
     cards = simulated_cards(groups) if groups else nvml_cards()
     if not cards:
         _fail("no cards: no NVIDIA GPU found by NVML; describe simulated ones with --simulate cpu-sim:2")
+    if (relay_tls_cert is None) != (relay_tls_key is None):
+        _fail("--relay-tls-cert and --relay-tls-key go together")
     if data_interface:
         # Workers inherit the environment: collectives go over this NIC, not whatever the hostname
         # resolves to (often the management network). An explicit setting from the user wins.
@@ -75,6 +80,7 @@ def agent(
         heartbeat_interval_s=heartbeat_interval, reconnect_timeout_s=reconnect_timeout, warm_workers=warm_workers,
         token=token, tls=TlsFiles(cert=tls_ca), shm_dir=shm_dir or Path(os.environ.get(SHM_DIR_ENV) or DEFAULT_SHM_DIR),
         data_interface=data_interface, relay_listen=relay_listen, via_relays=via_relays,
+        relay_tls=TlsFiles(cert=relay_tls_cert, key=relay_tls_key),
     )  # fmt: skip
     if cards[0].simulated:
         telemetry = SimulatedCards([c.index for c in cards])

@@ -65,6 +65,7 @@ class AgentSettings:
     shm_dir: Path = field(default_factory=shared_memory_dir)  # where this node's RAM snapshots live
     data_interface: str = ""          # the NIC collectives use: watched and reported; "" = none
     relay_listen: str = ""            # HOST:PORT: also relay other nodes' heartbeats (DESIGN: Scale); "" = not a relay
+    relay_tls: TlsFiles = field(default_factory=TlsFiles)  # the relay's own certificate and key (under TLS)
     via_relays: bool = False          # send heartbeats through the relay the coordinator routes this node to
 
 
@@ -193,14 +194,13 @@ class NodeAgent:
 
     def _heartbeat_route(self) -> HeartbeatRoute | None:
         s = self.settings
-        if s.tls.enabled and (s.relay_listen or s.via_relays):
-            # A relay would need a server certificate of its own: not built yet, and never in clear text.
-            log.error("heartbeat relays do not run under TLS yet; heartbeats go to the coordinator directly")
-            return None
-        if s.relay_listen:
+        if s.relay_listen and s.tls.enabled and not s.relay_tls.enabled:
+            # Nodes reach a relay with the cluster's CA and token, as they reach the coordinator: never in clear text.
+            log.error("under TLS a relay needs a certificate of its own (--relay-tls-cert/--relay-tls-key); this agent does not relay")
+        elif s.relay_listen:
             relay = Relay(node=s.node, coordinator=",".join(self.endpoints), token=s.token, tls=s.tls,
                           interval_s=self.heartbeat_interval_s)  # fmt: skip
-            thread = RelayThread(relay, s.relay_listen, advertise_host=s.host or socket.gethostname())
+            thread = RelayThread(relay, s.relay_listen, server_tls=s.relay_tls, advertise_host=s.host or socket.gethostname())
             try:
                 log.info("relaying heartbeats on port %d", thread.start(TokenInterceptor(s.token) if s.token else None))
             except OSError as error:

@@ -211,18 +211,31 @@ def test_a_node_silent_without_a_job_is_marked_lost_after_the_timeout(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_real_agents_beat_through_an_agent_acting_as_relay_and_outlive_it(tmp_path, launched):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_real_agents_beat_through_an_agent_acting_as_relay_and_outlive_it(tmp_path, launched, tls):
+    from hyrun.common.security import TlsFiles
+    from hyrun.runtime.network.tls import write_self_signed
+
+    secure: list[str] = []
+    relay_tls: list[str] = []
+    settings = {}
+    if tls:  # as on a real cluster: TLS and a job token to the coordinator and to the relay alike
+        cert, key = write_self_signed(tmp_path / "tls", "127.0.0.1")
+        (tmp_path / "token").write_text("job-secret")
+        settings = {"tls": TlsFiles(cert=cert, key=key), "token": "job-secret"}
+        secure = ["--tls-ca", str(cert), "--token-file", str(tmp_path / "token")]
+        relay_tls = ["--relay-tls-cert", str(cert), "--relay-tls-key", str(key)]
     service = CoordinatorService(
         CoordinatorSettings(heartbeat_interval_s=INTERVAL_S, heartbeat_timeout_s=TIMEOUT_S, run_root=str(tmp_path),
-                            metrics_port=None),
+                            metrics_port=None, **settings),
         open_rendezvous=FakeRendezvous,
     )  # fmt: skip
     service.start()
     common = ["--coordinator", service.address, "--simulate", "cpu-sim:2", "--host", "127.0.0.1", "--warm-workers", "0",
-              "--heartbeat-interval", str(INTERVAL_S), "--via-relays"]  # fmt: skip
+              "--heartbeat-interval", str(INTERVAL_S), "--via-relays", *secure]  # fmt: skip
     try:
         relays, membership = service.servicer.relays, service.servicer.membership
-        relay_agent = launched("agent", "--node", "relay-a", "--relay-listen", "127.0.0.1:0", *common)
+        relay_agent = launched("agent", "--node", "relay-a", "--relay-listen", "127.0.0.1:0", *relay_tls, *common)
         _wait_for(lambda: service.call(lambda: "relay-a" in relays.book.addresses), 20, "the agent to offer itself as relay")
         for node in ("node-b", "node-c"):
             launched("agent", "--node", node, *common)
