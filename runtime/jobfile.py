@@ -262,6 +262,7 @@ _FAULT_PARAMETERS = {
     "partition": ("duration_s",),
     "coordinator_unreachable": ("duration_s",),
     "signal": ("signal", "target"),
+    "corrupt_checkpoint": ("damage",),
 }
 
 
@@ -269,13 +270,14 @@ class FaultSpec(_Section):
     """A fault to inject (tests, benchmarks, `hyrun chaos`): keyed by card and step, so it fires
     on the same card at the same point whatever rank that card holds in a generation."""
 
-    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc", "signal",
+    kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc", "signal", "corrupt_checkpoint",
                   "link_slow", "link_down", "partition", "coordinator_unreachable"] = Field(
         ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
         "gradients; slow: run the card at `speed` from then on; temperature_ramp: its simulated "
         "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error; signal: the "
         "launcher sends `signal` from outside to the card's worker or (`target: agent`) to the node's agent, "
-        "at a step or at a time (`at_s`), whatever it is doing then. Network "
+        "at a step or at a time (`at_s`), whatever it is doing then; corrupt_checkpoint: the worker damages "
+        "the newest committed checkpoint (`damage`) and dies, so the next generation must resume past it. Network "
         "faults (`hyrun launch --netns` only; the whole node, `card` unused): link_slow caps the node's "
         "data link at `mbit`; link_down cuts it; partition cuts data and control links; "
         "coordinator_unreachable cuts only the control link; each for `duration_s` (0: for good)"
@@ -289,6 +291,9 @@ class FaultSpec(_Section):
     )
     signal: Literal["SIGKILL", "SIGTERM", "SIGSTOP", "SIGSEGV"] = Field("SIGKILL", description="signal: which one")
     target: Literal["worker", "agent"] = Field("worker", description="signal: the card's worker, or its node's agent")
+    damage: Literal["flip", "truncate", "delete"] = Field(
+        "flip", description="corrupt_checkpoint: flip 64 bytes in, truncate or delete its largest file"
+    )
     repeat_steps: int = Field(1, ge=1, description="nan_grad: on this many consecutive steps")
     speed: float = Field(0.3, gt=0, le=1, description="slow: the card's new speed")
     c_per_s: float = Field(2.0, gt=0, description="temperature_ramp: degrees per second")

@@ -142,3 +142,22 @@ def test_signals_sent_from_outside_to_a_worker_and_to_an_agent_are_survived(writ
     # The node whose agent died is lost: its cards that the running generation used are evicted.
     assert any(card.startswith("node-b/") and "node node-b lost" in e for card, e in evicted.items()), evicted
     assert [f["kind"] for f in summary["injected_faults"]] == ["signal", "signal"]
+
+
+@pytest.mark.timeout(240)
+def test_a_damaged_newest_checkpoint_is_refused_and_the_one_before_it_resumes_exactly(write_job, launched, tmp_path):
+    job = job_dict(
+        training={"steps": 10},
+        checkpoint={"interval_steps": 2, "keep_last": 10},
+        faults=[{"kind": "corrupt_checkpoint", "node": "node-b", "card": 1, "at_step": 7, "damage": "flip"}],
+    )
+    summary = _run(write_job, launched, tmp_path, job)
+    (incident,) = summary["incidents"]
+    assert int(incident["resumed_step"]) in (3, 5)  # the checkpoint before the damaged one (4 or 2), not it
+    logs = "".join(p.read_text() for p in (tmp_path / "runs").glob("*/generation-2/*/rank-*.log"))
+    assert "refused newer" in logs
+    torch.set_num_threads(1)
+    reference = Reporter(None)
+    train(parse_job(job_dict(training={"steps": 10})), RankWork(), reference)
+    for record in reference.history:
+        assert summary["losses"][str(record.step)] == pytest.approx(record.loss, rel=1e-4), record.step

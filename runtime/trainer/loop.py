@@ -207,6 +207,7 @@ def train(
     the job's last step; returns the (unwrapped) model."""
     log = logging.getLogger("hyrun.trainer")
     trainer = Trainer(job, work, reporter)
+    trainer.faults.checkpoint_dir = checkpointer.settings.directory if checkpointer is not None else None
     log.info("model and optimizer built")
     first_step, info = 1, None
     if checkpointer is not None:
