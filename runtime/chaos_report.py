@@ -86,11 +86,12 @@ def markdown(report: dict[str, Any]) -> str:
     if report["reference"]:
         ref = report["reference"]
         lines += [f"Fault-free reference: job `{ref['job']}` ({ref['state']}), final loss {_fmt(ref['final_loss'])}, `{ref['run_dir']}`", ""]
-    lines += ["| kind | survived | detect p50 / p95 s | recover p50 / p95 s | most steps lost |", "| --- | --- | --- | --- | --- |"]
+    lines += ["## Per fault kind", "", "| kind | survived | detect p50 / p95 s | recover p50 / p95 s | most steps lost |",
+              "| --- | --- | --- | --- | --- |"]
     for kind, k in report["kinds"].items():
         lines.append(f"| {kind} | {k['survived']}/{k['trials']} | {_fmt(k['detect_p50_s'])} / {_fmt(k['detect_p95_s'])} | "
                      f"{_fmt(k['recover_p50_s'])} / {_fmt(k['recover_p95_s'])} | {k['max_steps_lost']} |")
-    lines += ["", "| trial | state | faults (detected, verdict, steps lost) | final loss | cards left | run dir |",
+    lines += ["", "## Trials", "", "| trial | state | faults (detected, verdict, steps lost) | final loss | cards left | run dir |",
               "| --- | --- | --- | --- | --- | --- |"]
     for t in report["trials"]:
         faults = "; ".join(f"{f['fault']['kind']} {f['fault']['node']}: {'yes' if f['detected'] else 'NO'}, {f['verdict'] or '-'}, "
