@@ -82,9 +82,13 @@ def launch(
         _fail(str(error), EXIT_USAGE)
     live = console.is_terminal if progress is None else progress
 
+    evaluation = []
+
     def started(address: str, run_dir: Path) -> None:
         console.print(f"[bold]{job.name}[/]: {job.cluster.card_count} cards on {len(job.cluster.nodes)} nodes, "
                       f"coordinator {address}, logs in {run_dir}")
+        if job.data is not None and job.data.validation.every_checkpoint and job.checkpoint.enabled:
+            evaluation.append(_start_evaluation(run_dir, job_file))
 
     view = ProgressView(console, live)
     try:
@@ -96,6 +100,8 @@ def launch(
     except KeyboardInterrupt:
         err_console.print("interrupted: every process this launch started has been stopped")
         raise typer.Exit(EXIT_INTERRUPTED)
+    for process in evaluation:
+        _stop_evaluation(process)
     _print_summary(outcome)
     if not outcome.succeeded:
         _fail(f"job {outcome.job_id} failed: {outcome.message}")
@@ -109,6 +115,30 @@ def _prepare_data(job) -> None:
 
     directory = ensure_prepared(job.data, say=lambda text: err_console.print(text, highlight=False))
     check_vocabulary(directory, job.model.config().vocab_size)
+
+
+def _start_evaluation(run_dir: Path, job_file: Path):
+    """The evaluation beside training: its own process group, so nothing it does reaches the job."""
+    import subprocess
+    import sys
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "eval.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "hyrun.runtime.eval.watch", str(run_dir), str(job_file.resolve()),
+                             str(os.getpid())],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_evaluation(process, grace_s: float = 30.0) -> None:
+    """It ends by itself once summary.json is written and the last checkpoint scored; then it is stopped."""
+    import signal
+    import subprocess
+
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _print_heldout(job, run_dir: Path) -> None:

@@ -83,6 +83,7 @@ def test_rows_are_the_same_whoever_reads_them(corpus):
         assert (part.indices == whole.indices[first:first + 2]).all()
 
 
+@pytest.mark.timeout(240)
 def test_training_in_process_switches_stage_and_records_sample_ids(corpus, tmp_path):
     """One rank: the anneal's LR reaches a tenth of peak, the long-context stage reads longer windows with
     the new RoPE base, and every step's sample ids are recorded."""
@@ -104,3 +105,10 @@ def test_training_in_process_switches_stage_and_records_sample_ids(corpus, tmp_p
     indices = [i for r in records for i in r["indices"]]
     assert indices == list(range(12 * 8))
     assert all(0 < r.loss < 10 for r in reporter.history)
+
+
+def test_evaluation_beside_training_scores_the_newest_unscored_checkpoint_first():
+    from hyrun.runtime.eval.watch import pending_steps
+
+    assert pending_steps([2, 4, 6], {2}) == [6, 4]
+    assert pending_steps([], set()) == [] and pending_steps([2], {2}) == []

@@ -68,6 +68,8 @@ class StageSpec(_Section):
 
 class ValidationSpec(_Section):
     samples_per_source: int = Field(32, ge=1, description="held-out sequences per source in each evaluation")
+    every_checkpoint: bool = Field(False, description="score every committed checkpoint in a process beside "
+                                   "training (RUN_DIR/eval.jsonl); the final one is always scored at the end")
 
 
 class DataSection(_Section):

@@ -167,8 +167,8 @@ class Trainer:
 
     def forward_backward(self, step: int):
         """This rank's micro-batches of `step` through its engine; returns its StepWork."""
-        batches = [self.data.micro_batch(step, self.micro_batch_offset + i, self.job.training.micro_batch).to(self.device)
-                   for i in range(self.micro_batches)]
+        batches = [batch.to(self.device) for batch in self.data.micro_batches(
+            step, self.micro_batch_offset, self.micro_batches, self.job.training.micro_batch)]
         return self.engine.forward_backward(batches, speed=self.faults.speed(step, self.work.speed),
                                             observe=self.expert_lrs.observe)
 
