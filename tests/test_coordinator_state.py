@@ -15,7 +15,7 @@ from hyrun.runtime.coordinator.actions import CardRef, Cause, Evidence
 from hyrun.runtime.coordinator.generation import Generation, RankSlot
 from hyrun.runtime.coordinator.lifecycle import GenState, JobState
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
-from hyrun.runtime.coordinator.persist import UnreadableJob, job_document, restore_job, unfinished
+from hyrun.runtime.coordinator.persist import UnreadableJob, job_document, newest, restore_job
 from hyrun.runtime.coordinator.records import JobRecord
 from hyrun.runtime.coordinator.store import Deposed, MemoryStore
 from hyrun.runtime.coordinator.store_writer import StoreUnavailable, StoreWriter
@@ -71,13 +71,16 @@ def test_a_reconnecting_node_keeps_its_placeholder_registration_time():
     assert membership.nodes["node-a"].registered_s == 5.0 and membership.nodes["node-a"].connected
 
 
-def test_the_unfinished_newest_job_is_carried_on_and_other_formats_are_refused():
+def test_the_newest_job_is_taken_on_and_other_formats_are_refused():
     job, nodes = _running_job()
     running = job_document(job, nodes, 200.0, wall_s=2e9)
-    done = dict(running, job_id="old", state="COMPLETED", saved_unix_s=3e9)
+    done = dict(running, job_id="done", state="COMPLETED", saved_unix_s=3e9)
     older = dict(running, job_id="older", saved_unix_s=1e9)
-    assert unfinished({"jobs/old": done, "jobs/older": older, "jobs/t-1": running})["job_id"] == "t-1"
-    assert unfinished({"jobs/old": done}) is None
+    assert newest({"jobs/older": older, "jobs/t-1": running})["job_id"] == "t-1"
+    # A job that ended is kept (to answer its launcher), not carried on: nothing of it is restored as running.
+    assert newest({"jobs/done": done, "jobs/t-1": running})["job_id"] == "done"
+    restored, _ = restore_job(json.loads(json.dumps(dict(done, generation=dict(running["generation"], ended=True)))), 0.0)
+    assert restored.ended and restored.generation is None
     with pytest.raises(UnreadableJob, match="format 1"):
         restore_job(dict(running, format=1), now_s=0.0)
 

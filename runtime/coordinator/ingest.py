@@ -14,7 +14,7 @@ from hyrun.runtime.coordinator.exports import JobExports
 from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.membership import Membership, NodeRecord
-from hyrun.runtime.coordinator.persist import JOBS_PREFIX, job_document, job_key, restore_job, unfinished
+from hyrun.runtime.coordinator.persist import JOBS_PREFIX, job_document, job_key, newest, restore_job
 from hyrun.runtime.coordinator.policy import RankFailure
 from hyrun.runtime.coordinator.records import JobRecord, StepTally, decide_settings
 from hyrun.runtime.coordinator.status import job_event, node_states
@@ -76,13 +76,16 @@ class JobIngest:
         self.metrics.cards_health.fatal_xids = frozenset(job.spec.health.fatal_xids)
 
     def restore(self, documents: dict[str, dict], now_s: float) -> str | None:
-        """Carries on the unfinished job among the stored `documents` (a coordinator that took over,
-        or restarted); returns its id, or None when there is none."""
-        doc = unfinished({k: v for k, v in documents.items() if k.startswith(JOBS_PREFIX)})
+        """Takes on the newest job among the stored `documents` (a coordinator that took over, or
+        restarted): carries it on unless it has ended; returns its id, or None when there is none."""
+        doc = newest({k: v for k, v in documents.items() if k.startswith(JOBS_PREFIX)})
         if doc is None:
             return None
         job, nodes = restore_job(doc, now_s)
         self._take(job)
+        if job.ended:
+            log.info("the newest stored job, %s, has %s: kept for its launcher to read", job.job_id, job.state.value.lower())
+            return job.job_id
         for node in nodes:
             self.membership.register(node)
         gen = job.generation

@@ -130,7 +130,8 @@ def restore_job(doc: dict[str, Any], now_s: float) -> tuple[JobRecord, list[Node
     return job, nodes
 
 
-def unfinished(documents: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The one job a coordinator carries on: the newest stored job that has not ended."""
-    running = [d for key, d in documents.items() if key.count("/") == 1 and d.get("state") in ("PENDING", "RUNNING")]
-    return max(running, key=lambda d: d.get("saved_unix_s", 0.0), default=None)
+def newest(documents: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The job a new coordinator takes on: the newest stored one. If it has not ended it is carried
+    on; if it has, it is kept to answer a launcher that lost the final event in the failover."""
+    jobs = [d for key, d in documents.items() if key.count("/") == 1 and "state" in d]
+    return max(jobs, key=lambda d: d.get("saved_unix_s", 0.0), default=None)
