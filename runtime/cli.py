@@ -309,22 +309,27 @@ def _connect(coordinator: str | None, run: Path | None, token_file: Path | None,
 
 
 def _call(coordinator, run, token_file, tls_ca, method: str, request, *, timeout_s: float):
-    """One unary call to the coordinator; an unreachable or refusing one is a user-facing error."""
+    """One unary call to the coordinator (the first of several comma-separated ones that answers: a
+    leader and its standbys, which do not listen); an unreachable or refusing one is a user-facing error."""
     import grpc
 
-    stub, metadata, channel = _connect(coordinator, run, token_file, tls_ca)
-    try:
-        return getattr(stub, method)(request, metadata=metadata, timeout=timeout_s)
-    except grpc.RpcError as error:
-        if run is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
-            _fail(f"the coordinator of {run} does not answer and the run has no summary.json: its launch "
-                  f"was stopped without finishing (killed?); logs in {run}")
-        _fail(f"coordinator: {error.details() or error.code().name}")
-    finally:
-        channel.close()
+    addresses = [a.strip() for a in coordinator.split(",")] if coordinator and run is None else [coordinator]
+    for number, address in enumerate(addresses):
+        stub, metadata, channel = _connect(address, run, token_file, tls_ca)
+        try:
+            return getattr(stub, method)(request, metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE and number + 1 < len(addresses):
+                continue  # a standby (it does not listen) or a dead leader: try the next
+            if run is not None and error.code() == grpc.StatusCode.UNAVAILABLE:
+                _fail(f"the coordinator of {run} does not answer and the run has no summary.json: its launch "
+                      f"was stopped without finishing (killed?); logs in {run}")
+            _fail(f"coordinator: {error.details() or error.code().name}")
+        finally:
+            channel.close()
 
 
-CoordinatorOpt = Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator")]
+CoordinatorOpt = Annotated[Optional[str], typer.Option(help="HOST:PORT of the coordinator (several, comma-separated: the one leading answers)")]
 RunOpt = Annotated[Optional[Path], typer.Option(help="a run directory of an embedded launch (runs/JOB)")]
 
 
