@@ -153,11 +153,15 @@ class ExpertLRController:
     def load_state_dict(self, state: dict, *, holds_pending: bool = True) -> None:
         """Restores scales everywhere; the pending (already summed) counts go to one rank only
         (`holds_pending`), so the next all-reduce adds them exactly once."""
+        # A pipeline stage holds some layers only: the others' state is its peers' to restore.
         for layer, scale in state.get("scales", {}).items():
-            self._groups[int(layer)]["expert_lr_scale"] = torch.tensor(scale, dtype=torch.float32)
+            if int(layer) in self._groups:
+                self._groups[int(layer)]["expert_lr_scale"] = torch.tensor(scale, dtype=torch.float32)
         self._tokens_per_expert.clear()
         self._num_tokens.clear()
         if holds_pending:
             for layer, both in state.get("pending", {}).items():
+                if int(layer) not in self._groups:
+                    continue
                 self._tokens_per_expert[int(layer)] = torch.tensor(both[:-1], dtype=torch.float64)
                 self._num_tokens[int(layer)] = int(both[-1])

@@ -41,7 +41,7 @@ class ParallelModel:
         self.ep_group, self.edp_group = ep_group, edp_group  # None without expert parallelism
         self.micro_batches_per_replica = micro_batches_per_replica
         self.clock = StepClock(module, comm_timer, pipelined=dims.pp_enabled, cpu=torch.device(device).type == "cpu")
-        self._schedules: dict[int, object] = {}
+        self._schedules: dict[tuple, object] = {}
         self._ce: list[torch.Tensor] = []
         # Local numerics: forwards of this rank that turned finite inputs into non-finite outputs —
         # where a bad card shows itself before any collective spreads its NaNs to its peers.
@@ -106,11 +106,14 @@ class ParallelModel:
 
     def _pipelined(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
         count = len(pairs)
-        if count not in self._schedules:
+        # Stages size their receive buffers from the first micro-batches a schedule sees: a new sequence
+        # length (a long-context stage) needs a schedule of its own.
+        key = (count, tuple(pairs[0][0].shape))
+        if key not in self._schedules:
             loss_fn = lambda output, target: self._loss(output[0], output[1], target) * scale  # noqa: E731
-            self._schedules[count] = build_schedule(self.module, pp_mesh=self.mesh["pp"], num_micro_batches=count,
-                                                    loss_fn=loss_fn, device=self.device)
-        schedule = self._schedules[count]
+            self._schedules[key] = build_schedule(self.module, pp_mesh=self.mesh["pp"], num_micro_batches=count,
+                                                  loss_fn=loss_fn, device=self.device)
+        schedule = self._schedules[key]
         if self.module.is_first:
             schedule.step(torch.cat([inputs for inputs, _ in pairs]))
         elif self.module.is_last:
