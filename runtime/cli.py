@@ -83,6 +83,12 @@ def launch(
     live = console.is_terminal if progress is None else progress
 
     evaluation = []
+    if job.data is not None and job.checkpoint.enabled:
+        # torch loads while the job trains (the launcher mostly waits), not after it, for the final evaluation.
+        import importlib
+        import threading
+
+        threading.Thread(target=importlib.import_module, args=("hyrun.runtime.eval.heldout",), daemon=True).start()
 
     def started(address: str, run_dir: Path) -> None:
         console.print(f"[bold]{job.name}[/]: {job.cluster.card_count} cards on {len(job.cluster.nodes)} nodes, "

@@ -47,7 +47,9 @@ def ensure_prepared(data: DataSection, say: Callable[[str], None] = lambda text:
     result = prepare(PrepareSettings(
         out=directory, sources=tuple(SourceSpec(name, source_root(name, path)) for name, path in spec.sources.items()),
         globs=tuple(spec.glob), tokenizer=Path(spec.tokenizer).expanduser() if spec.tokenizer else None,
-        train_vocab=spec.train_tokenizer, val_fraction=spec.val_fraction, workers=2,
+        train_vocab=spec.train_tokenizer, val_fraction=spec.val_fraction,
+        # Already prepared: re-hashing the inputs in this process beats starting a pool to find nothing to do.
+        workers=1 if (directory / "manifest.json").is_file() else 0,
         force=data.path is None,  # the cache directory is hyrun's own: a stale corpus there is replaced
     ), say=say)  # fmt: skip
     if not result.up_to_date:
