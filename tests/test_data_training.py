@@ -112,3 +112,18 @@ def test_evaluation_beside_training_scores_the_newest_unscored_checkpoint_first(
 
     assert pending_steps([2, 4, 6], {2}) == [6, 4]
     assert pending_steps([], set()) == [] and pending_steps([2], {2}) == []
+
+
+def test_first_use_errors_name_what_to_fix(corpus, tmp_path):
+    from hyrun.runtime.data.first_use import check_vocabulary, ensure_prepared, source_root
+    from hyrun.runtime.data.sources import DataError
+    from hyrun.runtime.data.spec import DataSection
+
+    with pytest.raises(DataError, match="'no_such_package_here' is not an installed Python package"):
+        source_root("x", "python:no_such_package_here")
+    assert source_root("email", "python:email").name == "email"
+    with pytest.raises(DataError, match="holds no prepared corpus"):
+        ensure_prepared(DataSection(path=str(tmp_path)))
+    assert ensure_prepared(DataSection(path=str(corpus))) == corpus
+    with pytest.raises(DataError, match="set model.overrides.vocab_size to at least 512"):
+        check_vocabulary(corpus, 256)
