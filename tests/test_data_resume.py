@@ -82,7 +82,9 @@ def test_two_evictions_and_a_drain_read_the_same_samples_as_an_uninterrupted_run
     job = _job(corpus, checkpoint={"interval_steps": 2, "keep_last": STEPS}, faults=[
         {"kind": "kill", "node": "node-b", "card": 1, "at_step": 3, "generation": 1},
         {"kind": "kill", "node": "node-a", "card": 1, "at_step": 5, "generation": 2},
-        {"kind": "temperature_ramp", "node": "node-a", "card": 0, "at_step": 7, "c_per_s": 40.0, "generation": 3},
+        # Past the drain margin within a heartbeat of its step, so the drain's checkpoint commits before
+        # the job's last step however fast the box is (at 40 °C/s an unloaded run finished first).
+        {"kind": "temperature_ramp", "node": "node-a", "card": 0, "at_step": 6, "c_per_s": 200.0, "generation": 3},
     ])
     summary = _launch(write_job, launched, tmp_path, job, "faults")
     evicted = [e.split(":")[0] for e in summary["evictions"]]
