@@ -21,7 +21,6 @@ import collections
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -36,6 +35,7 @@ from hyrun.agent.nic import sample_nic
 from hyrun.agent.relay import HeartbeatRoute, Relay, RelayThread
 from hyrun.agent.supervisor import KILL_WAIT_S, STOP_GRACE_S, Supervisor
 from hyrun.agent.telemetry import CardTelemetrySource, SimulatedCards, sample_host
+from hyrun.common.process import reconnect_pause_s
 from hyrun.common.security import TlsFiles, TokenInterceptor, call_metadata, open_channel
 from hyrun.common.snapshots import free_orphaned_snapshots, shared_memory_dir
 from hyrun.proto import hyrun_pb2 as pb
@@ -46,9 +46,6 @@ log = logging.getLogger("hyrun.agent")
 # From the stop request to the process's exit, whatever the agent was doing: the workers' bounded
 # stop (twice: a generation being started may be stopping its predecessor) plus a margin.
 SHUTDOWN_BOUND_S = 2 * (STOP_GRACE_S + KILL_WAIT_S) + 2.0
-
-
-_BACKOFF_S = (0.1, 1.0)  # first and longest pause between connection attempts (jittered ±50%)
 
 
 @dataclass(frozen=True)
@@ -286,8 +283,7 @@ class NodeAgent:
                 log.error("no coordinator for %.0f s; stopping this node's workers", self.settings.reconnect_timeout_s)
                 return 1
             rounds = failures // len(self.endpoints)  # back off once every endpoint was tried
-            pause_s = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2**rounds) * random.uniform(0.5, 1.5)
-            self._stop.wait(pause_s)
+            self._stop.wait(reconnect_pause_s(rounds))
         return 0
 
     def run(self) -> int:

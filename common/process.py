@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import sys
 
@@ -19,6 +20,16 @@ def die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> No
         libc.prctl(_PR_SET_PDEATHSIG, int(sig))
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+RECONNECT_BACKOFF_S = (0.1, 1.0)  # first and longest pause between attempts to reach a coordinator
+
+
+def reconnect_pause_s(rounds: int) -> float:
+    """The pause before the next try after `rounds` rounds of failed attempts: doubling from the
+    first to the longest, jittered ±50% so that thousands of agents do not retry in step."""
+    first_s, longest_s = RECONNECT_BACKOFF_S
+    return min(longest_s, first_s * 2**rounds) * random.uniform(0.5, 1.5)
 
 
 def kill_group(pgid: int, sig: signal.Signals) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import secrets
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from hyrun.runtime.launch_faults import LauncherFaults
 from hyrun.runtime.network.faults import network_fault
 from hyrun.runtime.network.hosts import DATA_IF, NetnsHosts
 from hyrun.runtime.rendezvous import GenerationStore
-from hyrun.common.process import kill_group
+from hyrun.common.process import kill_group, reconnect_pause_s
 from hyrun.common.security import TOKEN_ENV, TlsFiles, call_metadata, open_channel
 
 log = logging.getLogger("hyrun.launch")
@@ -221,7 +220,7 @@ def follow_job(
         if time.monotonic() - lost_since > reconnect_timeout_s:
             raise CoordinatorLost(f"{error_text}; no coordinator for {reconnect_timeout_s:.0f} s")
         attempt += 1
-        time.sleep(min(1.0, 0.1 * 2 ** (attempt // len(endpoints))) * random.uniform(0.5, 1.5))
+        time.sleep(reconnect_pause_s(attempt // len(endpoints)))
 
 
 class CoordinatorLost(ConnectionError):
