@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from hyrun.common.process import kill_group
+
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
 
 
@@ -65,10 +67,7 @@ class Processes:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
 
     def close(self) -> None:
