@@ -83,14 +83,17 @@ def _running(
     now_s: float, view: View, gen: GenerationView, lost: dict[str, Evidence], settings: DecideSettings
 ) -> list[Action]:
     job = view.job
+    cut = [
+        Verdict(VerdictKind.EVICT, card, e)
+        for card in gen.cards
+        if card.node not in lost and (e := link_down(card.node, view.data_nics.get(card.node, ())))
+    ]
     if gen.failing_since is not None:
-        return _failing(now_s, view, gen, settings)
+        return _failing(now_s, view, gen, cut, settings)
     evictions = [
         Verdict(VerdictKind.EVICT, card, lost[card.node]) for card in gen.cards if card.node in lost
     ]
-    evictions += _hardware(view, gen, settings)
-    cut = {node: e for node in gen.nodes if node not in lost and (e := link_down(node, view.data_nics.get(node, ())))}
-    evictions += [Verdict(VerdictKind.EVICT, card, cut[card.node]) for card in gen.cards if card.node in cut]
+    evictions += _hardware(view, gen, settings) + cut
     if evictions:
         if not job.fault_tolerance:
             return [FailJob(_why(evictions))]
@@ -111,15 +114,21 @@ def _running(
     return _drains(now_s, view, gen, settings)
 
 
-def _failing(now_s: float, view: View, gen: GenerationView, settings: DecideSettings) -> list[Action]:
+def _failing(
+    now_s: float, view: View, gen: GenerationView, cut: list[Verdict], settings: DecideSettings
+) -> list[Action]:
     """A worker died: wait a short grace for its peers' exits, then name the culprit — or, when every
-    rank failed the same way, fail the job without blaming any card."""
+    rank failed the same way, fail the job without blaming any card. A node whose data link lost
+    carrier is the culprit whatever its peers' errors say: they failed (all alike, often) because
+    they could not reach it."""
     failures = list(gen.failures)
     if not view.job.fault_tolerance:
         return [FailJob((failures[0].evidence,))]
     waited_s = now_s - gen.failing_since
     if waited_s < settings.failure_grace_s:
         return []
+    if cut:
+        return [Recover(gen.drain_verdicts + tuple(cut), _why(cut))]
     job_error = same_job_error(failures, gen.world_size)
     if job_error is not None:
         why = "every rank failed the same way"
@@ -195,6 +204,7 @@ def _drains(now_s: float, view: View, gen: GenerationView, settings: DecideSetti
     outside = tuple(card for card in job.drain_requests if card not in cards)
     if outside:
         actions.append(Quarantine(outside, job.drain_requests[outside[0]]))
+    actions += _idle_links_down(view, gen)
     joins, readmit = _joins(view, gen)
     if readmit:
         actions.append(Readmit(tuple(readmit), Evidence.of(Cause.NODE_JOINED, node=readmit[0].node, cards=len(readmit))))
@@ -219,6 +229,20 @@ def _replanned_at(job, node: str, kind: VerdictKind, evidence: Evidence) -> bool
     pace seen now): replanning again would only cost a checkpoint."""
     known = job.measured_link_mbit.get(node)
     return kind is VerdictKind.REPLAN and known is not None and evidence["mbit"] >= 0.8 * known
+
+
+def _idle_links_down(view: View, gen: GenerationView) -> list[Action]:
+    """A node left out of this generation whose data link lost carrier: keep it out of the next plan
+    too (a generation started on it would only fail to connect); it rejoins when the link is back."""
+    job, actions = view.job, []
+    for name in job.node_names:
+        node = view.nodes.get(name)
+        if node is None or not node.alive or not node.connected or name in gen.nodes:
+            continue
+        fresh = tuple(c for c in _refs(node) if c not in job.evicted)
+        if fresh and (evidence := link_down(name, view.data_nics.get(name, ()))):
+            actions.append(Quarantine(fresh, evidence))
+    return actions
 
 
 def _joins(view: View, gen: GenerationView) -> tuple[list[Verdict], list]:

@@ -162,7 +162,7 @@ class JobIngest:
         job = self.job
         resuming = job.step_at_failure is not None
         job.complete_step(step, tally, now_s)
-        self.exports.step_completed(tally, job.incidents[-1] if resuming else None)
+        self.exports.step_completed(tally, job.resuming_incident() if resuming else None)
         # The store is written on every state change but at most once a second for progress:
         # a slow etcd must not stall the event loop that also takes heartbeats.
         if now_s - job.saved_s >= 1.0:

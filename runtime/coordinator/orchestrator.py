@@ -40,7 +40,7 @@ from hyrun.runtime.coordinator.lifecycle import GenState, JobState
 from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.ranks import plan_ranks
 from hyrun.runtime.coordinator.planning import Measured
-from hyrun.runtime.coordinator.records import build_view
+from hyrun.runtime.coordinator.records import QUARANTINE_VERDICT, build_view
 from hyrun.runtime.coordinator.store import Deposed
 from hyrun.runtime.coordinator.store_writer import StoreUnavailable, StoreWriter
 from hyrun.runtime.jobfile import JobSpec
@@ -152,6 +152,13 @@ class Orchestrator(JobIngest):
             case Quarantine(cards=cards, evidence=evidence):
                 for card in cards:
                     self.job.evicted[card] = self.job.drain_requests.pop(card, evidence)
+                log.warning("quarantine %s (not in the running generation): %s", ", ".join(map(str, cards)),
+                            evidence.describe())
+                self.job.incidents.append(pb.Incident(
+                    detected_at_s=now_s - self.job.submitted_s, cards=[str(c) for c in cards], verdict=QUARANTINE_VERDICT,
+                    reason=evidence.describe(), generation=self.job.generation.number, step_at_failure=self.job.step,
+                    last_step_before_s=self.job.last_step_s - self.job.submitted_s,
+                ))
             case Readmit(cards=cards, evidence=evidence):
                 for card in cards:
                     self.job.evicted.pop(card, None)

@@ -14,6 +14,10 @@ from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.view import DecideSettings, GenerationView, JobView, NodeView, View
 from hyrun.runtime.jobfile import JobSpec
 
+# The verdict of an incident that kept idle cards out of the job: it ended no generation, so no
+# resume belongs to it.
+QUARANTINE_VERDICT = "quarantine"
+
 
 @dataclass
 class StepTally:
@@ -69,6 +73,10 @@ class JobRecord:
         tally.ranks.add(report.rank)
         return self.tallies.pop(report.step) if len(tally.ranks) == world_size else None
 
+    def resuming_incident(self) -> pb.Incident:
+        """The newest incident that ended a generation: the one a resumed generation answers."""
+        return next(i for i in reversed(self.incidents) if i.verdict != QUARANTINE_VERDICT)
+
     def complete_step(self, step: int, tally: StepTally, now_s: float) -> int:
         """Every rank finished `step`; returns the steps trained again (first step after a resume)."""
         lost = 0
@@ -77,7 +85,7 @@ class JobRecord:
             # First step of a resumed generation: everything past its checkpoint is trained again.
             lost = max(0, self.step_at_failure - (step - 1))
             self.steps_lost += lost
-            incident = self.incidents[-1]
+            incident = self.resuming_incident()
             incident.resumed_at_s, incident.resumed_step, incident.steps_lost = now_s - self.submitted_s, step, lost
             self.step_at_failure = None
         self.step = step
