@@ -401,7 +401,7 @@ class RankState(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., card_index: _Optional[int] = ..., micro_batches: _Optional[int] = ..., compute_time_s: _Optional[float] = ..., step_time_s: _Optional[float] = ..., step: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., bubble_s: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks", "layout")
+    __slots__ = ("job_id", "state", "generation", "step", "total_steps", "loss", "tokens_per_s", "nodes", "message", "step_time_s", "evictions", "steps_lost", "incidents", "ranks", "layout", "eval_step", "eval_loss")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +417,8 @@ class JobEvent(_message.Message):
     INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     generation: int
@@ -432,7 +434,9 @@ class JobEvent(_message.Message):
     incidents: _containers.RepeatedCompositeFieldContainer[Incident]
     ranks: _containers.RepeatedCompositeFieldContainer[RankState]
     layout: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., layout: _Optional[str] = ...) -> None: ...
+    eval_step: int
+    eval_loss: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., message: _Optional[str] = ..., step_time_s: _Optional[float] = ..., evictions: _Optional[_Iterable[str]] = ..., steps_lost: _Optional[int] = ..., incidents: _Optional[_Iterable[_Union[Incident, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., layout: _Optional[str] = ..., eval_step: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("node", "reason")
@@ -447,6 +451,48 @@ class DrainReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     message: str
     def __init__(self, message: _Optional[str] = ...) -> None: ...
+
+class EvalSourceLoss(_message.Message):
+    __slots__ = ("source", "loss", "perplexity", "tokens")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    loss: float
+    perplexity: float
+    tokens: int
+    def __init__(self, source: _Optional[str] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class EvalTaskScore(_message.Message):
+    __slots__ = ("task", "metric", "value")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    metric: str
+    value: float
+    def __init__(self, task: _Optional[str] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class EvalReport(_message.Message):
+    __slots__ = ("job_id", "step", "sources", "tasks", "error", "duration_s")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    sources: _containers.RepeatedCompositeFieldContainer[EvalSourceLoss]
+    tasks: _containers.RepeatedCompositeFieldContainer[EvalTaskScore]
+    error: str
+    duration_s: float
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[EvalSourceLoss, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[EvalTaskScore, _Mapping]]] = ..., error: _Optional[str] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class EvalReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

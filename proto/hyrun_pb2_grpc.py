@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=hyrun__pb2.DrainRequest.SerializeToString,
                 response_deserializer=hyrun__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.ReportEval = channel.unary_unary(
+                '/hyrun.v1.Coordinator/ReportEval',
+                request_serializer=hyrun__pb2.EvalReport.SerializeToString,
+                response_deserializer=hyrun__pb2.EvalReply.FromString,
+                _registered_method=True)
         self.Relay = channel.stream_stream(
                 '/hyrun.v1.Coordinator/Relay',
                 request_serializer=hyrun__pb2.RelayBatch.SerializeToString,
@@ -105,6 +110,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEval(self, request, context):
+        """The evaluation beside training reports each checkpoint it scored (see EvalReport).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Relay(self, request_iterator, context):
         """Relays forward their group's heartbeats, one batch per interval (see RelayBatch).
         """
@@ -145,6 +157,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=hyrun__pb2.DrainRequest.FromString,
                     response_serializer=hyrun__pb2.DrainReply.SerializeToString,
+            ),
+            'ReportEval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEval,
+                    request_deserializer=hyrun__pb2.EvalReport.FromString,
+                    response_serializer=hyrun__pb2.EvalReply.SerializeToString,
             ),
             'Relay': grpc.stream_stream_rpc_method_handler(
                     servicer.Relay,
@@ -292,6 +309,33 @@ class Coordinator:
             '/hyrun.v1.Coordinator/Drain',
             hyrun__pb2.DrainRequest.SerializeToString,
             hyrun__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyrun.v1.Coordinator/ReportEval',
+            hyrun__pb2.EvalReport.SerializeToString,
+            hyrun__pb2.EvalReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,7 +75,7 @@ def launch(
         check_job(job)
         if job.model.init_from:
             check_init_from(job.model.config(), Path(job.model.init_from), training_state=job.model.init_training_state)
-        _check_network_mode(job, netns, coordinator)
+        _check_fault_modes(job, netns, coordinator)
         if job.data is not None:
             _prepare_data(job)
     except (JobFileError, InitFromError, DataError) as error:
@@ -94,7 +94,7 @@ def launch(
         console.print(f"[bold]{job.name}[/]: {job.cluster.card_count} cards on {len(job.cluster.nodes)} nodes, "
                       f"coordinator {address}, logs in {run_dir}")
         if job.data is not None and job.data.validation.every_checkpoint and job.checkpoint.enabled:
-            evaluation.append(_start_evaluation(run_dir, job_file))
+            evaluation.append(_start_evaluation(run_dir, job_file, _eval_target(address, run_dir, token_file, tls_ca)))
 
     view = ProgressView(console, live)
     try:
@@ -123,7 +123,19 @@ def _prepare_data(job) -> None:
     check_vocabulary(directory, job.model.config().vocab_size)
 
 
-def _start_evaluation(run_dir: Path, job_file: Path):
+def _eval_target(address: str, run_dir: Path, token_file: Path | None, tls_ca: Path | None):
+    """Where the evaluation reports: the job's coordinator, with the launcher's token and CA (an embedded
+    cluster's token and, under --netns, its certificate are in the run directory)."""
+    from hyrun.common.security import TlsFiles
+    from hyrun.runtime.eval.report import CoordinatorTarget
+
+    token = _token(token_file) or ((run_dir / "token").read_text().strip() if (run_dir / "token").is_file() else "")
+    embedded_cert = run_dir / "tls" / "cert.pem"
+    ca = tls_ca or (embedded_cert if embedded_cert.is_file() else None)
+    return CoordinatorTarget(address, run_dir.name, token, TlsFiles(cert=ca))
+
+
+def _start_evaluation(run_dir: Path, job_file: Path, target):
     """The evaluation beside training: its own process group, so nothing it does reaches the job."""
     import subprocess
     import sys
@@ -131,7 +143,7 @@ def _start_evaluation(run_dir: Path, job_file: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "eval.log", "a")
     return subprocess.Popen([sys.executable, "-m", "hyrun.runtime.eval.watch", str(run_dir), str(job_file.resolve()),
-                             str(os.getpid())],
+                             str(os.getpid())], env=dict(os.environ, **target.environment()),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -171,9 +183,14 @@ def _print_heldout(job, run_dir: Path) -> None:
         summary.write_text(json.dumps(json.loads(summary.read_text()) | {"heldout": result}, indent=2))
 
 
-def _check_network_mode(job, netns: bool, coordinator: str | None) -> None:
+def _check_fault_modes(job, netns: bool, coordinator: str | None) -> None:
+    """Faults the launcher injects need what it sets up: network hosts, a disk, a store."""
     from hyrun.runtime.jobfile import JobFileError
     from hyrun.runtime.network.hosts import unavailable_reason
+    from hyrun.runtime.storage_faults import unavailable
+
+    if storage_reason := unavailable(job, embedded=coordinator is None):
+        raise JobFileError(storage_reason)
 
     network_faults = [f"{f.kind} on {f.node}" for f in job.faults if f.is_network]
     if netns and coordinator is not None:

@@ -162,6 +162,38 @@ class CoordinatorMetrics:
             "hyrun_planner_predicted_step_time_seconds",
             "The cost model's step time for the running generation's plan (NaN: no plan, an even split)", registry=r,
         )
+        # ---- evaluation beside training (eval/watch.py reports each scored checkpoint: ReportEval)
+        self.eval_loss = Gauge(
+            "hyrun_eval_loss", "Held-out loss (nats/token) of the newest checkpoint scored, per source", ["source"],
+            registry=r,
+        )
+        self.eval_perplexity = Gauge(
+            "hyrun_eval_perplexity", "Held-out perplexity of the newest checkpoint scored, per source", ["source"],
+            registry=r,
+        )
+        self.eval_previous_loss = Gauge(
+            "hyrun_eval_previous_loss", "Held-out loss of the checkpoint scored before the newest, per source",
+            ["source"], registry=r,
+        )
+        self.eval_checkpoint_step = Gauge(
+            "hyrun_eval_checkpoint_step", "Step of the newest checkpoint the evaluation scored", registry=r
+        )
+        self.eval_task_score = Gauge(
+            "hyrun_eval_task_score", "LM Evaluation Harness score of the newest checkpoint scored, per task and metric",
+            ["task", "metric"], registry=r,
+        )
+        self.eval_regression_margin_ratio = Gauge(
+            "hyrun_eval_regression_margin_ratio",
+            "How much higher than the previous checkpoint's a held-out loss may be before HyrunEvalWorse fires "
+            "(the job's data.validation.regression_margin)", registry=r,
+        )
+        self.eval_failures_total = Counter(
+            "hyrun_eval_failures_total", "Checkpoint evaluations that failed (training went on)", registry=r
+        )
+        self.eval_duration_seconds = Histogram(
+            "hyrun_eval_duration_seconds", "Time to evaluate one checkpoint, beside training",
+            buckets=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0), registry=r,
+        )
         self.cards_health = CardCollector(card_series_limit)
         r.register(self.cards_health)
         # Series with a known, bounded label set exist from the start at 0, so increase() sees the first event.

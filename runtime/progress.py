@@ -18,6 +18,11 @@ def _fmt_loss(loss: float) -> str:
     return "-" if math.isnan(loss) else f"{loss:.4f}"
 
 
+def _fmt_eval(event: pb.JobEvent) -> str:
+    """The newest held-out loss the evaluation beside training reported, and the checkpoint it scored."""
+    return f"{_fmt_loss(event.eval_loss)} @{event.eval_step}" if event.eval_step else "-"
+
+
 class ProgressView:
     def __init__(self, console: Console, live: bool, plain_every_s: float = 2.0) -> None:
         self.console = console
@@ -29,10 +34,10 @@ class ProgressView:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  gen {task.fields[gen]}"),
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[tps]} tok/s  gen {task.fields[gen]}"),
             TimeElapsedColumn(),
         )
-        self._task = self._progress.add_task("waiting for nodes", total=None, loss="-", tps="-", gen="-")
+        self._task = self._progress.add_task("waiting for nodes", total=None, loss="-", eval="-", tps="-", gen="-")
         self._nodes = Table()
         self._live: Live | None = None
 
@@ -57,6 +62,7 @@ class ProgressView:
             total=event.total_steps or None,
             completed=event.step,
             loss=_fmt_loss(event.loss),
+            eval=_fmt_eval(event),
             tps=f"{event.tokens_per_s:,.0f}",
             gen=f"{event.generation} ({event.layout})" if event.layout else str(event.generation or "-"),
         )
@@ -75,6 +81,7 @@ class ProgressView:
             self._last_plain_s, self._last_plain_step = time.monotonic(), event.step
             self.console.print(
                 f"step {event.step}/{event.total_steps}  loss {_fmt_loss(event.loss)}  "
-                f"{event.tokens_per_s:,.0f} tok/s  generation {event.generation}"
+                + (f"eval {_fmt_eval(event)}  " if event.eval_step else "")
+                + f"{event.tokens_per_s:,.0f} tok/s  generation {event.generation}"
                 + (f" ({event.layout})" if event.layout else "")
             )

@@ -8,6 +8,7 @@ import math
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.actions import Recover
+from hyrun.runtime.coordinator.evaluations import EvalBook
 from hyrun.runtime.coordinator.records import JobRecord, StepTally
 from hyrun.runtime.metrics import CoordinatorMetrics, checkpoint_failure_cause
 
@@ -23,6 +24,8 @@ class JobExports:
         self.job = job
         self.newest_commit = -1
         self._failures_seen: dict[int, int] = {}  # rank -> saves failed, in the running generation
+        data = job.spec.data
+        metrics.eval_regression_margin_ratio.set(data.validation.regression_margin if data is not None else math.nan)
 
     def step_report(self, node: str, report: pb.StepReport, now_s: float) -> None:
         m, rank = self.metrics, str(report.rank)
@@ -109,3 +112,23 @@ class JobExports:
 
     def job_ended(self) -> None:
         self.metrics.job_running.set(0)
+
+    def evaluated(self, book: EvalBook, report: pb.EvalReport) -> None:
+        """The newest two scored checkpoints, as the book now holds them (an older checkpoint scored
+        late changes at most the previous one), and the evaluation's cost or failure."""
+        m = self.metrics
+        m.eval_duration_seconds.observe(report.duration_s)
+        if report.error:
+            m.eval_failures_total.inc()
+            return
+        newest, previous = book.newest, book.previous
+        for family in (m.eval_loss, m.eval_perplexity, m.eval_previous_loss, m.eval_task_score):
+            family.clear()
+        m.eval_checkpoint_step.set(newest.step)
+        for source, loss in newest.loss.items():
+            m.eval_loss.labels(source=source).set(loss)
+            m.eval_perplexity.labels(source=source).set(newest.perplexity[source])
+        for (task, metric), value in newest.task_scores.items():
+            m.eval_task_score.labels(task=task, metric=metric).set(value)
+        for source, loss in (previous.loss.items() if previous is not None else ()):
+            m.eval_previous_loss.labels(source=source).set(loss)

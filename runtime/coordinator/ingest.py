@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 from hyrun.proto import hyrun_pb2 as pb
+from hyrun.runtime.coordinator.evaluations import check_report
 from hyrun.runtime.coordinator.exports import JobExports
 from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
@@ -154,6 +155,16 @@ class JobIngest:
         """The running generation if `number` names it; reports from older ones are fenced off."""
         gen = self.job.generation if self.job else None
         if gen is None or gen.number != number or gen.ended:
+    def on_eval(self, report: pb.EvalReport) -> None:
+        """A checkpoint scored beside training (or an evaluation that failed): exported, and shown
+        in the job's events. Raises EvalRejected for another job or names that cannot be labels."""
+        check_report(report, self.job.job_id if self.job is not None else None)
+        if report.error:
+            log.warning("job %s: evaluation of step %d failed: %s", report.job_id, report.step, report.error[:500])
+        self.job.evals.add(report)
+        self.exports.evaluated(self.job.evals, report)
+        self._publish()
+
             self.metrics.stale_reports_total.inc()
             return None
         return gen

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.actions import CardRef, Evidence
+from hyrun.runtime.coordinator.evaluations import EvalBook
 from hyrun.runtime.coordinator.generation import Generation
 from hyrun.runtime.coordinator.health import HealthBook
 from hyrun.runtime.coordinator.lifecycle import JOB_TRANSITIONS, JobState, check_transition
@@ -57,6 +58,7 @@ class JobRecord:
     incidents: list[pb.Incident] = field(default_factory=list)
 
     @property
+    evals: EvalBook = field(default_factory=EvalBook)  # the evaluation beside training's newest results
     def ended(self) -> bool:
         return self.state in (JobState.COMPLETED, JobState.FAILED)
 

@@ -21,6 +21,7 @@ import grpc
 from hyrun.proto import hyrun_pb2 as pb
 from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime import __version__
+from hyrun.runtime.coordinator.evaluations import EvalForOtherJob, EvalRejected
 from hyrun.runtime.coordinator.membership import CardRecord, Membership, NodeRecord
 from hyrun.runtime.coordinator.ingest import JobRejected
 from hyrun.runtime.coordinator.orchestrator import Orchestrator, OrchestratorSettings, RendezvousFactory
@@ -232,6 +233,15 @@ class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
         except JobRejected as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         return pb.DrainReply(message=message)
+
+    async def ReportEval(self, request, context):
+        try:
+            self.orchestrator.on_eval(request)
+        except EvalForOtherJob as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except EvalRejected as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.EvalReply()
 
     async def Status(self, request, context):
         jobs = [self.orchestrator.event()] if self.orchestrator.job else []

@@ -35,6 +35,8 @@ def job_event(job: JobRecord, membership: Membership) -> pb.JobEvent:
         incidents=job.incidents,
         ranks=_rank_states(job),
         layout=job.generation.layout.describe() if job.generation else "",
+        eval_step=job.evals.newest.step if job.evals.newest else 0,
+        eval_loss=job.evals.newest.mean_loss if job.evals.newest else 0.0,
     )
 
 

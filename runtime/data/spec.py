@@ -70,6 +70,8 @@ class ValidationSpec(_Section):
     samples_per_source: int = Field(32, ge=1, description="held-out sequences per source in each evaluation")
     every_checkpoint: bool = Field(False, description="score every committed checkpoint in a process beside "
                                    "training (RUN_DIR/eval.jsonl); the final one is always scored at the end")
+    regression_margin: float = Field(0.02, ge=0, description="the HyrunEvalWorse alert fires when a source's held-out "
+                                     "loss is this much (a ratio: 0.02 = 2%) above the previous checkpoint's")
 
 
 class DataSection(_Section):
