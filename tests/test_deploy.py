@@ -288,7 +288,8 @@ def test_the_dashboard_has_the_monitoring_panels_and_variables():
                    "hyrun_rank_nonfinite_grad_steps_total", "hyrun_rank_grad_norm", "hyrun_rank_time_seconds",
                    "hyrun_checkpoint_stall_seconds", "hyrun_checkpoint_durable_seconds", "hyrun_checkpoint_age_seconds",
                    "hyrun_recovery_resume_seconds", "hyrun_planner_predicted_step_time_seconds", "hyrun_loss",
-                   "hyrun_tokens_per_second", "hyrun_coordinator_loop_lag_seconds"):  # fmt: skip
+                   "hyrun_tokens_per_second", "hyrun_coordinator_loop_lag_seconds", "hyrun_eval_loss",
+                   "hyrun_eval_checkpoint_step", "hyrun_eval_failures_total"):  # fmt: skip
         assert family in exprs, f"no panel shows {family}"
     assert any(p["type"] == "heatmap" for p in dashboard["panels"]), "no overflow heat map"
     annotations = " ".join(a.get("expr", "") for a in dashboard["annotations"]["list"])

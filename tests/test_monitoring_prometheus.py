@@ -1,6 +1,7 @@
 """The monitoring stack against a real Prometheus (Debian's `prometheus`, started here on loopback):
 a 4-card job with scripted faults (a kill, a fatal XID with ECC errors, NaN gradients on one rank
-while its card heats up) is scraped every second with deploy/prometheus/alerts.yml loaded; every
+while its card heats up, evaluations reported as the process beside training sends them, one worse
+than the checkpoint before) is scraped every second with deploy/prometheus/alerts.yml loaded; every
 dashboard panel, annotation and variable query and every rule's expression must return data, and
 the alerts for those faults must fire. The same job without faults fires no alert."""
 
@@ -37,7 +38,17 @@ FAULTS = [  # one per generation, each on a card the next plan still uses (the p
     # simulated card then cools slowly, so its throttle shows for several scrapes.
     {"kind": "temperature_ramp", "node": "node-a", "card": 1, "at_step": 2, "c_per_s": 400.0, "generation": 3},
 ]  # fmt: skip
-EXPECTED_ALERTS = {"HyrunCardsEvicted", "HyrunFatalXid", "HyrunEccErrors", "HyrunRankOverflow", "HyrunCardNearSlowdown"}
+EXPECTED_ALERTS = {"HyrunCardsEvicted", "HyrunFatalXid", "HyrunEccErrors", "HyrunRankOverflow", "HyrunCardNearSlowdown",
+                   "HyrunEvalWorse"}
+# What an evaluation beside training reports (this job has no corpus to score): a checkpoint, a failed
+# evaluation, then a newer checkpoint whose held-out loss on one source is 10% worse (HyrunEvalWorse).
+EVALUATIONS = [
+    {"step": 2, "duration_s": 1.0, "sources": {"email": {"loss": 3.0, "perplexity": 20.1, "tokens": 64},
+                                               "json": {"loss": 2.0, "perplexity": 7.4, "tokens": 64}}},
+    {"step": 3, "duration_s": 0.2, "error": "RuntimeError: injected"},
+    {"step": 4, "duration_s": 1.0, "sources": {"email": {"loss": 3.3, "perplexity": 27.1, "tokens": 64},
+                                               "json": {"loss": 1.9, "perplexity": 6.7, "tokens": 64}}},
+]
 
 
 def _job(faults: list[dict], steps: int) -> dict:
@@ -208,9 +219,12 @@ def _rule_queries() -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def _run(job: dict, write_job, launched, tmp_path, start_prometheus, timeout_s: float):
-    """Launches the job, scrapes it, polls the alerts every second until the launcher exits.
+def _run(job: dict, write_job, launched, tmp_path, start_prometheus, timeout_s: float, evaluations=()):
+    """Launches the job, scrapes it, polls the alerts every second until the launcher exits; sends
+    `evaluations` to the coordinator as the evaluation beside training would, one per poll.
     Returns (prometheus, start_s, end_s, alert name -> states seen while the job ran)."""
+    from hyrun.runtime.eval.report import CoordinatorTarget, send_report
+
     result = launched("launch", str(write_job(job)), "--no-progress")
     deadline = time.monotonic() + 60
     info = None
@@ -221,7 +235,9 @@ def _run(job: dict, write_job, launched, tmp_path, start_prometheus, timeout_s: 
         time.sleep(0.1)
     assert info is not None, "the launcher never wrote coordinator.json"
     prometheus = start_prometheus(f"127.0.0.1:{info['metrics_port']}")
-    start_s, seen = time.time(), {}
+    start_s, seen, unsent = time.time(), {}, list(evaluations)
+    run_dir = found[0].parent
+    target = CoordinatorTarget(info["address"], run_dir.name, (run_dir / "token").read_text())
     deadline = time.monotonic() + timeout_s
     while result.proc.poll() is None:
         assert time.monotonic() < deadline, "the job did not end in time"
@@ -229,9 +245,12 @@ def _run(job: dict, write_job, launched, tmp_path, start_prometheus, timeout_s: 
             break  # the job ended and the launcher stopped its coordinator: what follows is not the job's
         for name, state in prometheus.firing().items():
             seen.setdefault(name, set()).add(state)
+        if unsent and send_report(target, unsent[0]) == "":  # NOT_FOUND until the job is submitted
+            unsent.pop(0)
         time.sleep(1.0)
     _, stderr = result.proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     assert result.proc.returncode == 0, stderr[-3000:]
+    assert not unsent, f"evaluations never taken by the coordinator: {unsent}"
     return prometheus, start_s, time.time(), seen
 
 
@@ -243,7 +262,8 @@ def test_a_faulty_job_fills_every_panel_and_rule_and_fires_the_fault_alerts(
     # panel or in a rule may go missing because a relay sits between the agents and the coordinator.
     job = _job(FAULTS, steps=8)
     job["runtime"] = {"relays": True}
-    prometheus, start_s, end_s, seen = _run(job, write_job, launched, tmp_path, start_prometheus, timeout_s=300)
+    prometheus, start_s, end_s, seen = _run(job, write_job, launched, tmp_path, start_prometheus, timeout_s=300,
+                                            evaluations=EVALUATIONS)
     agent_logs = "".join(path.read_text() for path in (tmp_path / "runs").glob("*/agent-*.log"))
     assert "heartbeats via node-" in agent_logs, "no agent sent its heartbeats through the relay"
     firing = {name for name, states in seen.items() if "firing" in states}

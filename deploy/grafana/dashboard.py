@@ -207,6 +207,26 @@ def panels() -> list[dict]:
         series("Cards without their own series", "Cards left out of per-card series by the cardinality limit (they "
                "are still in the fleet histogram).", 16, 98, 8, [q(f"hyrun_cards_unexported{{{COORD}}}", "{{instance}}")]),
     ]
+    out.append(row("Evaluation", 106))
+    out += [
+        series("Held-out loss per source, by checkpoint", "Held-out loss (nats/token) per source of the newest "
+               "checkpoint the evaluation beside training scored, and that checkpoint's step (right axis): each "
+               "step up is a new checkpoint. HyrunEvalWorse fires when a source's loss rises past the job's "
+               "regression margin over the checkpoint before.", 0, 107, 16,
+               [q(f"hyrun_eval_loss{{{COORD}}}", "{{source}}"),
+                q(f"hyrun_eval_checkpoint_step{{{COORD}}}", "checkpoint step")],
+               defaults={"custom": {"lineInterpolation": "stepAfter"}},
+               overrides=[{"matcher": {"id": "byFrameRefID", "options": "B"},
+                           "properties": [{"id": "custom.axisPlacement", "value": "right"},
+                                          {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]}]),
+        series("Evaluations: failures and time", "Checkpoint evaluations that failed (training went on; the error is "
+               "in RUN_DIR/eval.jsonl), and the mean time to score one checkpoint.", 16, 107, 8,
+               [q(f"hyrun_eval_failures_total{{{COORD}}}", "failed"),
+                q(f"hyrun_eval_duration_seconds_sum{{{COORD}}} / hyrun_eval_duration_seconds_count{{{COORD}}}",
+                  "mean seconds per checkpoint")],
+               overrides=[{"matcher": {"id": "byFrameRefID", "options": "B"},
+                           "properties": [{"id": "unit", "value": "s"}, {"id": "custom.axisPlacement", "value": "right"}]}]),
+    ]
     return out
 
 
@@ -245,7 +265,7 @@ def annotations() -> list[dict]:
 def dashboard() -> dict:
     return {
         "title": "hyrun", "uid": "hyrun-overview",
-        "description": "A hyrun coordinator: job progress, ranks, card health, checkpoints, recoveries (deploy/README.md).",
+        "description": "A hyrun coordinator: job progress, ranks, card health, checkpoints, recoveries, evaluations (deploy/README.md).",
         "tags": ["hyrun", "training"], "editable": True, "graphTooltip": 1, "schemaVersion": 39, "version": 2,
         "refresh": "30s", "time": {"from": "now-6h", "to": "now"}, "timepicker": {}, "timezone": "browser",
         "fiscalYearStartMonth": 0, "liveNow": False, "links": [],

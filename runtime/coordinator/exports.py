@@ -10,6 +10,7 @@ from hyrun.proto import hyrun_pb2 as pb
 from hyrun.runtime.coordinator.actions import Recover
 from hyrun.runtime.coordinator.evaluations import EvalBook
 from hyrun.runtime.coordinator.records import JobRecord, StepTally
+from hyrun.runtime.data.spec import ValidationSpec
 from hyrun.runtime.metrics import CoordinatorMetrics, checkpoint_failure_cause
 
 _STALL_FLOOR_S = 0.001  # a step that did not save still pays a fence of microseconds: not a save's stall
@@ -24,8 +25,8 @@ class JobExports:
         self.job = job
         self.newest_commit = -1
         self._failures_seen: dict[int, int] = {}  # rank -> saves failed, in the running generation
-        data = job.spec.data
-        metrics.eval_regression_margin_ratio.set(data.validation.regression_margin if data is not None else math.nan)
+        validation = job.spec.data.validation if job.spec.data is not None else ValidationSpec()
+        metrics.eval_regression_margin_ratio.set(validation.regression_margin)
 
     def step_report(self, node: str, report: pb.StepReport, now_s: float) -> None:
         m, rank = self.metrics, str(report.rank)
