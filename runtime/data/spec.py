@@ -72,6 +72,9 @@ class ValidationSpec(_Section):
                                    "training (RUN_DIR/eval.jsonl); the final one is always scored at the end")
     regression_margin: float = Field(0.02, ge=0, description="the HyrunEvalWorse alert fires when a source's held-out "
                                      "loss is this much (a ratio: 0.02 = 2%) above the previous checkpoint's")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="LM Evaluation Harness task YAML files (local "
+                                     "data, e.g. examples/eval/python_mc.yaml) scored on every checkpoint beside "
+                                     "training; needs the optional extra hyrun[eval]")
 
 
 class DataSection(_Section):

@@ -58,6 +58,10 @@ def evaluate_checkpoint(job, path: Path, step: int) -> dict:
                                 document_mask=job.data.document_mask)
         record["sources"] = {s.source: {"loss": s.model_loss, "perplexity": s.perplexity, "tokens": s.tokens,
                                         "unigram_loss": s.unigram_loss} for s in losses}
+        if job.data.validation.lm_eval_tasks:
+            from hyrun.runtime.eval.lm_harness import run_tasks
+
+            record["tasks"] = run_tasks(model, job.data.directory(), [Path(f) for f in job.data.validation.lm_eval_tasks])
     except Exception as error:  # reported, never raised: an evaluation must not end anything
         record["error"] = f"{type(error).__name__}: {error}"
     record["duration_s"] = time.monotonic() - started_s
