@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,9 @@ from pathlib import Path
 import yaml
 
 from hyrun.common.process import kill_group
+from hyrun.runtime.local_etcd import LocalEtcd, free_port
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Processes:
@@ -73,22 +67,6 @@ class Processes:
     def close(self) -> None:
         for proc in self.started:
             self.kill(proc)
-
-
-def start_etcd(procs: Processes, data: Path) -> str:
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    procs.start("etcd", [shutil.which("etcd"), "--name", "bench", "--data-dir", str(data), "--listen-client-urls", client,
-                         "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                         "--initial-cluster", f"bench={peer}", "--log-level", "warn"])  # fmt: skip
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{client}/health", timeout=1) as response:
-                if json.load(response).get("health") == "true":
-                    return "etcd://" + client.removeprefix("http://")
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("etcd did not become healthy")
 
 
 def wait_listening(proc: subprocess.Popen, timeout_s: float = 120) -> int:
@@ -128,11 +106,11 @@ def one_failover(mode: str, args, tmp: Path) -> dict:
     from hyrun.runtime.coordinator.etcd_store import EtcdStore
 
     procs = Processes(tmp)
-    store = None
+    store, server = None, LocalEtcd(tmp / "etcd", name="bench")
     try:
-        etcd = start_etcd(procs, tmp / "etcd")
-        host, port = etcd.removeprefix("etcd://").split(":")
-        store = EtcdStore(host, int(port), timeout_s=10.0)  # a loaded box answers slowly
+        server.start()
+        etcd = server.url
+        store = EtcdStore("127.0.0.1", server.client_port, timeout_s=10.0)  # a loaded box answers slowly
         ports = [free_port(), free_port()]
 
         def coordinator(name: str, port: int, *extra: str) -> subprocess.Popen:
@@ -189,6 +167,7 @@ def one_failover(mode: str, args, tmp: Path) -> dict:
         if store is not None:
             store.close()
         procs.close()
+        server.kill()
 
 
 def main() -> None:

@@ -19,8 +19,10 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hyrun.runtime.coordinator.records import SAVE_FAILED_VERDICT, STORE_OUTAGE_VERDICT
 from hyrun.runtime.jobfile import FaultSpec, JobFileError, JobSpec, load_job
 from hyrun.runtime.launch import JobOutcome
+from hyrun.runtime.storage_faults import unavailable
 
 
 class Randomize(BaseModel):
@@ -66,7 +68,7 @@ def draw_faults(scenario: Scenario, job: JobSpec, trial: int, faults: list[Fault
             update["at_step"] = rng.randint(*scenario.randomize.at_step)
         if scenario.randomize.at_s is not None and fault.at_s is not None:
             update["at_s"] = round(rng.uniform(*scenario.randomize.at_s), 2)
-        if scenario.randomize.target:
+        if scenario.randomize.target and not fault.is_storage:
             update["node"], update["card"] = rng.choice(cards)
         drawn.append(fault.model_copy(update=update))
     return drawn
@@ -81,10 +83,14 @@ def load_scenario(path: Path) -> tuple[Scenario, JobSpec]:
         raise JobFileError(f"{path} is not a valid chaos scenario:\n{error}") from None
     job = load_job(path.parent / scenario.job)
     nodes = {n.name: sum(g.count for g in n.cards) for n in job.cluster.nodes}
+    if reason := unavailable(job.model_copy(update={"faults": list(scenario.faults)}), embedded=True):
+        raise JobFileError(f"{path}: {reason}")
     for number, fault in enumerate(scenario.faults):
         if fault.is_network:
             raise JobFileError(f"{path}: faults.{number} is a network fault: run it with `hyrun launch --netns` "
                                "(chaos trials run on one network host)")
+        if fault.is_storage:
+            continue
         if fault.card >= nodes.get(fault.node, 0):
             raise JobFileError(f"{path}: faults.{number} names {fault.node}/card{fault.card}, which the job does not have")
     return scenario, job
@@ -121,14 +127,20 @@ class ChaosReport:
         return self.outcome.succeeded and all(f.detected for f in self.faults) and self.loss_matches is not False
 
 
+# A storage fault costs no card: what shows the runtime saw it is the incident of its kind.
+_STORAGE_VERDICTS = {"disk_full": SAVE_FAILED_VERDICT, "store_outage": STORE_OUTAGE_VERDICT}
+
+
 def match_incidents(faults: list[FaultSpec], incidents: list[dict]) -> list[FaultReport]:
-    """Pairs each injected fault with the incident that evicted its card, if any."""
+    """Pairs each injected fault with the incident that evicted its card (or, for a storage fault,
+    the incident of its kind), if any."""
     reports = []
     for fault in faults:
         card = f"{fault.node}/card{fault.card}"
         # A worker's or agent's own fault fires in its generation; one from outside whenever it is due.
         incident = next(
-            (i for i in incidents if card in i.get("cards", [])
+            (i for i in incidents
+             if (i.get("verdict") == _STORAGE_VERDICTS[fault.kind] if fault.is_storage else card in i.get("cards", []))
              and (fault.from_outside or int(i.get("generation", 0)) == fault.generation)),
             None,
         )  # fmt: skip
@@ -181,7 +193,7 @@ def run_scenario(
     planned = trial_faults(scenario)
     for trial, chosen in enumerate(planned):
         faults = draw_faults(scenario, job, trial, chosen)
-        say(f"trial {trial + 1}/{len(planned)}: " + ", ".join(f"{f.kind} {f.node}/card{f.card} @ {f.moment}" for f in faults))
+        say(f"trial {trial + 1}/{len(planned)}: " + ", ".join(f"{f.kind} {f.where} @ {f.moment}" for f in faults))
         faulty = run(job.model_copy(update={"faults": faults}))
         trials.append(ChaosReport(
             outcome=faulty,

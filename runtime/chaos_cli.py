@@ -97,7 +97,7 @@ def _print(data: dict) -> None:
     for t in data["trials"]:
         state = t["state"] if t["state"] == "COMPLETED" else f"[red]{t['state']}[/]"
         for number, f in enumerate(t["faults"]):
-            fault = f"{f['fault']['kind']} {f['fault']['node']}/card{f['fault'].get('card', 0)}"
+            fault = f"{f['fault']['kind']} {f['where']}"
             trials.add_row(str(t["trial"]) if number == 0 else "", state if number == 0 else "", fault,
                            "yes" if f["detected"] else "[red]no[/]", f["verdict"], _fmt(f["detect_s"]), _fmt(f["resume_s"]),
                            str(f["steps_lost"]), f["reason"])  # fmt: skip

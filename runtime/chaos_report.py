@@ -70,7 +70,8 @@ def report_dict(run: ChaosRun, total_cards: int) -> dict[str, Any]:
                 "run_dir": str(t.outcome.run_dir), "passed": t.passed, "final_loss": t.final_loss,
                 "loss_matches": t.loss_matches, "generations": t.outcome.generations,
                 "cards_left": cards_left(t, total_cards), "wall_time_s": t.outcome.wall_time_s,
-                "faults": [dict(asdict(f), fault=f.fault.model_dump(include=f.fault.used_fields())) for f in t.faults],
+                "faults": [dict(asdict(f), fault=f.fault.model_dump(include=f.fault.used_fields()), where=f.fault.where)
+                           for f in t.faults],
             }  # fmt: skip
             for number, t in enumerate(run.trials)
         ],
@@ -94,7 +95,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Trials", "", "| trial | state | faults (detected, verdict, steps lost) | final loss | cards left | run dir |",
               "| --- | --- | --- | --- | --- | --- |"]
     for t in report["trials"]:
-        faults = "; ".join(f"{f['fault']['kind']} {f['fault']['node']}: {'yes' if f['detected'] else 'NO'}, {f['verdict'] or '-'}, "
+        faults = "; ".join(f"{f['fault']['kind']} {f['where']}: {'yes' if f['detected'] else 'NO'}, {f['verdict'] or '-'}, "
                            f"{f['steps_lost']}" for f in t["faults"])
         state = t["state"] if not t["message"] or t["state"] == "COMPLETED" else f"{t['state']}: {t['message']}"
         lines.append(f"| {t['trial']} | {state.replace('|', '/')} | {faults} | {_fmt(t['final_loss'])} | {t['cards_left']} | `{t['run_dir']}` |")

@@ -250,7 +250,9 @@ class HealthSection(_Section):
 
 NETWORK_FAULTS = ("link_slow", "link_down", "partition", "coordinator_unreachable")
 # Faults the launcher injects from outside the job's processes (at a step or a time), not a worker itself.
-LAUNCHER_FAULTS = NETWORK_FAULTS + ("signal",)
+# Faults on what the whole job shares, not on one node: its checkpoint disk and its job-state store.
+STORAGE_FAULTS = ("disk_full", "store_outage")
+LAUNCHER_FAULTS = NETWORK_FAULTS + STORAGE_FAULTS + ("signal",)
 # The parameters each fault kind reads beyond where and when it fires (FaultSpec's field docs).
 _FAULT_PARAMETERS = {
     "nan_grad": ("repeat_steps",),
@@ -263,6 +265,8 @@ _FAULT_PARAMETERS = {
     "coordinator_unreachable": ("duration_s",),
     "signal": ("signal", "target"),
     "corrupt_checkpoint": ("damage",),
+    "disk_full": ("duration_s", "disk_mb"),
+    "store_outage": ("duration_s",),
 }
 
 
@@ -271,7 +275,7 @@ class FaultSpec(_Section):
     on the same card at the same point whatever rank that card holds in a generation."""
 
     kind: Literal["kill", "hang", "nan_grad", "slow", "temperature_ramp", "xid", "ecc", "signal", "corrupt_checkpoint",
-                  "link_slow", "link_down", "partition", "coordinator_unreachable"] = Field(
+                  "link_slow", "link_down", "partition", "coordinator_unreachable", "disk_full", "store_outage"] = Field(
         ..., description="kill: SIGKILL the worker; hang: SIGSTOP it; nan_grad: NaN in its local "
         "gradients; slow: run the card at `speed` from then on; temperature_ramp: its simulated "
         "temperature rises by `c_per_s`; xid / ecc: its agent reports that hardware error; signal: the "
@@ -280,13 +284,16 @@ class FaultSpec(_Section):
         "the newest committed checkpoint (`damage`) and dies, so the next generation must resume past it. Network "
         "faults (`hyrun launch --netns` only; the whole node, `card` unused): link_slow caps the node's "
         "data link at `mbit`; link_down cuts it; partition cuts data and control links; "
-        "coordinator_unreachable cuts only the control link; each for `duration_s` (0: for good)"
+        "coordinator_unreachable cuts only the control link; each for `duration_s` (0: for good). Storage "
+        "faults (embedded cluster, the whole job, no `node`): disk_full fills the checkpoint directory, which the "
+        "launcher mounts as a tmpfs of `disk_mb` (root), leaving less than a save needs; store_outage stops the "
+        "job-state store (an etcd the launcher starts for the job); each for `duration_s` (0: for good)"
     )
-    node: str
+    node: str = Field("", description="the node it hits (every kind but the storage faults)")
     card: int = Field(0, ge=0)
     at_step: int | None = Field(None, ge=1, description="the step at whose start the fault fires")
     at_s: float | None = Field(
-        None, ge=0, description="network and signal faults: seconds after the job was submitted at which it fires "
+        None, ge=0, description="faults from outside (network, storage, signal): seconds after the job was submitted at which it fires "
         "(instead of at_step)"
     )
     signal: Literal["SIGKILL", "SIGTERM", "SIGSTOP", "SIGSEGV"] = Field("SIGKILL", description="signal: which one")
@@ -300,15 +307,30 @@ class FaultSpec(_Section):
     xid: int = Field(79, ge=1, description="xid: the XID code reported")
     generation: int = Field(1, ge=1, description="fire only in this generation")
     mbit: float = Field(5.0, gt=0, description="link_slow: the link's new bandwidth, Mbit/s")
-    duration_s: float = Field(0.0, ge=0, description="network faults: repaired after this long; 0 = for good")
+    duration_s: float = Field(0.0, ge=0, description="network and storage faults: repaired after this long; 0 = for good")
+    disk_mb: int = Field(256, ge=16, description="disk_full: size of the tmpfs the checkpoint directory is mounted on")
 
     @model_validator(mode="after")
     def _one_moment(self) -> FaultSpec:
         if self.at_s is not None and not self.from_outside:
-            raise ValueError(f"{self.kind}: at_s is for network and signal faults; a {self.kind} fault fires at_step")
+            raise ValueError(f"{self.kind}: at_s is for faults from outside (network, storage, signal); "
+                             f"a {self.kind} fault fires at_step")
         if (self.at_step is None) == (self.at_s is None):
-            raise ValueError(f"{self.kind} on {self.node}: give exactly one of at_step and at_s")
+            raise ValueError(f"{self.kind}{f' on {self.node}' if self.node else ''}: give exactly one of at_step and at_s")
+        if not self.node and not self.is_storage:
+            raise ValueError(f"{self.kind}: name the node it hits (`node`)")
+        if self.node and self.is_storage:
+            raise ValueError(f"{self.kind} hits the whole job: drop `node: {self.node}`")
         return self
+
+    @property
+    def where(self) -> str:
+        """What it hits, in words: a card, a node's links, or the whole job's storage."""
+        return "the job" if self.is_storage else self.node if self.is_network else f"{self.node}/card{self.card}"
+
+    @property
+    def is_storage(self) -> bool:
+        return self.kind in STORAGE_FAULTS
 
     @property
     def is_network(self) -> bool:
@@ -316,7 +338,7 @@ class FaultSpec(_Section):
 
     @property
     def from_outside(self) -> bool:
-        """Injected by the launcher (network, signal), not by a worker or an agent on itself."""
+        """Injected by the launcher (network, storage, signal), not by a worker or an agent on itself."""
         return self.kind in LAUNCHER_FAULTS
 
     @property
@@ -327,7 +349,7 @@ class FaultSpec(_Section):
     def used_fields(self) -> set[str]:
         """The fields this kind of fault reads (a report lists these, not every default)."""
         when = {"at_step"} if self.at_step is not None else {"at_s"}
-        where = {"kind", "node"} | when | (set() if self.is_network else {"card"})
+        where = {"kind"} | when | (set() if self.is_storage else {"node"}) | (set() if self.is_network or self.is_storage else {"card"})
         where |= set() if self.from_outside else {"generation"}
         return where | set(_FAULT_PARAMETERS.get(self.kind, ()))
 

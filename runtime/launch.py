@@ -28,6 +28,7 @@ from hyrun.proto import hyrun_pb2_grpc as pb_grpc
 from hyrun.runtime.coordinator.server import CoordinatorService, CoordinatorSettings
 from hyrun.runtime.jobfile import FaultSpec, JobSpec, new_job_id
 from hyrun.runtime.launch_faults import LauncherFaults
+from hyrun.runtime.storage_faults import StorageFaults
 from hyrun.runtime.network.faults import network_fault
 from hyrun.runtime.network.hosts import DATA_IF, NetnsHosts
 from hyrun.runtime.rendezvous import GenerationStore
@@ -254,7 +255,7 @@ def run_job(
     started_s = time.monotonic()
     outcome = JobOutcome(job_id, "FAILED", "", run_dir, 0.0)
 
-    hosts = faults = log_file = None
+    hosts = faults = log_file = storage = None
     submitted_s = time.monotonic()
 
     def record(event: pb.JobEvent) -> None:
@@ -279,9 +280,10 @@ def run_job(
             log_file = _log_to(run_dir / "coordinator.log")
             if netns:
                 hosts = NetnsHosts([node.name for node in job.cluster.nodes])
-            cluster = EmbeddedCluster(job, run_dir, token, hosts)
+            storage = StorageFaults(job, run_dir)
+            cluster = EmbeddedCluster(storage.job, run_dir, token, hosts)
             cluster.start()
-            faults = LauncherFaults(job.faults, lambda fault: _inject(fault, cluster, hosts))
+            faults = LauncherFaults(job.faults, lambda fault: _inject(fault, cluster, hosts, storage))
             coordinator = cluster.coordinator.address
             if hosts is not None:
                 tls = TlsFiles(cert=cluster.tls.cert)
@@ -308,6 +310,8 @@ def run_job(
             cluster.stop()
         if hosts is not None:
             hosts.close()
+        if storage is not None:
+            storage.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if log_file is not None:  # the next job in this process (a chaos trial) logs to its own run
@@ -336,10 +340,12 @@ def run_job(
     return outcome
 
 
-def _inject(fault: FaultSpec, cluster: EmbeddedCluster, hosts: NetnsHosts | None):
+def _inject(fault: FaultSpec, cluster: EmbeddedCluster, hosts: NetnsHosts | None, storage: StorageFaults):
     """Injects one of the job's launcher faults; returns its repair (or None)."""
     if fault.is_network:
         return network_fault(hosts, fault)
+    if fault.is_storage:
+        return storage.fire(fault)
     cluster.send_signal(fault)
     return None
 

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+
+from hyrun.runtime.local_etcd import LocalEtcd, etcd_binary, free_port  # noqa: F401 - free_port for tests
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,66 +155,21 @@ def netns_hosts():
 
 # ------------------------------------------------------------------------------------- etcd
 
-ETCD = shutil.which("etcd")
+ETCD = etcd_binary()
 needs_etcd = pytest.mark.skipif(ETCD is None, reason="the etcd binary is not installed (apt-get install etcd-server)")
 
 
-def free_port() -> int:
-    # Never a fixed port: bind port 0 and hand the number to etcd. Another process could take it in
-    # between; etcd then exits at once and the fixture fails with etcd's own log, not a hang.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class EtcdServer:
-    """One etcd member on loopback in its own session, so teardown kills all of it."""
+class EtcdServer(LocalEtcd):
+    """hyrun's LocalEtcd, failing the test (with etcd's log) instead of raising."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
+        super().__init__(data_dir, name="test")
 
     def start(self, timeout_s: float = 15.0) -> None:
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [ETCD, "--name", "test", "--data-dir", str(self.data_dir),
-                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"test={peer}", "--log-level", "warn", "--logger", "zap"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"etcd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as response:
-                    if json.load(response).get("health") == "true":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"etcd not healthy after {timeout_s} s: {self.log_path.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.proc is None:
-            return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.proc = None
+            super().start(timeout_s)
+        except RuntimeError as error:
+            pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")

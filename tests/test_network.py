@@ -283,7 +283,7 @@ def test_time_keyed_faults_fire_at_their_second_and_are_repaired(monkeypatch):
     ("fault", "message"),
     [({"kind": "link_down", "node": "n1"}, "exactly one of at_step and at_s"),
      ({"kind": "link_down", "node": "n1", "at_step": 2, "at_s": 1.0}, "exactly one of at_step and at_s"),
-     ({"kind": "kill", "node": "n1", "at_s": 1.0}, "at_s is for network and signal faults")],
+     ({"kind": "kill", "node": "n1", "at_s": 1.0}, "at_s is for faults from outside")],
 )  # fmt: skip
 def test_a_fault_fires_at_a_step_or_a_second_not_both(fault, message):
     from hyrun.runtime.jobfile import FaultSpec

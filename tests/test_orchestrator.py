@@ -117,6 +117,19 @@ def test_step_completes_only_when_every_rank_reported_and_loss_is_token_weighted
     assert gen.state is GenState.RUNNING
 
 
+def test_a_failed_save_is_one_incident_that_restarts_nothing(harness):
+    orch, *_ = harness
+    gen = _start(harness)
+    for step, failures in ((1, 0), (2, 1), (3, 1)):  # rank 0 keeps reporting the same failure count
+        for rank in range(4):
+            report = _step(gen.number, rank, step)
+            report.checkpoint_failures, report.checkpoint_error = failures, "write failed: [Errno 28] No space left"
+            orch.on_step("node-a" if rank < 3 else "node-b", report, float(step))
+    (incident,) = orch.job.incidents
+    assert incident.verdict == "save_failed" and "No space left" in incident.reason and not incident.cards
+    assert orch.job.generation is gen and gen.state is GenState.RUNNING and orch.job.step == 3
+
+
 def test_reports_from_an_older_generation_are_ignored(harness):
     orch, *_ = harness
     gen = _start(harness)

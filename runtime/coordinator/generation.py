@@ -49,6 +49,7 @@ class Generation:
     last_progress_s: float = 0.0  # any rank's last step or progress report
     last_report: dict = field(default_factory=dict)  # rank -> its last StepReport
     committed_step: int = 0  # newest checkpoint any rank reported committed (commits are all-ranks)
+    saves_failed: int = 0  # saves rank 0 reported failed in this generation (a save fails on every rank alike)
     exited_ok: set[int] = field(default_factory=set)
     worker_pids: dict[int, int] = field(default_factory=dict)  # rank -> its worker's pid on its node
     failures: list[RankFailure] = field(default_factory=list)  # in the order they arrived
@@ -77,6 +78,8 @@ class Generation:
         self.last_report[report.rank] = report
         # Commits are all-ranks: one rank seeing a checkpoint committed means every rank's part is on disk.
         self.committed_step = max(self.committed_step, report.checkpoint_step)
+        if report.rank == 0:
+            self.saves_failed = max(self.saves_failed, report.checkpoint_failures)
         if self.state is GenState.STARTING and len(self.steps_by_rank) == self.world_size:
             # The hang clock starts once every rank has trained a step (start-up is the rendezvous' job).
             self.transition(GenState.RUNNING)

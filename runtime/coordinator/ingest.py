@@ -108,7 +108,11 @@ class JobIngest:
         gen = self._current_generation(report.generation)
         if gen is None:
             return
+        failed_before = gen.saves_failed
         gen.record_step(report, now_s)
+        if gen.saves_failed > failed_before:
+            self.job.record_failed_save(report.checkpoint_error, gen.number, now_s)
+            self._publish()
         self.exports.step_report(node, report, now_s)
         self.health.record_step(report.rank, report.step, report.nonfinite_grads)
         slot = gen.slot(report.rank)
@@ -151,10 +155,6 @@ class JobIngest:
             RankFailure(slot.rank, slot.card, slot.card_type, exit_msg.exit_code, exit_msg.reason, now_s, exit_msg.log_path)
         )
 
-    def _current_generation(self, number: int) -> Generation | None:
-        """The running generation if `number` names it; reports from older ones are fenced off."""
-        gen = self.job.generation if self.job else None
-        if gen is None or gen.number != number or gen.ended:
     def on_eval(self, report: pb.EvalReport) -> None:
         """A checkpoint scored beside training (or an evaluation that failed): exported, and shown
         in the job's events. Raises EvalRejected for another job or names that cannot be labels."""
@@ -165,6 +165,10 @@ class JobIngest:
         self.exports.evaluated(self.job.evals, report)
         self._publish()
 
+    def _current_generation(self, number: int) -> Generation | None:
+        """The running generation if `number` names it; reports from older ones are fenced off."""
+        gen = self.job.generation if self.job else None
+        if gen is None or gen.number != number or gen.ended:
             self.metrics.stale_reports_total.inc()
             return None
         return gen

@@ -133,6 +133,8 @@ class Orchestrator(JobIngest):
         )
         for action in decide(now_s, view, self.decide_settings):
             self.apply(action, now_s)
+        if self.job.record_store_outage(self.writer.outage_since_s is not None, now_s):
+            self._publish()
         self.metrics.cards_health.set_quarantined(frozenset((c.node, c.index) for c in self.job.evicted))
 
     def apply(self, action: Action, now_s: float) -> None:

@@ -61,6 +61,7 @@ def job_document(job: JobRecord, nodes: dict[str, NodeRecord], now_s: float, wal
             "ranks": [slot.__dict__ for slot in gen.ranks],
             "layout": gen.layout.to_json() if gen.layout is not None else None,
             "committed_step": gen.committed_step,
+            "saves_failed": gen.saves_failed,
         }
     return {
         "format": FORMAT,
@@ -122,6 +123,7 @@ def restore_job(doc: dict[str, Any], now_s: float) -> tuple[JobRecord, list[Node
         job.generation = Generation(stored["number"], ranks, layout, started_s=now_s, last_progress_s=now_s,
                                     state=GenState.RUNNING)
         job.generation.committed_step = stored["committed_step"]
+        job.generation.saves_failed = stored.get("saves_failed", 0)  # absent in documents before it existed
     nodes = [
         NodeRecord(name, n["host"], tuple(CardRecord(**c) for c in n["cards"]), agent_pid=0,
                    last_heartbeat_s=now_s, registered_s=now_s, connected=False, restored=True)

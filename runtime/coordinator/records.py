@@ -15,9 +15,13 @@ from hyrun.runtime.coordinator.membership import Membership
 from hyrun.runtime.coordinator.view import DecideSettings, GenerationView, JobView, NodeView, View
 from hyrun.runtime.jobfile import JobSpec
 
-# The verdict of an incident that kept idle cards out of the job: it ended no generation, so no
-# resume belongs to it.
+# Incidents that end no generation, so no resume belongs to them: idle cards kept out of the job, a
+# checkpoint save that failed (training goes on from the previous one), the job-state store out of
+# reach (the coordinator carries on; its writes wait and catch up).
 QUARANTINE_VERDICT = "quarantine"
+SAVE_FAILED_VERDICT = "save_failed"
+STORE_OUTAGE_VERDICT = "store_outage"
+_NO_RESTART = (QUARANTINE_VERDICT, SAVE_FAILED_VERDICT, STORE_OUTAGE_VERDICT)
 
 
 @dataclass
@@ -56,9 +60,9 @@ class JobRecord:
     last_step_s: float = 0.0  # when job.step completed
     saved_s: float = 0.0      # when job state was last written to the store
     incidents: list[pb.Incident] = field(default_factory=list)
+    evals: EvalBook = field(default_factory=EvalBook)  # the evaluation beside training's newest results
 
     @property
-    evals: EvalBook = field(default_factory=EvalBook)  # the evaluation beside training's newest results
     def ended(self) -> bool:
         return self.state in (JobState.COMPLETED, JobState.FAILED)
 
@@ -77,7 +81,33 @@ class JobRecord:
 
     def resuming_incident(self) -> pb.Incident:
         """The newest incident that ended a generation: the one a resumed generation answers."""
-        return next(i for i in reversed(self.incidents) if i.verdict != QUARANTINE_VERDICT)
+        return next(i for i in reversed(self.incidents) if i.verdict not in _NO_RESTART)
+
+    def record_store_outage(self, outage: bool, now_s: float) -> bool:
+        """Opens an incident when the store became unreachable, closes it (resumed) when the writes
+        caught up; True when either happened."""
+        open_ = next((i for i in reversed(self.incidents) if i.verdict == STORE_OUTAGE_VERDICT and not i.resumed_at_s), None)
+        if outage and open_ is None:
+            self.incidents.append(pb.Incident(
+                detected_at_s=now_s - self.submitted_s, verdict=STORE_OUTAGE_VERDICT, step_at_failure=self.step,
+                reason="the job-state store is unreachable: training goes on, the coordinator's writes wait for it",
+                generation=self.generation.number if self.generation else 0,
+                last_step_before_s=self.last_step_s - self.submitted_s,
+            ))  # fmt: skip
+            return True
+        if not outage and open_ is not None:
+            open_.resumed_at_s, open_.resumed_step = now_s - self.submitted_s, self.step
+            return True
+        return False
+
+    def record_failed_save(self, error: str, generation: int, now_s: float) -> None:
+        """A save failed on every rank (a full disk, a permission): no card is at fault and nothing
+        stops, but the operator sees it beside the evictions."""
+        self.incidents.append(pb.Incident(
+            detected_at_s=now_s - self.submitted_s, verdict=SAVE_FAILED_VERDICT,
+            reason=f"a checkpoint save failed, training goes on from the previous one: {error or 'no reason given'}",
+            generation=generation, step_at_failure=self.step, last_step_before_s=self.last_step_s - self.submitted_s,
+        ))  # fmt: skip
 
     def complete_step(self, step: int, tally: StepTally, now_s: float) -> int:
         """Every rank finished `step`; returns the steps trained again (first step after a resume)."""
