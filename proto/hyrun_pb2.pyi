@@ -452,6 +452,22 @@ class DrainReply(_message.Message):
     message: str
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
+class ReadmitRequest(_message.Message):
+    __slots__ = ("node", "cards", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    cards: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., cards: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReadmitReply(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
 class EvalSourceLoss(_message.Message):
     __slots__ = ("source", "loss", "perplexity", "tokens")
     SOURCE_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=hyrun__pb2.DrainRequest.SerializeToString,
                 response_deserializer=hyrun__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Readmit = channel.unary_unary(
+                '/hyrun.v1.Coordinator/Readmit',
+                request_serializer=hyrun__pb2.ReadmitRequest.SerializeToString,
+                response_deserializer=hyrun__pb2.ReadmitReply.FromString,
+                _registered_method=True)
         self.ReportEval = channel.unary_unary(
                 '/hyrun.v1.Coordinator/ReportEval',
                 request_serializer=hyrun__pb2.EvalReport.SerializeToString,
@@ -110,6 +115,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Readmit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportEval(self, request, context):
         """The evaluation beside training reports each checkpoint it scored (see EvalReport).
         """
@@ -157,6 +168,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=hyrun__pb2.DrainRequest.FromString,
                     response_serializer=hyrun__pb2.DrainReply.SerializeToString,
+            ),
+            'Readmit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Readmit,
+                    request_deserializer=hyrun__pb2.ReadmitRequest.FromString,
+                    response_serializer=hyrun__pb2.ReadmitReply.SerializeToString,
             ),
             'ReportEval': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEval,
@@ -309,6 +325,33 @@ class Coordinator:
             '/hyrun.v1.Coordinator/Drain',
             hyrun__pb2.DrainRequest.SerializeToString,
             hyrun__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Readmit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyrun.v1.Coordinator/Readmit',
+            hyrun__pb2.ReadmitRequest.SerializeToString,
+            hyrun__pb2.ReadmitReply.FromString,
             options,
             channel_credentials,
             insecure,

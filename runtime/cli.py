@@ -404,6 +404,26 @@ def drain(
     console.print(reply.message, highlight=False)
 
 
+@app.command()
+def readmit(
+    node: Annotated[str, typer.Argument(help="the node whose cards come back")],
+    card: Annotated[list[int] | None, typer.Option("--card", help="a card index on the node (repeat for more); "
+                                                   "default: all of its cards")] = None,
+    reason: Annotated[str, typer.Option(help="why (shown in status and logs)")] = "",
+    coordinator: CoordinatorOpt = None,
+    run: RunOpt = None,
+    token_file: TokenFile = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Give a node's quarantined cards back to the running job (repaired, replaced, lent again): their
+    quarantine ends and they join at the next checkpoint."""
+    from hyrun.proto import hyrun_pb2 as pb
+
+    request = pb.ReadmitRequest(node=node, cards=card or [], reason=reason)
+    reply = _call(coordinator, run, token_file, tls_ca, "Readmit", request, timeout_s=10)
+    console.print(reply.message, highlight=False)
+
+
 def _mount_ckpt() -> None:
     from hyrun.runtime.checkpoint.cli import app as ckpt_app
 

@@ -86,8 +86,8 @@ def test_stopping_the_launcher_leaves_no_process(write_job, launched, tmp_path, 
     assert result.alive_seen() == []
 
 
-@pytest.mark.timeout(180)
-def test_status_and_drain_from_the_command_line(write_job, launched, tmp_path):
+@pytest.mark.timeout(300)
+def test_status_drain_and_readmit_from_the_command_line(write_job, launched, tmp_path):
     job = job_dict(training={"steps": 100_000})
     result = launched("launch", str(write_job(job)), "--no-progress")
     _wait_for_ranks(result, tmp_path)
@@ -110,6 +110,15 @@ def test_status_and_drain_from_the_command_line(write_job, launched, tmp_path):
     assert "evicted node-b/card0: drained by request: maintenance" in out
     assert "generation 2" in out and "steps trained again 0" in out
     assert not [line for line in out.splitlines() if line.strip().startswith("rank") and "node-b" in line]
+
+    # Maintenance over: the operator gives node-b back and it joins at the next checkpoint.
+    readmit = launched("readmit", "node-b", "--reason", "maintenance done", "--run", str(run_dir))
+    out, err = readmit.proc.communicate(timeout=60)
+    assert readmit.proc.returncode == 0 and "readmitted node-b/card0" in out and "joins at the next" in out, err
+    deadline = time.monotonic() + 90
+    while "rank 3: node-b/card1" not in (out := status()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "generation 3" in out and "rank 3: node-b/card1" in out and "evicted node-b" not in out, out
     result.proc.send_signal(signal.SIGINT)
     result.proc.communicate(timeout=60)
     assert result.proc.returncode == 130

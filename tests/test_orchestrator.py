@@ -520,6 +520,34 @@ def test_a_node_left_out_of_a_generation_on_purpose_does_not_rejoin_it(harness):
     assert orch.job.generation is gen and not sent
 
 
+def test_a_card_an_operator_readmits_joins_at_the_next_checkpoint_and_is_asked_for_once(harness):
+    orch, membership, sent, _ = harness
+    gen = _start(harness)
+    orch.on_worker_exit("node-b", _exit(gen.number, 3, -9, "killed by SIGKILL"), 1.0)
+    orch.tick(1.6)
+    gen = orch.job.generation
+    assert gen.number == 2 and list(orch.job.evicted) == [CardRef("node-b", 1)]
+    with pytest.raises(JobRejected, match="no card 7"):
+        orch.readmit_cards("node-b", [7], "")
+    assert "already train" in orch.readmit_cards("node-a", [0], "")
+    message = orch.readmit_cards("node-b", [1], "card replaced")
+    assert "node-b/card1" in message and "killed by SIGKILL" in message
+    assert orch.job.evicted == {} and list(orch.job.readmit_requests) == [CardRef("node-b", 1)]
+    for slot in gen.ranks:
+        orch.on_step(slot.node, _step(gen.number, slot.rank, 1), 2.0)
+    sent.clear()
+    for t in (2.0, 2.5):
+        membership.heartbeat("node-a", t)
+        membership.heartbeat("node-b", t)
+        orch.tick(t)
+    assert any(cmd.HasField("checkpoint_now") for _, cmd in sent)  # no step lost: checkpoint first
+    _commit(harness, 2, 3.0)
+    joined = orch.job.generation
+    assert joined.number == 3 and ("node-b", 1) in [(s.node, s.card_index) for s in joined.ranks]
+    assert orch.job.incidents[-1].verdict == "join" and "card replaced" in orch.job.incidents[-1].reason
+    assert orch.job.readmit_requests == {}  # asked once: a plan that leaves it out does not loop
+
+
 def test_a_pipeline_stage_is_measured_per_layer_it_holds():
     """Stage 0 holds 3 of 4 layers: three times the compute of stage 1 per micro-batch is its share
     of the work, not a slow card."""

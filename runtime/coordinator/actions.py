@@ -32,6 +32,7 @@ class Cause(enum.Enum):
     CORRUPTION = "corruption"
     STRAGGLER = "straggler"
     OPERATOR_DRAIN = "operator_drain"
+    OPERATOR_READMIT = "operator_readmit"
     NODE_JOINED = "node_joined"
     JOB_ERROR = "job_error"
     DRAIN_TIMEOUT = "drain_timeout"
@@ -63,6 +64,7 @@ _TEMPLATES: dict[Cause, str] = {
     Cause.STRAGGLER: "straggler: {ratio:.1f}× slower than its {card_type} peers for {window} steps "
     "({ms_per_micro_batch:.0f} ms per micro-batch){action}",
     Cause.OPERATOR_DRAIN: "drained by request{colon}{reason}",
+    Cause.OPERATOR_READMIT: "readmitted by request{colon}{reason}: joins at the next checkpoint",
     Cause.NODE_JOINED: "node {node} joined with {cards} usable cards",
     Cause.JOB_ERROR: "the job, not a card, is at fault ({why}; no card is quarantined): {reason}",
     Cause.DRAIN_TIMEOUT: "the drain's checkpoint did not commit within {timeout_s:.0f} s; leaving without it",

@@ -268,6 +268,11 @@ def _joins(view: View, gen: GenerationView) -> tuple[list[Verdict], list]:
             if relinked:
                 evidence = Evidence.of(Cause.LINK_BACK, node=name, interface=view.data_nics[name][-1].interface)
             verdicts.append(Verdict(VerdictKind.JOIN, usable[0], evidence))
+    # Cards an operator gave back (repaired) join at the next checkpoint, if their node is up.
+    for card, evidence in job.readmit_requests.items():
+        node = view.nodes.get(card.node)
+        if card not in gen.cards and node is not None and node.alive and node.connected:
+            verdicts.append(Verdict(VerdictKind.JOIN, card, evidence))
     return verdicts, readmit
 
 

@@ -113,6 +113,33 @@ class Orchestrator(JobIngest):
             return f"node {node} will not be used by this job"
         return f"draining node {node}: checkpoint, then continue without its {len(cards)} cards"
 
+    def readmit_cards(self, node: str, indices: list[int], reason: str) -> str:
+        """An operator gave cards back (repaired, replaced, lent again): their quarantine ends and
+        they join the running job at its next checkpoint."""
+        if node not in self.membership.nodes:
+            raise JobRejected(f"no node {node!r}; known: {', '.join(sorted(self.membership.nodes)) or 'none'}")
+        if self.job is None or self.job.ended:
+            raise JobRejected("no job is running")
+        known = [card.index for card in self.membership.nodes[node].cards]
+        if unknown := sorted(set(indices) - set(known)):
+            raise JobRejected(f"node {node} has no card {', '.join(map(str, unknown))}; its cards: "
+                              f"{', '.join(map(str, known))}")
+        cards = [CardRef(node, index) for index in (indices or known)]
+        gen = self.job.generation
+        running = {slot.card for slot in gen.ranks} if gen is not None and not gen.ended else set()
+        evidence = Evidence.of(Cause.OPERATOR_READMIT, colon=": " if reason else "", reason=reason)
+        back = []
+        for card in cards:
+            was = self.job.evicted.pop(card, None) or self.job.drain_requests.pop(card, None)
+            if card not in running:
+                self.job.readmit_requests[card] = evidence
+                back.append(f"{card}" + (f" (was: {was.describe()})" if was else ""))
+        self._save_job()
+        if not back:
+            return f"{', '.join(map(str, cards))} already train in this job"
+        log.warning("readmit %s: %s", "; ".join(back), evidence.describe())
+        return f"readmitted {', '.join(back)}: joins at the next checkpoint"
+
     def note_loop_lag(self, lag_s: float, now_s: float) -> None:
         """The event loop ran `lag_s` late. A stall of half a heartbeat timeout or more is the
         coordinator's own: node silence is counted again from its end, never charged to agents.
@@ -216,6 +243,7 @@ class Orchestrator(JobIngest):
                     signature = verdict.evidence["signature"]
                     job.blamed_errors[signature] = job.blamed_errors.get(signature, ()) + (verdict.card,)
             job.drain_requests.pop(verdict.card, None)
+            job.readmit_requests.pop(verdict.card, None)  # taken back, or left out by this plan: asked once
             self.health.forget(verdict.card)
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = describe_all(action.evidence) or "generation restarted"

@@ -80,6 +80,7 @@ def job_document(job: JobRecord, nodes: dict[str, NodeRecord], now_s: float, wal
         "step_at_failure": job.step_at_failure,
         "evicted": {_card(c): _evidence(e) for c, e in job.evicted.items()},
         "drain_requests": {_card(c): _evidence(e) for c, e in job.drain_requests.items()},
+        "readmit_requests": {_card(c): _evidence(e) for c, e in job.readmit_requests.items()},
         "measured_speed": {_card(c): s for c, s in job.measured_speed.items()},
         "measured_link_mbit": dict(job.measured_link_mbit),
         "blamed_errors": {sig: [_card(c) for c in cards] for sig, cards in job.blamed_errors.items()},
@@ -112,6 +113,7 @@ def restore_job(doc: dict[str, Any], now_s: float) -> tuple[JobRecord, list[Node
     job.last_step_s = job.saved_s = now_s
     job.evicted = {_card_ref(c): _evidence_back(e) for c, e in doc["evicted"].items()}
     job.drain_requests = {_card_ref(c): _evidence_back(e) for c, e in doc["drain_requests"].items()}
+    job.readmit_requests = {_card_ref(c): _evidence_back(e) for c, e in doc.get("readmit_requests", {}).items()}
     job.measured_speed = {_card_ref(c): s for c, s in doc["measured_speed"].items()}
     job.measured_link_mbit = dict(doc["measured_link_mbit"])
     job.blamed_errors = {sig: tuple(map(_card_ref, cards)) for sig, cards in doc["blamed_errors"].items()}

@@ -54,6 +54,7 @@ class JobRecord:
     measured_speed: dict[CardRef, float] = field(default_factory=dict)  # stragglers: what the planner now assumes
     measured_link_mbit: dict[str, float] = field(default_factory=dict)  # congested links (per node): the same
     drain_requests: dict[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
+    readmit_requests: dict[CardRef, Evidence] = field(default_factory=dict)  # repaired cards not yet taken back
     blamed_errors: dict[str, tuple[CardRef, ...]] = field(default_factory=dict)  # error signature -> cards evicted for it
     steps_lost: int = 0
     step_at_failure: int | None = None  # job.step when the last generation failed
@@ -172,6 +173,7 @@ def build_view(
         state=job.state, node_names=tuple(n.name for n in job.spec.cluster.nodes), submitted_s=job.submitted_s,
         step=job.step, total_steps=job.spec.training.steps, fault_tolerance=job.spec.fault_tolerance.enabled, checkpoints=job.spec.checkpoint.enabled,
         evicted=dict(job.evicted), measured_speed=dict(job.measured_speed), measured_link_mbit=dict(job.measured_link_mbit), drain_requests=dict(job.drain_requests),
+        readmit_requests=dict(job.readmit_requests),
         blamed_errors=dict(job.blamed_errors), generation=gen_view,
     )  # fmt: skip
     nics = {node: tuple(samples) for node, samples in health.data_nics.items()}

@@ -234,6 +234,13 @@ class CoordinatorServicer(RelayHandlers, pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         return pb.DrainReply(message=message)
 
+    async def Readmit(self, request, context):
+        try:
+            message = self.orchestrator.readmit_cards(request.node, list(request.cards), request.reason)
+        except JobRejected as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return pb.ReadmitReply(message=message)
+
     async def ReportEval(self, request, context):
         try:
             self.orchestrator.on_eval(request)

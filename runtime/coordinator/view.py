@@ -90,6 +90,7 @@ class JobView:
     measured_speed: Mapping[CardRef, float] = field(default_factory=dict)
     measured_link_mbit: Mapping[str, float] = field(default_factory=dict)  # congested links the plan expects
     drain_requests: Mapping[CardRef, Evidence] = field(default_factory=dict)  # operator drains not yet carried out
+    readmit_requests: Mapping[CardRef, Evidence] = field(default_factory=dict)  # repaired cards not yet taken back
     # error signature (digits masked) -> cards evicted for raising it in earlier generations
     blamed_errors: Mapping[str, tuple[CardRef, ...]] = field(default_factory=dict)
     generation: GenerationView | None = None
