@@ -57,7 +57,8 @@ def test_a_disk_that_fills_mid_run_fails_saves_not_the_job_and_a_resume_skips_th
     )  # fmt: skip
     summary, _ = _run(write_job, launched, tmp_path, job)
     failed = [i for i in summary["incidents"] if i["verdict"] == "save_failed"]
-    assert failed and "No space left" in failed[0]["reason"], summary["incidents"]
+    # ENOSPC as the OS says it, or as torch's zip writer does when its write came up short.
+    assert failed and any(s in failed[0]["reason"] for s in ("No space left", "unexpected pos")), summary["incidents"]
     reference = _reference_losses(16)
     for step, loss in reference.items():  # no torn state was loaded
         assert summary["losses"][str(step)] == pytest.approx(loss, rel=1e-4), step
