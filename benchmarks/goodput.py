@@ -44,6 +44,9 @@ def job_dict(run_dir: Path, steps: int, faults: list[dict]) -> dict:
         "checkpoint": {"interval_steps": 10},
         "runtime": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "run_dir": str(run_dir)},
         "fault_tolerance": {"hang_timeout_s": 3.0, "failure_grace_s": 0.5, "max_generations": 1000},
+        # As examples/chaos/job.yaml: noise on shared cores reads a healthy card up to ~1.6x slow for a
+        # few steps; a fault-free run must not replan around it.
+        "health": {"straggler_window_steps": 3, "straggler_ratio": 2.0, "straggler_drain_ratio": 6.0},
         "faults": faults,
     }
 
