@@ -84,6 +84,12 @@ class CoordinatorMetrics:
         self._lags: deque[tuple[float, float]] = deque()
         # ---- the job
         self.job_running = Gauge("hyrun_job_running", "1 while a job is running, 0 otherwise", registry=r)
+        self.last_progress_timestamp = Gauge(
+            "hyrun_last_progress_timestamp_seconds",
+            "Unix time of the job's last progress: a completed step, or else its first generation's start or "
+            "this coordinator's (the stall alert's clock)", registry=r,
+        )
+        self.last_progress_timestamp.set_to_current_time()
         self.step_time_seconds = Gauge(
             "hyrun_step_time_seconds", "Wall time of the last completed step (its slowest rank)", registry=r
         )

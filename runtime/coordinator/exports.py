@@ -70,6 +70,7 @@ class JobExports:
     def step_completed(self, tally: StepTally, resumed: pb.Incident | None) -> None:
         m, job = self.metrics, self.job
         m.step.set(job.step)
+        m.last_progress_timestamp.set_to_current_time()
         m.loss.set(job.loss)
         m.tokens_per_second.set(job.tokens_per_s)
         m.step_time_seconds.set(job.step_time_s)
@@ -95,6 +96,8 @@ class JobExports:
         self._failures_seen.clear()
         m.generation.set(number)
         m.job_running.set(1)
+        if number == 1:
+            m.last_progress_timestamp.set_to_current_time()
         m.planner_predicted_step_time_seconds.set(math.nan if predicted_step_time_s is None else predicted_step_time_s)
         if number == 1 and self.newest_commit < 0:
             m.note_checkpoint_commit(now_s)  # no checkpoint yet: its age counts from the start of training
