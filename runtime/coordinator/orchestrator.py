@@ -101,10 +101,7 @@ class Orchestrator(JobIngest):
     def drain_node(self, node: str, reason: str, now_s: float) -> str:
         """A planned leave (operator, tidal scheduling): the node's cards leave after a checkpoint
         and are not used again by this job."""
-        if node not in self.membership.nodes:
-            raise JobRejected(f"no node {node!r}; known: {', '.join(sorted(self.membership.nodes)) or 'none'}")
-        if self.job is None or self.job.ended:
-            raise JobRejected("no job is running")
+        self._check_operator_target(node)
         cards = [CardRef(node, card.index) for card in self.membership.nodes[node].cards]
         evidence = Evidence.of(Cause.OPERATOR_DRAIN, colon=": " if reason else "", reason=reason)
         self.job.drain_requests.update({card: evidence for card in cards})
@@ -113,13 +110,17 @@ class Orchestrator(JobIngest):
             return f"node {node} will not be used by this job"
         return f"draining node {node}: checkpoint, then continue without its {len(cards)} cards"
 
-    def readmit_cards(self, node: str, indices: list[int], reason: str) -> str:
-        """An operator gave cards back (repaired, replaced, lent again): their quarantine ends and
-        they join the running job at its next checkpoint."""
+    def _check_operator_target(self, node: str) -> None:
+        """An operator command names a node of this coordinator, while a job runs."""
         if node not in self.membership.nodes:
             raise JobRejected(f"no node {node!r}; known: {', '.join(sorted(self.membership.nodes)) or 'none'}")
         if self.job is None or self.job.ended:
             raise JobRejected("no job is running")
+
+    def readmit_cards(self, node: str, indices: list[int], reason: str) -> str:
+        """An operator gave cards back (repaired, replaced, lent again): their quarantine ends and
+        they join the running job at its next checkpoint."""
+        self._check_operator_target(node)
         known = [card.index for card in self.membership.nodes[node].cards]
         if unknown := sorted(set(indices) - set(known)):
             raise JobRejected(f"node {node} has no card {', '.join(map(str, unknown))}; its cards: "
@@ -183,11 +184,7 @@ class Orchestrator(JobIngest):
                     self.job.evicted[card] = self.job.drain_requests.pop(card, evidence)
                 log.warning("quarantine %s (not in the running generation): %s", ", ".join(map(str, cards)),
                             evidence.describe())
-                self.job.incidents.append(pb.Incident(
-                    detected_at_s=now_s - self.job.submitted_s, cards=[str(c) for c in cards], verdict=QUARANTINE_VERDICT,
-                    reason=evidence.describe(), generation=self.job.generation.number, step_at_failure=self.job.step,
-                    last_step_before_s=self.job.last_step_s - self.job.submitted_s,
-                ))
+                self.job.add_incident(QUARANTINE_VERDICT, evidence.describe(), now_s, cards)
             case Readmit(cards=cards, evidence=evidence):
                 for card in cards:
                     self.job.evicted.pop(card, None)
@@ -248,18 +245,9 @@ class Orchestrator(JobIngest):
             log.warning("%s %s: %s", verdict.kind.value, verdict.card, verdict.reason)
         reason = describe_all(action.evidence) or "generation restarted"
         log.warning("generation %d ends: %s", job.generation.number, reason)
-        job.incidents.append(
-            pb.Incident(
-                detected_at_s=now_s - job.submitted_s,
-                cards=[str(v.card) for v in action.verdicts],
-                verdict=action.verdicts[0].kind.value if action.verdicts else "restart",
-                reason=reason,
-                generation=job.generation.number,
-                step_at_failure=job.step,
-                last_step_before_s=job.last_step_s - job.submitted_s,
-            )
-        )
-        self.exports.recovering(action, job.incidents[-1], now_s)
+        verdict = action.verdicts[0].kind.value if action.verdicts else "restart"
+        incident = job.add_incident(verdict, reason, now_s, [v.card for v in action.verdicts])
+        self.exports.recovering(action, incident, now_s)
         self._end_generation(reason)
         job.step_at_failure = job.step
         if job.generations_started >= job.spec.fault_tolerance.max_generations:

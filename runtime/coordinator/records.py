@@ -84,17 +84,24 @@ class JobRecord:
         """The newest incident that ended a generation: the one a resumed generation answers."""
         return next(i for i in reversed(self.incidents) if i.verdict not in _NO_RESTART)
 
+    def add_incident(self, verdict: str, reason: str, now_s: float, cards=(), generation: int | None = None) -> pb.Incident:
+        """Records an incident as of now: in the running generation (or `generation`), at the job's step."""
+        if generation is None:
+            generation = self.generation.number if self.generation else 0
+        incident = pb.Incident(
+            detected_at_s=now_s - self.submitted_s, cards=[str(c) for c in cards], verdict=verdict, reason=reason,
+            generation=generation, step_at_failure=self.step, last_step_before_s=self.last_step_s - self.submitted_s,
+        )  # fmt: skip
+        self.incidents.append(incident)
+        return incident
+
     def record_store_outage(self, outage: bool, now_s: float) -> bool:
         """Opens an incident when the store became unreachable, closes it (resumed) when the writes
         caught up; True when either happened."""
         open_ = next((i for i in reversed(self.incidents) if i.verdict == STORE_OUTAGE_VERDICT and not i.resumed_at_s), None)
         if outage and open_ is None:
-            self.incidents.append(pb.Incident(
-                detected_at_s=now_s - self.submitted_s, verdict=STORE_OUTAGE_VERDICT, step_at_failure=self.step,
-                reason="the job-state store is unreachable: training goes on, the coordinator's writes wait for it",
-                generation=self.generation.number if self.generation else 0,
-                last_step_before_s=self.last_step_s - self.submitted_s,
-            ))  # fmt: skip
+            self.add_incident(STORE_OUTAGE_VERDICT, "the job-state store is unreachable: training goes on, the "
+                              "coordinator's writes wait for it", now_s)
             return True
         if not outage and open_ is not None:
             open_.resumed_at_s, open_.resumed_step = now_s - self.submitted_s, self.step
@@ -104,11 +111,8 @@ class JobRecord:
     def record_failed_save(self, error: str, generation: int, now_s: float) -> None:
         """A save failed on every rank (a full disk, a permission): no card is at fault and nothing
         stops, but the operator sees it beside the evictions."""
-        self.incidents.append(pb.Incident(
-            detected_at_s=now_s - self.submitted_s, verdict=SAVE_FAILED_VERDICT,
-            reason=f"a checkpoint save failed, training goes on from the previous one: {error or 'no reason given'}",
-            generation=generation, step_at_failure=self.step, last_step_before_s=self.last_step_s - self.submitted_s,
-        ))  # fmt: skip
+        reason = f"a checkpoint save failed, training goes on from the previous one: {error or 'no reason given'}"
+        self.add_incident(SAVE_FAILED_VERDICT, reason, now_s, generation=generation)
 
     def complete_step(self, step: int, tally: StepTally, now_s: float) -> int:
         """Every rank finished `step`; returns the steps trained again (first step after a resume)."""
